@@ -1,0 +1,407 @@
+"""The typed configuration tree: one documented default for every key.
+
+Presets (``reckoning_ray/conf/<name>.yaml``) and command-line ``key=value`` overrides only
+override these defaults. ``load_config`` merges them onto the structured schema, so an unknown
+key or a wrong type fails at once, then ``validate`` checks values and names the key, the value
+and what is allowed. Nothing here imports torch or Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).parent / "conf"
+DEFAULT_PRESET = "embedded"
+
+METHODS = ("reckoning", "icr", "icr_no_facts", "icr_random_facts")
+SOURCES = ("generate", "proofwriter", "clutrr", "hf")
+FAMILIES = ("proofwriter", "clutrr")
+INNER_OPTIMIZERS = ("adamw", "sgd")
+LR_SPACES = ("linear", "log")
+TRACKING_MODES = ("offline", "online", "disabled")
+NODE_TYPES = ("", "a100", "rtx3090")
+METRICS = ("val/label_accuracy", "val/answer_loss")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key, the value and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    # "embedded": a small randomly initialised GPT-2 with a tokenizer built from the data.
+    # Anything else is a hub id (e.g. "gpt2", the paper's model) or a local directory
+    # written by save_pretrained.
+    name_or_path: str = "embedded"
+    # Shape of the embedded model (ignored for hub ids / local directories).
+    n_layer: int = 1
+    n_embd: int = 64
+    n_head: int = 2
+    n_positions: int = 256
+    # "float32" or "float64" (float64 for gradient checks).
+    dtype: str = "float32"
+    # Longest token sequence fed to the model (knowledge sentence, question + answer).
+    max_length: int = 128
+
+
+@dataclass
+class GeneratorConfig:
+    # Offline task generator (data.source=generate). "proofwriter": entities with attributes
+    # and rules, yes/no/none answers; "clutrr": family relation chains.
+    num_entities: int = 8
+    num_attributes: int = 8
+    # Rules per theory for multi-hop ProofWriter-style questions.
+    num_rules: int = 4
+    # Labels the ProofWriter-style generator emits ("none" = open-world unknown).
+    labels: List[str] = field(default_factory=lambda: ["yes", "no"])
+    # Hold out (entity, attribute) question pairs from training so validation asks new pairs.
+    holdout_pairs: bool = True
+
+
+@dataclass
+class DataConfig:
+    # generate | proofwriter (meta-*.jsonl) | clutrr (CSV) | hf (datasets save_to_disk dir or hub id)
+    source: str = "generate"
+    # Task family for generated data: proofwriter | clutrr.
+    family: str = "proofwriter"
+    # File or directory for proofwriter / clutrr / hf sources.
+    path: Optional[str] = None
+    # Keep only tasks with these hop counts; empty keeps all.
+    hops: List[int] = field(default_factory=lambda: [0])
+    # Distractor sentences kept per task: -1 keeps all the source has, 0 none, n at most n.
+    distractors: int = 0
+    # Number of tasks per split for generated data; caps for file sources (0 = no cap).
+    num_train: int = 2000
+    num_validation: int = 256
+    num_test: int = 256
+    # Fraction held out for validation / test when a source has a single file.
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+
+
+@dataclass
+class InnerConfig:
+    # Inner-loop optimizer: "adamw" (the paper's) or "sgd".
+    optimizer: str = "adamw"
+    # Fixed number of inner steps for every task; null uses steps_by_hops.
+    steps: Optional[int] = None
+    # Inner steps per hop-count range "lo-hi" (or a single "k"); paper: 4 for 2-4 hops, 5 for
+    # 5-6. A hop count outside every range uses the nearest range. Override one entry with
+    # inner.steps_by_hops.5-6=6.
+    steps_by_hops: Dict[str, int] = field(default_factory=lambda: {"0-4": 4, "5-6": 5})
+    # Initial value of every learned inner learning rate (one per parameter tensor per step).
+    lr_init: float = 3e-5
+    # "linear": the learned rates are used as they are (paper, may turn negative);
+    # "log": stored as log(lr) so they stay positive.
+    lr_space: str = "linear"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    # false: second-order (differentiate through the unrolled inner loop); true: first-order.
+    first_order: bool = False
+
+
+@dataclass
+class OuterConfig:
+    # Outer AdamW on the initial weights.
+    lr: float = 3e-5
+    # Outer learning rate of the learned inner learning rates (own group, no weight decay).
+    inner_lr_lr: float = 3e-5
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    # Gradient-norm clip over all meta-parameters; 0 disables.
+    clip: float = 1.0
+    # Fraction of optimizer steps spent in linear warmup (then linear decay to 0).
+    warmup_ratio: float = 0.0
+    # Multi-task target "<label> because <relevant facts>" (paper) or the label only.
+    multi_task: bool = True
+
+
+@dataclass
+class EvalConfig:
+    # Greedy tokens generated after the question prompt at evaluation.
+    max_new_tokens: int = 48
+    # Cap on validation tasks per validation round (0 = all).
+    max_tasks: int = 0
+
+
+@dataclass
+class TrainConfig:
+    # reckoning | icr (fine-tuned in-context) | icr_no_facts (question only) | icr_random_facts
+    method: str = "reckoning"
+    # Tasks per micro-batch per worker, and micro-batches accumulated per optimizer step.
+    batch_size: int = 2
+    grad_accum: int = 2
+    epochs: int = 6
+    # Validation rounds per epoch, evenly spaced (paper: 2, middle and end).
+    validations_per_epoch: int = 2
+    # Stop after this many validations without improvement of the metric (0 = never).
+    patience: int = 3
+    # Metric for early stopping and the best checkpoint.
+    metric: str = "val/label_accuracy"
+    # Stop after this many optimizer steps (0 = no limit, run all epochs).
+    max_steps: int = 0
+    seed: int = 42
+    # Where runs are written: <output_dir>/<run_name>/ (config, metrics, checkpoints).
+    output_dir: str = "runs"
+    # Run name; rerunning with the same name resumes. Empty: derived from the preset.
+    run_name: str = ""
+
+
+@dataclass
+class TrackingConfig:
+    # W&B project, entity (null = your default) and mode. offline writes run files that
+    # `wandb sync` uploads later; online needs WANDB_API_KEY or `wandb login`.
+    project: str = "reckoning-ray"
+    entity: Optional[str] = None
+    mode: str = "offline"
+    # W&B group; empty uses the sweep or run name.
+    group: str = ""
+
+
+@dataclass
+class ResourcesConfig:
+    # Ray Train workers (data-parallel) and what each asks for.
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    # Custom node-type resource the workers ask for ("a100", "rtx3090"); "" = any node.
+    node_type: str = ""
+    # Ray Train FailureConfig.max_failures (worker restarts from the last checkpoint).
+    max_failures: int = 2
+
+
+@dataclass
+class TuneConfig:
+    # Search space: a name under tune_spaces/ (without .yaml) or a path to a YAML file.
+    space: str = "default"
+    num_samples: int = 8
+    # Trials run at once (never more than the cluster can place).
+    max_concurrent: int = 2
+    # ASHA on this validation metric; one validation round is one time unit.
+    metric: str = "val/label_accuracy"
+    mode: str = "max"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_rounds: int = 12
+    # Sweep name (also the W&B group) and where Tune writes results (local dir or s3://...).
+    name: str = "reckoning-sweep"
+    storage_path: str = "runs/tune"
+
+
+@dataclass
+class Config:
+    # Name of the preset this config was built from (informational).
+    preset: str = DEFAULT_PRESET
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+
+
+def _preset_path(preset: str) -> Path:
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = CONF_DIR / f"{preset}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise ConfigError(
+        f"preset {preset!r} does not exist: choose one of {available_presets()} "
+        f"or pass a path to a YAML config file"
+    )
+
+
+def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        reason = str(getattr(exc, "msg", None) or exc).splitlines()[0]
+        raise ConfigError(f"{origin}: {key} is invalid: {reason}") from None
+
+
+def load_config(preset: Optional[str] = None, overrides: Optional[List[str]] = None) -> DictConfig:
+    """Schema defaults <- preset YAML (name or path) <- ``key=value`` overrides, then validate.
+
+    Raises ConfigError naming the key, the value and what is allowed.
+    """
+    overrides = list(overrides or [])
+    cfg = OmegaConf.structured(Config)
+    path = _preset_path(preset or DEFAULT_PRESET)
+    try:
+        preset_cfg = OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax error
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    cfg = _merge(cfg, preset_cfg, f"config file {path}")
+    if preset is not None and "preset" not in preset_cfg:
+        cfg.preset = Path(preset).stem
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. train.epochs=2)")
+    if overrides:
+        for override in overrides:
+            key = override.split("=", 1)[0]
+            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__" and not _is_dict_entry(cfg, key):
+                raise ConfigError(f"unknown config key {key!r} in override {override!r}; {_suggest(cfg, key)}")
+        cfg = _merge(cfg, OmegaConf.from_dotlist(overrides), "command-line override")
+    validate(cfg)
+    return cfg
+
+
+def _is_dict_entry(cfg: DictConfig, key: str) -> bool:
+    parent, _, _ = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else None
+    return isinstance(node, DictConfig) and parent.endswith("steps_by_hops")
+
+
+def _suggest(cfg: DictConfig, key: str) -> str:
+    parent, _, _ = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if isinstance(node, DictConfig):
+        return f"keys under {parent or 'the top level'!r}: {sorted(str(k) for k in node.keys())}"
+    return f"top-level groups: {sorted(str(k) for k in cfg.keys())}"
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check values (types were checked by the schema). Raises ConfigError."""
+    c = cfg
+    _check(c.train.method in METHODS, "train.method", c.train.method, f"choose one of {METHODS}")
+    _check(c.data.source in SOURCES, "data.source", c.data.source, f"choose one of {SOURCES}")
+    _check(c.data.family in FAMILIES, "data.family", c.data.family, f"choose one of {FAMILIES}")
+    if c.data.source in ("proofwriter", "clutrr"):
+        _check(c.data.path is not None, "data.path", c.data.path,
+               f"data.source={c.data.source} needs data.path=<file or directory>")
+        _check(os.path.exists(os.path.expanduser(c.data.path)), "data.path", c.data.path,
+               "the path does not exist; pass an existing file or directory")
+    if c.data.source == "hf":
+        _check(bool(c.data.path), "data.path", c.data.path, "data.source=hf needs data.path=<dir or hub id>")
+    for k in ("num_train", "num_validation", "num_test"):
+        _check(c.data[k] >= 0, f"data.{k}", c.data[k], "must be >= 0")
+    _check(c.data.num_train >= 1 or c.data.source != "generate", "data.num_train", c.data.num_train, "must be >= 1")
+    _check(all(h >= 0 for h in c.data.hops), "data.hops", list(c.data.hops), "hop counts must be >= 0")
+    _check(c.data.distractors >= -1, "data.distractors", c.data.distractors, "-1 (all), 0 (none) or a count")
+    for k in ("validation_fraction", "test_fraction"):
+        _check(0.0 <= c.data[k] < 1.0, f"data.{k}", c.data[k], "must be in [0, 1)")
+    _check(c.inner.optimizer in INNER_OPTIMIZERS, "inner.optimizer", c.inner.optimizer,
+           f"choose one of {INNER_OPTIMIZERS}")
+    if c.inner.steps is not None:
+        _check(c.inner.steps >= 1, "inner.steps", c.inner.steps, "must be >= 1 (or null to use inner.steps_by_hops)")
+    else:
+        _check(len(c.inner.steps_by_hops) > 0, "inner.steps_by_hops", dict(c.inner.steps_by_hops),
+               "needs at least one hops: steps entry, or set inner.steps")
+        for hops, steps in c.inner.steps_by_hops.items():
+            _check(steps >= 1, f"inner.steps_by_hops.{hops}", steps, "inner steps must be >= 1")
+            _parse_hop_range(str(hops))
+    _check(c.inner.lr_init > 0, "inner.lr_init", c.inner.lr_init, "must be > 0")
+    _check(c.inner.lr_space in LR_SPACES, "inner.lr_space", c.inner.lr_space, f"choose one of {LR_SPACES}")
+    _check(0 <= c.inner.beta1 < 1 and 0 <= c.inner.beta2 < 1, "inner.beta1/beta2",
+           (c.inner.beta1, c.inner.beta2), "must be in [0, 1)")
+    _check(c.inner.eps > 0, "inner.eps", c.inner.eps, "must be > 0")
+    _check(c.outer.lr > 0, "outer.lr", c.outer.lr, "must be > 0")
+    _check(c.outer.inner_lr_lr >= 0, "outer.inner_lr_lr", c.outer.inner_lr_lr, "must be >= 0")
+    _check(c.outer.eps > 0, "outer.eps", c.outer.eps, "must be > 0")
+    _check(c.outer.clip >= 0, "outer.clip", c.outer.clip, "must be >= 0 (0 disables clipping)")
+    _check(0 <= c.outer.warmup_ratio < 1, "outer.warmup_ratio", c.outer.warmup_ratio, "must be in [0, 1)")
+    _check(c.train.batch_size >= 1, "train.batch_size", c.train.batch_size, "must be >= 1")
+    _check(c.train.grad_accum >= 1, "train.grad_accum", c.train.grad_accum, "must be >= 1")
+    _check(c.train.epochs >= 1, "train.epochs", c.train.epochs, "must be >= 1")
+    _check(c.train.validations_per_epoch >= 1, "train.validations_per_epoch", c.train.validations_per_epoch,
+           "must be >= 1")
+    _check(c.train.patience >= 0, "train.patience", c.train.patience, "must be >= 0 (0 = no early stopping)")
+    _check(c.train.metric in METRICS, "train.metric", c.train.metric, f"choose one of {METRICS}")
+    _check(c.train.max_steps >= 0, "train.max_steps", c.train.max_steps, "must be >= 0")
+    _check(c.model.dtype in ("float32", "float64", "bfloat16"), "model.dtype", c.model.dtype,
+           "choose float32, float64 or bfloat16")
+    for k in ("n_layer", "n_embd", "n_head", "n_positions", "max_length"):
+        _check(c.model[k] >= 1, f"model.{k}", c.model[k], "must be >= 1")
+    _check(c.model.n_embd % c.model.n_head == 0, "model.n_head", c.model.n_head,
+           f"must divide model.n_embd={c.model.n_embd}")
+    _check(c.eval.max_new_tokens >= 1, "eval.max_new_tokens", c.eval.max_new_tokens, "must be >= 1")
+    _check(c.tracking.mode in TRACKING_MODES, "tracking.mode", c.tracking.mode, f"choose one of {TRACKING_MODES}")
+    _check(c.resources.num_workers >= 1, "resources.num_workers", c.resources.num_workers, "must be >= 1")
+    _check(c.resources.node_type in NODE_TYPES, "resources.node_type", c.resources.node_type,
+           f"choose one of {NODE_TYPES} ('' = any node)")
+    _check(c.tune.num_samples >= 1, "tune.num_samples", c.tune.num_samples, "must be >= 1")
+    _check(c.tune.max_concurrent >= 1, "tune.max_concurrent", c.tune.max_concurrent, "must be >= 1")
+    _check(c.tune.metric in METRICS, "tune.metric", c.tune.metric, f"choose one of {METRICS}")
+    _check(c.tune.mode in ("min", "max"), "tune.mode", c.tune.mode, "choose min or max")
+    _check(c.tune.reduction_factor >= 2, "tune.reduction_factor", c.tune.reduction_factor, "must be >= 2")
+    _check(1 <= c.tune.grace_period <= c.tune.max_rounds, "tune.grace_period", c.tune.grace_period,
+           f"must be between 1 and tune.max_rounds={c.tune.max_rounds}")
+
+
+def _parse_hop_range(key: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", key)
+    if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+        raise ConfigError(
+            f"inner.steps_by_hops key {key!r} is invalid: use a hop count 'k' or a range 'lo-hi' (e.g. '2-4')"
+        )
+    lo = int(m.group(1))
+    return lo, int(m.group(2)) if m.group(2) is not None else lo
+
+
+def inner_steps_for(cfg: DictConfig, hops: int) -> int:
+    """Inner steps for a task with ``hops`` reasoning hops (fixed ``inner.steps`` wins)."""
+    if cfg.inner.steps is not None:
+        return int(cfg.inner.steps)
+    best: tuple[int, int] | None = None  # (distance, steps)
+    for key, steps in cfg.inner.steps_by_hops.items():
+        lo, hi = _parse_hop_range(str(key))
+        distance = 0 if lo <= hops <= hi else min(abs(hops - lo), abs(hops - hi))
+        if best is None or distance < best[0]:
+            best = (distance, int(steps))
+    assert best is not None, "validate() guarantees a non-empty inner.steps_by_hops"
+    return best[1]
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (re-loadable with ``--config``). Holds no secrets."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+    return path
+
+
+def flatten(cfg: DictConfig) -> dict[str, Any]:
+    """``{"inner.lr_init": 3e-5, ...}``: the resolved config as one flat dict (for W&B / Tune)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out

@@ -1,0 +1,126 @@
+"""The typed config: presets, overrides, and a clear error for every bad input."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from reckoning_ray.config import (
+    Config,
+    ConfigError,
+    available_presets,
+    flatten,
+    inner_steps_for,
+    load_config,
+    save_config,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+PROOFWRITER = SHARED / "proofwriter-owa-natlang-dev.jsonl"
+
+
+def test_presets_ship_with_the_package_and_say_how_to_run_them():
+    assert {"embedded", "paper"} <= set(available_presets())
+    for name in ("embedded", "paper"):
+        text = (Path(__file__).resolve().parents[1] / "reckoning_ray" / "conf" / f"{name}.yaml").read_text()
+        assert text.startswith("#")
+        assert "python -m reckoning_ray." in text.split("\n\n")[0] or "python -m reckoning_ray." in text[:1200]
+
+
+def test_embedded_is_the_default_and_differs_from_schema_only_where_it_says():
+    cfg = load_config()
+    assert cfg.preset == "embedded"
+    assert cfg.model.name_or_path == "embedded"
+    assert cfg.data.source == "generate"
+    assert cfg.inner.optimizer == "sgd" and cfg.inner.steps == 1
+    # keys the preset does not set keep the schema's documented default
+    assert cfg.inner.eps == Config().inner.eps == 1e-8
+
+
+def test_paper_preset_has_the_papers_hyper_parameters():
+    cfg = load_config("paper", [f"data.path={PROOFWRITER}"])
+    assert cfg.model.name_or_path == "gpt2"
+    assert cfg.inner.optimizer == "adamw"
+    assert cfg.inner.lr_init == 3e-5 and cfg.outer.lr == 3e-5
+    assert cfg.inner.eps == 1e-8 and cfg.outer.eps == 1e-8
+    assert (cfg.train.batch_size, cfg.train.grad_accum, cfg.train.epochs) == (2, 2, 6)
+    assert cfg.train.validations_per_epoch == 2
+    assert cfg.train.metric == "val/label_accuracy"
+    assert [inner_steps_for(cfg, h) for h in (2, 3, 4, 5, 6)] == [4, 4, 4, 5, 5]
+    assert cfg.resources.node_type == "a100"
+
+
+def test_overrides_merge_with_types():
+    cfg = load_config(None, ["train.epochs=3", "inner.lr_init=1e-4", "data.hops=[1,2]", "inner.steps=null"])
+    assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+    assert cfg.inner.lr_init == pytest.approx(1e-4)
+    assert list(cfg.data.hops) == [1, 2]
+    assert inner_steps_for(cfg, 1) == 4
+
+
+def test_fixed_inner_steps_win_over_the_hop_table():
+    cfg = load_config(None, ["inner.steps=3"])
+    assert {inner_steps_for(cfg, h) for h in range(8)} == {3}
+
+
+def test_hop_table_ranges_and_nearest_fallback():
+    cfg = load_config(None, ["inner.steps=null", "inner.steps_by_hops.7-9=6"])
+    assert [inner_steps_for(cfg, h) for h in (0, 4, 5, 6, 7, 9, 12)] == [4, 4, 5, 5, 6, 6, 6]
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["trian.epochs=2"], ["unknown config key 'trian.epochs'", "top-level groups"]),
+        (["train.epoch=2"], ["unknown config key 'train.epoch'", "epochs"]),
+        (["train.epochs=many"], ["train.epochs", "'many'", "Integer"]),
+        (["outer.lr=0"], ["outer.lr=0.0", "must be > 0"]),
+        (["outer.lr=-1e-3"], ["outer.lr", "must be > 0"]),
+        (["inner.lr_init=0"], ["inner.lr_init", "must be > 0"]),
+        (["inner.steps=0"], ["inner.steps=0", "must be >= 1"]),
+        (["inner.steps=null", "inner.steps_by_hops.2-4=0"], ["inner.steps_by_hops.2-4", ">= 1"]),
+        (["inner.steps=null", "inner.steps_by_hops.x=3"], ["'x'", "range"]),
+        (["train.batch_size=0"], ["train.batch_size=0", "must be >= 1"]),
+        (["train.grad_accum=0"], ["train.grad_accum", "must be >= 1"]),
+        (["train.method=magic"], ["train.method='magic'", "reckoning"]),
+        (["data.source=wikipedia"], ["data.source='wikipedia'", "proofwriter", "clutrr"]),
+        (["data.source=clutrr", "data.path=/no/such/file.csv"], ["data.path='/no/such/file.csv'", "does not exist"]),
+        (["data.source=proofwriter"], ["data.path", "needs data.path"]),
+        (["inner.optimizer=adam"], ["inner.optimizer='adam'", "adamw", "sgd"]),
+        (["tracking.mode=loud"], ["tracking.mode='loud'", "offline"]),
+        (["resources.node_type=v100"], ["resources.node_type='v100'", "a100", "rtx3090"]),
+        (["model.n_head=3"], ["model.n_head=3", "must divide"]),
+        (["epochs"], ["'epochs'", "key=value"]),
+    ],
+)
+def test_bad_input_names_key_value_and_what_is_allowed(overrides, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ConfigError, match=r"preset 'papr' does not exist.*embedded.*paper"):
+        load_config("papr")
+
+
+def test_unknown_key_in_a_config_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epoks: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*train.epoks"):
+        load_config(str(bad))
+
+
+def test_saved_config_reloads_to_the_same_tree(tmp_path):
+    cfg = load_config(None, ["train.epochs=2", "inner.lr_init=0.05"])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(str(path))
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+
+
+def test_flatten_gives_dotted_keys():
+    flat = flatten(load_config())
+    assert flat["inner.lr_init"] == 0.1
+    assert flat["train.method"] == "reckoning"
+    assert all(not isinstance(v, dict) for v in flat.values())

@@ -26,7 +26,9 @@ FAMILIES = ("proofwriter", "clutrr")
 INNER_OPTIMIZERS = ("adamw", "sgd")
 LR_SPACES = ("linear", "log")
 TRACKING_MODES = ("offline", "online", "disabled")
-NODE_TYPES = ("", "a100", "rtx3090")
+NODE_TYPES = ("", "auto", "a100", "rtx3090")
+# node_type "auto": the paper's placement, RECKONING on A100 nodes and the baselines on RTX 3090s.
+AUTO_NODE_TYPE = {"reckoning": "a100", "icr": "rtx3090", "icr_no_facts": "rtx3090", "icr_random_facts": "rtx3090"}
 METRICS = ("val/label_accuracy", "val/answer_loss")
 
 
@@ -176,7 +178,9 @@ class ResourcesConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
-    # Custom node-type resource the workers ask for ("a100", "rtx3090"); "" = any node.
+    # Custom node-type resource the workers ask for: "a100", "rtx3090", "auto" (a100 for
+    # RECKONING, rtx3090 for the in-context baselines, as in the paper) or "" (any node).
+    # When the cluster has no node of that type, the run says so and runs on any node.
     node_type: str = ""
     # Ray Train FailureConfig.max_failures (worker restarts from the last checkpoint).
     max_failures: int = 2
@@ -364,6 +368,13 @@ def _parse_hop_range(key: str) -> tuple[int, int]:
         )
     lo = int(m.group(1))
     return lo, int(m.group(2)) if m.group(2) is not None else lo
+
+
+def node_type_for(cfg: DictConfig) -> str:
+    """The custom resource name the training workers ask for ("" = none)."""
+    if cfg.resources.node_type == "auto":
+        return AUTO_NODE_TYPE[cfg.train.method]
+    return str(cfg.resources.node_type)
 
 
 def inner_steps_for(cfg: DictConfig, hops: int) -> int:

@@ -12,6 +12,7 @@ from reckoning_ray.config import (
     flatten,
     inner_steps_for,
     load_config,
+    node_type_for,
     save_config,
 )
 
@@ -47,7 +48,9 @@ def test_paper_preset_has_the_papers_hyper_parameters():
     assert cfg.train.validations_per_epoch == 2
     assert cfg.train.metric == "val/label_accuracy"
     assert [inner_steps_for(cfg, h) for h in (2, 3, 4, 5, 6)] == [4, 4, 4, 5, 5]
-    assert cfg.resources.node_type == "a100"
+    assert node_type_for(cfg) == "a100"
+    baseline = load_config("paper", [f"data.path={PROOFWRITER}", "train.method=icr"])
+    assert node_type_for(baseline) == "rtx3090"
 
 
 def test_overrides_merge_with_types():

@@ -1,0 +1,450 @@
+"""Cluster YAMLs under cluster/: Ray's validation, the project's checks, the README's install and
+commands, and a fake autoscaling cluster with the same node types (no cloud account, no GPU)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import click
+import jsonschema
+import pytest
+import yaml
+
+from reckoning_ray import cluster as rc
+from reckoning_ray.config import available_presets, load_config, node_type_for
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_DIR = REPO / "cluster"
+A100_YAML = CLUSTER_DIR / "a100.yaml"
+LOCAL_YAML = CLUSTER_DIR / "local.yaml"
+CLUSTER_YAMLS = sorted(CLUSTER_DIR.glob("*.yaml"))
+
+
+def test_every_cluster_yaml_is_found():
+    assert [p.name for p in CLUSTER_YAMLS] == ["a100.yaml", "local.yaml"]
+
+
+@pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=lambda p: p.name)
+def test_cluster_yaml_passes_ray_validation_and_project_checks(path: Path):
+    prepared = rc.validate_cluster_file(path)
+    # prepare_config merged Ray's defaults: these only exist after it ran.
+    assert "cluster_synced_files" in prepared and prepared["head_node_type"] in prepared["available_node_types"]
+    assert rc.project_problems(rc.load_cluster_yaml(path)) == []
+
+
+def test_a100_yaml_node_types():
+    cfg = rc.load_cluster_yaml(A100_YAML)
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"] == {"CPU": 8, "GPU": 0}
+    assert head["node_config"]["InstanceType"] == "m5.2xlarge"
+    by_gpu = {g: [n for n, t in types.items() if t["resources"].get(g)] for g in rc.GPU_NODE_TYPES}
+    assert by_gpu == {"a100": ["ray.worker.a100"], "rtx3090": ["ray.worker.rtx3090"]}
+    a100, rtx = types["ray.worker.a100"], types["ray.worker.rtx3090"]
+    assert (a100["node_config"]["InstanceType"], a100["resources"]) == ("p4d.24xlarge", {"CPU": 96, "GPU": 8, "a100": 8})
+    assert (rtx["node_config"]["InstanceType"], rtx["resources"]) == ("g5.12xlarge", {"CPU": 48, "GPU": 4, "rtx3090": 4})
+    for t in (a100, rtx):
+        assert (t["min_workers"], t["max_workers"]) == (0, 2)
+    assert cfg["file_mounts"] == {"~/reckoning-ray": "."}
+    assert rc.storage_path(cfg) == "s3://YOUR-BUCKET/reckoning-ray"
+
+
+# -- the README's GPU install = every cluster's setup_commands -----------------------------------
+
+def test_readme_gpu_install_section():
+    section = rc.readme_section((REPO / "README.md").read_text())
+    assert rc.pip_install_specs(section) == ["torch>=2.4", "-e .[cluster]"]
+
+
+@pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=lambda p: p.name)
+def test_setup_commands_install_the_readme_packages(path: Path):
+    readme = rc.pip_install_specs(rc.readme_section((REPO / "README.md").read_text()))
+    cfg = rc.load_cluster_yaml(path)
+    commands = "\n".join(rc.cluster_commands(cfg, "initialization_commands", "setup_commands",
+                                      "head_setup_commands", "worker_setup_commands"))
+    assert rc.pip_install_specs(commands) == readme
+    # The editable install runs in the directory the project is mounted at.
+    assert any(c.startswith("cd ~/reckoning-ray && pip install -e") for c in cfg["setup_commands"])
+    assert "~/reckoning-ray" in cfg["file_mounts"]
+
+
+@pytest.mark.parametrize("text, specs", [
+    ('pip install "torch>=2.4"', ["torch>=2.4"]),
+    ("python3 -m pip install -U 'ray[default]==2.60.0' boto3", ["ray[default]==2.60.0", "boto3"]),
+    ("cd ~/x && pip install -e \".[cluster]\"; echo done", ["-e .[cluster]"]),
+    ("pip install --index-url https://example.org/simple -r req.txt 'numpy < 3'", ["-r req.txt", "numpy<3"]),
+    ("```bash\n$ pip install \\\n    \"torch>=2.4\"  # CUDA build on Linux\npip install --editable=.\n```", ["torch>=2.4", "-e ."]),
+    ("pip download torch\npip uninstall -y torch\necho pip install x", []),
+    ("pip install a\npip install a b", ["a", "b"]),
+    ("pip install x 2>&1 | tee log; pip install y > log.txt", ["x", "y"]),
+])
+def test_pip_install_specs(text: str, specs: List[str]):
+    assert rc.pip_install_specs(text) == specs
+
+
+@pytest.mark.parametrize("text", ["pip install torch>=2.4", "pip install numpy<3", "cd x && pip install torch>2 y"])
+def test_pip_install_specs_rejects_unquoted_specifier(text: str):
+    with pytest.raises(ValueError, match="unquoted version specifier"):
+        rc.pip_install_specs(text)
+
+
+def test_readme_section_missing_markers():
+    with pytest.raises(ValueError, match="gpu-install:start"):
+        rc.readme_section("# no install section here")
+
+
+# -- broken copies: who rejects them -------------------------------------------------------------
+
+def _ray_error(cfg: Dict[str, Any]) -> Exception | None:
+    try:
+        rc.ray_validate(cfg)
+    except Exception as exc:  # noqa: BLE001 - the test records what Ray raised
+        return exc
+    return None
+
+
+def _parent(cfg: Dict[str, Any], path: str) -> tuple[Dict[str, Any], str]:
+    """The mapping holding the last key of ``path`` ("a/b/c"), and that key."""
+    *parents, last = path.split("/")
+    for key in parents:
+        cfg = cfg[key]
+    return cfg, last
+
+
+def _set(path: str, value: Any) -> Callable[[Dict[str, Any]], None]:
+    def mutate(cfg: Dict[str, Any]) -> None:
+        node, key = _parent(cfg, path)
+        if value is _DELETE:
+            del node[key]
+        else:
+            node[key] = value
+    return mutate
+
+
+def _rename(path: str, new: str) -> Callable[[Dict[str, Any]], None]:
+    def mutate(cfg: Dict[str, Any]) -> None:
+        node, key = _parent(cfg, path)
+        node[new] = node.pop(key)
+    return mutate
+
+
+def _all(*mutations: Callable[[Dict[str, Any]], None]) -> Callable[[Dict[str, Any]], None]:
+    def mutate(cfg: Dict[str, Any]) -> None:
+        for m in mutations:
+            m(cfg)
+    return mutate
+
+
+def _storage_command(replacement: str | None) -> Callable[[Dict[str, Any]], None]:
+    """Replace (None: drop) the setup command that sets the storage path."""
+    def mutate(cfg: Dict[str, Any]) -> None:
+        commands = cfg["setup_commands"]
+        index = next(i for i, c in enumerate(commands) if rc.STORAGE_ENV in c)
+        if replacement is None:
+            del commands[index]
+        else:
+            commands[index] = replacement
+    return mutate
+
+
+_DELETE = object()
+W = "available_node_types"
+
+# (id, mutation, Ray's exception type or None if Ray accepts it and the project's check rejects it,
+#  text in the message of whichever rejects it)
+BROKEN = [
+    ("typo_top_level_key", _rename("max_workers", "max_worker"), jsonschema.ValidationError,
+     "'max_worker' was unexpected"),
+    ("typo_node_type_key", _rename(f"{W}/ray.worker.a100/min_workers", "min_worker"), jsonschema.ValidationError,
+     "'min_worker' was unexpected"),
+    ("unknown_head_node_type", _set("head_node_type", "ray.head.gpu"), ValueError,
+     "`head_node_type` must be one of `available_node_types`"),
+    ("string_for_integer", _set("max_workers", "4"), jsonschema.ValidationError, "'4' is not of type 'integer'"),
+    ("string_resource_count", _set(f"{W}/ray.worker.a100/resources/a100", "8"), jsonschema.ValidationError,
+     "'8' is not of type 'integer'"),
+    ("sum_min_workers_above_max", _all(_set("max_workers", 1), _set(f"{W}/ray.worker.a100/min_workers", 1),
+                                      _set(f"{W}/ray.worker.rtx3090/min_workers", 1)), ValueError,
+     "smaller than the sum of `min_workers`"),
+    # Ray fills in its default head type "ray.head.default" silently, which exists here.
+    ("missing_head_node_type", _set("head_node_type", _DELETE), None, "head_node_type is missing"),
+    ("node_min_workers_above_max", _set(f"{W}/ray.worker.a100/min_workers", 3), None,
+     "min_workers=3 is above max_workers=2"),
+    ("head_with_gpu", _set(f"{W}/ray.head.default/resources/GPU", 1), None, "resources.GPU must be 0"),
+    ("head_on_gpu_instance", _set(f"{W}/ray.head.default/node_config/InstanceType", "g5.xlarge"), None,
+     "is a GPU instance"),
+    ("a100_resource_missing", _set(f"{W}/ray.worker.a100/resources", {"CPU": 96, "GPU": 8}), None,
+     "no worker node type declares the custom resource 'a100'"),
+    ("rtx3090_resource_on_a100_type", _set(f"{W}/ray.worker.a100/resources/rtx3090", 8), None,
+     "declares both 'a100' and ['rtx3090']"),
+    ("gpu_units_differ", _set(f"{W}/ray.worker.rtx3090/resources/rtx3090", 1), None, "rtx3090=1 should equal GPU=4"),
+    ("instance_type_missing", _set(f"{W}/ray.worker.rtx3090/node_config/InstanceType", _DELETE), None,
+     "ray.worker.rtx3090.node_config.InstanceType is missing"),
+    ("worker_without_instance_profile", _set(f"{W}/ray.worker.a100/node_config/IamInstanceProfile", _DELETE), None,
+     "ray.worker.a100.node_config.IamInstanceProfile is missing"),
+    ("storage_path_missing", _storage_command(None), None, "no shared storage path"),
+    ("storage_path_not_s3", _storage_command("echo 'export RECKONING_STORAGE_PATH=/tmp/results' >> ~/.bashrc"), None,
+     "use an S3 URI"),
+]
+
+
+@pytest.mark.parametrize("name, mutate, ray_error, message", BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_a100_copies_are_rejected(tmp_path: Path, name: str, mutate, ray_error, message: str):
+    cfg = rc.load_cluster_yaml(A100_YAML)
+    mutate(cfg)
+    raised = _ray_error(cfg)
+    if ray_error is None:
+        assert raised is None, f"Ray was expected to accept {name} (the project check catches it): {raised!r}"
+        problems = rc.project_problems(cfg)
+        assert any(message in p for p in problems), problems
+    else:
+        assert isinstance(raised, ray_error), f"{name}: Ray raised {raised!r}, expected {ray_error.__name__}"
+        assert message in str(raised)
+    # Either way validate_cluster_file refuses the file.
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(Exception) as info:
+        rc.validate_cluster_file(broken)
+    if ray_error is None:
+        assert info.type is rc.ClusterConfigError and message in str(info.value)
+        assert str(broken) in str(info.value)
+
+
+def test_local_provider_rejects_node_types_so_local_yaml_uses_ray_start_resources():
+    # Ray 2.60's local provider stops on available_node_types; the node types of local.yaml come
+    # from `ray start --resources` with the GPU model resources instead.
+    cfg = rc.load_cluster_yaml(LOCAL_YAML)
+    cfg["available_node_types"] = copy.deepcopy(rc.load_cluster_yaml(A100_YAML)["available_node_types"])
+    raised = _ray_error(cfg)
+    assert isinstance(raised, click.ClickException)
+    assert "available_node_types is not supported" in raised.message
+    local = rc.load_cluster_yaml(LOCAL_YAML)
+    assert '--resources="$(python -m reckoning_ray.cluster node-resources)"' in local["worker_start_ray_commands"][-1]
+    assert "--num-gpus=0" in local["head_start_ray_commands"][-1]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["worker_start_ray_commands"].__setitem__(-1, "ray start --address=$RAY_HEAD_IP:6379"),
+     "must declare the GPU model resources"),
+    (lambda c: c["head_start_ray_commands"].__setitem__(-1, "ray start --head --port=6379"), "needs --num-gpus=0"),
+    (lambda c: c.__setitem__("min_workers", 3), "min_workers=3 is above max_workers=2"),
+    (lambda c: c["provider"].pop("worker_ips"), "provider.head_ip and provider.worker_ips are needed"),
+    (_storage_command("export RECKONING_STORAGE_PATH=results"), "absolute path"),
+], ids=["worker_without_resources", "head_with_gpus", "min_above_max", "no_worker_ips", "relative_storage"])
+def test_broken_local_copies_fail_the_project_check(mutate, message: str):
+    cfg = rc.load_cluster_yaml(LOCAL_YAML)
+    mutate(cfg)
+    problems = rc.project_problems(cfg)
+    assert any(message in p for p in problems), problems
+
+
+# -- per-machine GPU resources -------------------------------------------------------------------
+
+def test_gpu_node_resources_from_nvidia_smi_names():
+    assert rc.gpu_node_resources(["NVIDIA A100-SXM4-40GB"] * 8) == {"a100": 8}
+    assert rc.gpu_node_resources(["NVIDIA A100 80GB PCIe", "NVIDIA A100-PCIE-40GB"]) == {"a100": 2}
+    assert rc.gpu_node_resources(["NVIDIA GeForce RTX 3090"] * 4) == {"rtx3090": 4}
+    assert rc.gpu_node_resources(["NVIDIA GeForce RTX 3090 Ti", "NVIDIA A10G", "Tesla V100-SXM2-16GB"]) == {"rtx3090": 1}
+    assert rc.gpu_node_resources([]) == {}
+
+
+def test_node_resources_command_prints_json():
+    out = subprocess.run([sys.executable, "-m", "reckoning_ray.cluster", "node-resources"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    expected = rc.gpu_node_resources(rc.detect_gpu_names())
+    assert json.loads(out.stdout) == expected
+
+
+# -- the fake cluster config follows a100.yaml ---------------------------------------------------
+
+def test_fake_cluster_config_is_derived_from_a100_yaml(tmp_path: Path):
+    from ray.autoscaler._private.util import validate_config
+
+    fake = rc.fake_cluster_config(A100_YAML, gcs_address="127.0.0.1:6390")
+    validate_config(fake)  # the autoscaler reads it raw, so it must pass without prepare_config
+    types = fake["available_node_types"]
+    assert set(types) == {"ray.head.default", "ray.worker.a100", "ray.worker.rtx3090"}
+    assert types["ray.head.default"]["resources"] == {"CPU": 1, "GPU": 0}
+    assert types["ray.worker.a100"]["resources"] == {"a100": 8, "CPU": 1, "GPU": 0, "object_store_memory": 256 * 2**20}
+    assert types["ray.worker.rtx3090"]["resources"]["rtx3090"] == 4
+    assert [types[t]["max_workers"] for t in ("ray.worker.a100", "ray.worker.rtx3090")] == [1, 1]
+    assert fake["provider"] == {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                                "disable_launch_config_check": True, "gcs_address": "127.0.0.1:6390"}
+    # Change the source: the fake cluster follows (no second copy of the node types to drift).
+    cfg = rc.load_cluster_yaml(A100_YAML)
+    cfg["available_node_types"]["ray.worker.a100"]["resources"].update({"GPU": 4, "a100": 4})
+    cfg["available_node_types"]["ray.worker.big"] = {"resources": {"CPU": 192, "GPU": 8, "rtx3090": 8},
+                                                     "node_config": {}, "max_workers": 3}
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    derived = rc.fake_cluster_config(changed, cpus_per_node=2, max_workers_per_type=2)["available_node_types"]
+    assert derived["ray.worker.a100"]["resources"]["a100"] == 4
+    assert (derived["ray.worker.big"]["resources"]["CPU"], derived["ray.worker.big"]["max_workers"]) == (2, 2)
+
+
+def test_fake_cluster_config_needs_node_types():
+    with pytest.raises(rc.ClusterConfigError, match="needs available_node_types"):
+        rc.fake_cluster_config(LOCAL_YAML)
+
+
+# -- commands in cluster/README.md ---------------------------------------------------------------
+
+def _readme_commands(prefix: str) -> List[List[str]]:
+    text = (CLUSTER_DIR / "README.md").read_text()
+    blocks = text.split("```bash")[1:]
+    lines = [line for block in blocks for line in rc.shell_lines(block.split("```")[0])]
+    return [shlex.split(line) for line in lines if line.startswith(prefix)]
+
+
+def test_readme_ray_submit_command_parses_and_targets_the_tune_entry_point(tmp_path: Path):
+    from ray.scripts.scripts import submit
+
+    commands = _readme_commands("ray submit ")
+    assert len(commands) == 1
+    ctx = submit.make_context("submit", commands[0][2:])
+    params = ctx.params
+    assert (REPO / params["cluster_config_file"]) == A100_YAML
+    assert params["script"] == "cluster/submit_tune.py" and (REPO / params["script"]).is_file()
+    args = list(params["script_args"])
+    assert args[:2] == ["paper", "space=paper"] and args[0] in available_presets()
+    # ray submit joins the arguments unquoted for the remote shell.
+    assert all(not set(a) & set(" '\"$`;&|<>*?") for a in args), args
+    # What the head then runs is valid for the tune entry point (data.path pointed at a real dir).
+    final = rc.tune_argv(args, {rc.STORAGE_ENV: "s3://YOUR-BUCKET/reckoning-ray"})
+    overrides = [f"tune.{a}" if a.startswith("space=") else a for a in final[1:]]
+    overrides = [f"data.path={tmp_path}" if a.startswith("data.path=") else a for a in overrides]
+    cfg = load_config(final[0], overrides)
+    assert (cfg.tune.space, cfg.tune.storage_path, node_type_for(cfg)) == (
+        "paper", "s3://YOUR-BUCKET/reckoning-ray", "a100")
+
+
+def test_readme_job_submit_command_parses():
+    from ray.dashboard.modules.job.cli import submit
+
+    commands = _readme_commands("ray job submit ")
+    assert len(commands) == 1
+    ctx = submit.make_context("submit", commands[0][3:])
+    assert ctx.params["address"] == "http://127.0.0.1:8265" and ctx.params["working_dir"] == "."
+    entrypoint = list(ctx.params["entrypoint"])
+    assert entrypoint[:5] == ["python", "-m", rc.TUNE_MODULE, "paper", "space=paper"]
+    assert "tune.storage_path=s3://YOUR-BUCKET/reckoning-ray" in entrypoint
+
+
+def _load_submit_tune():
+    spec = importlib.util.spec_from_file_location("submit_tune", CLUSTER_DIR / "submit_tune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_submit_tune_runs_the_tune_module_with_the_storage_path(monkeypatch):
+    submit_tune = _load_submit_tune()
+    calls: List[Any] = []
+    monkeypatch.setattr(submit_tune.runpy, "run_module",
+                        lambda name, **kw: calls.append(("run", name, list(sys.argv), kw)))
+    monkeypatch.setattr(submit_tune.os, "chdir", lambda d: calls.append(("chdir", Path(d))))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setenv(rc.STORAGE_ENV, "s3://b/r")
+    submit_tune.main(["paper", "space=paper"])
+    assert calls == [("chdir", REPO),
+                     ("run", "reckoning_ray.tune", ["reckoning_ray.tune", "paper", "space=paper",
+                                                    "tune.storage_path=s3://b/r"],
+                      {"run_name": "__main__", "alter_sys": True})]
+    # An explicit storage path wins over the cluster's.
+    calls.clear()
+    submit_tune.main(["paper", "tune.storage_path=/tmp/x"])
+    assert calls[-1][2] == ["reckoning_ray.tune", "paper", "tune.storage_path=/tmp/x"]
+
+
+def test_tune_argv_without_cluster_storage_keeps_arguments():
+    assert rc.tune_argv(["paper", "space=paper"], {}) == ["paper", "space=paper"]
+    assert rc.tune_argv(["paper"], {rc.STORAGE_ENV: "  "}) == ["paper"]
+
+
+# -- a fake autoscaling cluster with a100.yaml's node types --------------------------------------
+
+@pytest.fixture
+def fake_a100_cluster():
+    started = time.time()
+    with rc.fake_cluster(A100_YAML) as cluster:
+        print(f"fake cluster up in {time.time() - started:.1f}s at {cluster.address}")
+        yield cluster
+    # Teardown killed every process of the cluster (fake_cluster's finally).
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_fake_cluster_places_work_on_the_node_type_it_asks_for(fake_a100_cluster, tmp_path: Path):
+    import ray
+    from ray.util.state import list_tasks
+
+    cluster = fake_a100_cluster
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        assert len(nodes) == 1 and not any(g in nodes[0]["Resources"] for g in rc.GPU_NODE_TYPES)
+        head_id = nodes[0]["NodeID"]
+
+        @ray.remote(num_cpus=0)
+        def where() -> str:
+            return ray.get_runtime_context().get_node_id()
+
+        placed = {}
+        for gpu in rc.GPU_NODE_TYPES:
+            t0 = time.time()
+            ref = where.options(resources={gpu: 1}, name=f"on-{gpu}").remote()
+            node_id = ray.get(ref, timeout=120)
+            placed[gpu] = (node_id, time.time() - t0)
+        print({g: f"{s:.1f}s" for g, (_, s) in placed.items()})
+
+        resources = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+        assert len(resources) == 3  # the head and one node of each type, added by the autoscaler
+        for gpu, (node_id, seconds) in placed.items():
+            assert node_id != head_id
+            other = [g for g in rc.GPU_NODE_TYPES if g != gpu]
+            assert resources[node_id][gpu] == cluster.config["available_node_types"][f"ray.worker.{gpu}"]["resources"][gpu]
+            assert not any(g in resources[node_id] for g in other)
+            assert resources[node_id].get("GPU", 0) == 0
+            assert seconds < 90, f"the autoscaler took {seconds:.0f}s to add a {gpu} node"
+        # Ray's own record of where each task ran (state API; task events arrive within seconds).
+        for gpu, (node_id, _) in placed.items():
+            deadline, recorded = time.time() + 30, []
+            while not recorded and time.time() < deadline:
+                tasks = list_tasks(address=cluster.address, filters=[("name", "=", f"on-{gpu}")], detail=True)
+                recorded = [t.node_id for t in tasks if t.state == "FINISHED"]
+                time.sleep(0 if recorded else 1)
+            assert recorded == [node_id]
+    finally:
+        ray.shutdown()
+
+    # The `ray job submit` form of cluster/README.md against this cluster's dashboard.
+    probe = tmp_path / "job"
+    probe.mkdir()
+    (probe / "probe.py").write_text(
+        "import json, ray\n"
+        "ray.init()\n"
+        "@ray.remote(num_cpus=0, resources={'rtx3090': 1})\n"
+        "def where():\n"
+        "    return ray.get_runtime_context().get_node_id()\n"
+        "node = ray.get(where.remote())\n"
+        "res = [n['Resources'] for n in ray.nodes() if n['NodeID'] == node][0]\n"
+        "print('PROBE', json.dumps({'node': node, 'rtx3090': res.get('rtx3090', 0)}))\n"
+    )
+    t0 = time.time()
+    out = subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", cluster.dashboard_url,
+         "--working-dir", str(probe), "--", "python", "probe.py"],
+        capture_output=True, text=True, timeout=150)
+    print(f"ray job submit took {time.time() - t0:.1f}s")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("PROBE ")]
+    assert line, out.stdout[-3000:]
+    probe_result = json.loads(line[0][len("PROBE "):])
+    assert probe_result == {"node": placed["rtx3090"][0], "rtx3090": 4.0}

@@ -199,9 +199,11 @@ class TuneConfig:
     grace_period: int = 1
     reduction_factor: int = 2
     max_rounds: int = 12
-    # Sweep name (also the W&B group) and where Tune writes results (local dir or s3://...).
+    # Sweep name (also the W&B group) and where Tune writes results: a local dir or a URI
+    # (s3://bucket/path; multi-node clusters need shared storage). "" uses the environment
+    # variable RECKONING_STORAGE_PATH (set by cluster/a100.yaml), else runs/tune.
     name: str = "reckoning-sweep"
-    storage_path: str = "runs/tune"
+    storage_path: str = ""
 
 
 @dataclass

@@ -1,0 +1,355 @@
+"""Readers of the real ProofWriter / CLUTRR files, HF datasets on disk, and load_splits."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from reckoning_ray.config import DataConfig, load_config
+from reckoning_ray.data.sources import (
+    DataFormatError,
+    _parse_proof,
+    load_hf,
+    load_splits,
+    proofwriter_theory_id,
+    read_clutrr,
+    read_clutrr_file,
+    read_proofwriter,
+    read_proofwriter_file,
+    to_dataset,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+PROOFWRITER = SHARED / "proofwriter-owa-natlang-dev.jsonl"
+CLUTRR = SHARED / "clutrr-gen_train23_test2to10-test.csv"
+
+# Answers by QDep as measured in shared/data/README.md (True -> yes, False -> no, Unknown -> none).
+PW_BY_QDEP = {
+    0: {"yes": 240, "no": 240, "none": 1005},
+    1: {"yes": 240, "no": 240, "none": 700},
+    2: {"yes": 240, "no": 240, "none": 247},
+    3: {"yes": 240, "no": 240, "none": 44},
+    4: {"yes": 38, "no": 38, "none": 5},
+    5: {"yes": 3, "no": 3, "none": 1},
+}
+CLUTRR_BY_TASK = {2: 38, 3: 105, 4: 190, 5: 174, 6: 107, 7: 144, 8: 150, 9: 119, 10: 119}
+CLUTRR_BY_TARGET = {
+    "nephew": 157, "niece": 154, "aunt": 122, "uncle": 113, "sister": 88, "grandson": 78, "brother": 74,
+    "father": 68, "granddaughter": 68, "mother": 54, "daughter": 48, "grandmother": 40, "grandfather": 29,
+    "son": 24, "son-in-law": 11, "mother-in-law": 9, "father-in-law": 5, "daughter-in-law": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def pw_records():
+    return read_proofwriter_file(PROOFWRITER)
+
+
+@pytest.fixture(scope="module")
+def clutrr_records():
+    return read_clutrr_file(CLUTRR)
+
+
+def by_id(records):
+    return {r["id"]: r for r in records}
+
+
+# --------------------------------------------------------------------------------------------- ProofWriter
+
+
+def test_proofwriter_dev_parses_fully_with_the_readme_counts(pw_records):
+    assert len(pw_records) == 4004
+    assert len({proofwriter_theory_id(r) for r in pw_records}) == 240
+    assert len({r["id"] for r in pw_records}) == 4004
+    counts = Counter((r["hops"], r["answer"]) for r in pw_records)
+    assert {h: {a: counts[(h, a)] for a in ("yes", "no", "none")} for h in PW_BY_QDEP} == PW_BY_QDEP
+    assert sum(counts.values()) == sum(sum(v.values()) for v in PW_BY_QDEP.values())
+
+
+def test_proofwriter_record_fields_follow_the_proof(pw_records):
+    records = by_id(pw_records)
+    first = records["AttNonegNatLang-OWA-146-Q1"]
+    assert first["question"] == "Bob is blue"  # final period stripped for "can we conclude ...?"
+    assert first["answer"] == "yes" and first["hops"] == 0
+    assert len(first["knowledge"]) == 9 and first["knowledge"][0] == "Bob has been blue because he's green with envy."
+    assert first["facts"] == ["Bob has been blue because he's green with envy."]
+    assert len(first["distractors"]) == 8
+
+    # Q8 "Gary is not cold." (False, QDep 3): proof uses triple7-9 (sent3), rule3 (sent6),
+    # rule1 (sent4) and rule4 (sent7); facts keep the theory's order.
+    cold = records["AttNonegNatLang-OWA-146-Q8"]
+    assert (cold["question"], cold["answer"], cold["hops"]) == ("Gary is not cold", "no", 3)
+    k = cold["knowledge"]
+    assert cold["facts"] == [k[2], k[3], k[5], k[6]]
+    assert cold["distractors"] == [k[0], k[1], k[4], k[7], k[8]]
+
+
+def test_proofwriter_unknown_questions_use_the_entity_facts_and_the_failed_rules(pw_records):
+    records = by_id(pw_records)
+    # "Bob is not round." Unknown, QDep 2, deepest failure (rule3 <- rule5 <- FAIL): Bob's
+    # sentence (sent1) plus rule3 (sent6) and rule5 (sent8).
+    q9 = records["AttNonegNatLang-OWA-146-Q9"]
+    assert (q9["answer"], q9["hops"]) == ("none", 2)
+    assert q9["facts"] == [q9["knowledge"][0], q9["knowledge"][5], q9["knowledge"][7]]
+    # "Dave is rough." Dave is in no fact: the near misses (other entities that are rough).
+    q14 = records["AttNonegNatLang-OWA-146-Q14"]
+    assert (q14["question"], q14["answer"], q14["hops"]) == ("Dave is rough", "none", 0)
+    assert q14["facts"] == [q14["knowledge"][1], q14["knowledge"][2]]
+    unknown = [r for r in pw_records if r["answer"] == "none"]
+    assert sum(not r["facts"] for r in unknown) == 40
+    assert all(r["facts"] for r in pw_records if r["answer"] != "none")
+
+
+def test_proofwriter_alternative_proofs_take_the_smallest_of_the_question_depth(pw_records):
+    line = next(l for l in PROOFWRITER.read_text(encoding="utf-8").splitlines() if '"AttNonegNatLang-OWA-111"' in l)
+    theory = json.loads(line)
+    question = theory["questions"]["Q7"]
+    assert " OR " in question["proofs"] and question["QDep"] == 3
+    alternatives = _parse_proof(question["proofs"])
+    assert [d for d, _ in alternatives] == [3, 3]
+    assert alternatives[0][1] == ["triple7", "triple9", "triple12", "triple12", "triple10", "rule3", "rule2",
+                                  "triple9", "rule4", "rule1"]
+    assert set(alternatives[1][1]) ^ set(alternatives[0][1]) == {"triple7", "rule6"}
+    used = [{theory["mappings"][i] for i in ids} for _, ids in alternatives]
+    assert [len(u) for u in used] == [5, 6]  # the first alternative uses fewer sentences
+    expected = [theory["sentences"][s] for s in sorted(used[0], key=lambda s: int(s[4:]))]
+    record = by_id(pw_records)["AttNonegNatLang-OWA-111-Q7"]
+    assert (record["hops"], record["answer"]) == (3, "yes")
+    assert record["facts"] == expected
+
+    assert _parse_proof("[(triple2)]") == [(0, ["triple2"])]
+    assert _parse_proof("[(((triple8 triple9) -> rule3))]") == [(1, ["triple8", "triple9", "rule3"])]
+    assert _parse_proof("[(((triple1 ((triple2) -> rule1)) -> rule2) OR triple5)]") == [
+        (2, ["triple1", "triple2", "rule1", "rule2"]), (0, ["triple5"])]
+    with pytest.raises(ValueError, match="rule id after '->'"):
+        _parse_proof("[(((triple8 triple9) -> triple3))]")
+    with pytest.raises(ValueError, match="a proof list in brackets"):
+        _parse_proof("(triple1)")
+
+
+def write_lines(path: Path, lines) -> Path:
+    path.write_text("".join(line if line.endswith("\n") else line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_proofwriter_directory_keeps_the_release_splits(tmp_path):
+    lines = PROOFWRITER.read_text(encoding="utf-8").splitlines()
+    write_lines(tmp_path / "meta-train.jsonl", lines[:100])
+    write_lines(tmp_path / "meta-dev.jsonl", lines[100:170])
+    write_lines(tmp_path / "meta-test.jsonl", lines[170:])
+    splits = read_proofwriter(tmp_path)
+    sizes = {s: sum(len(json.loads(l)["questions"]) for l in part)
+             for s, part in (("train", lines[:100]), ("validation", lines[100:170]), ("test", lines[170:]))}
+    assert {s: len(r) for s, r in splits.items()} == sizes
+    assert sum(sizes.values()) == 4004
+    (tmp_path / "meta-test.jsonl").unlink()
+    with pytest.raises(DataFormatError, match=r"missing \{'test': \['meta-test.jsonl', 'test.jsonl'\]\}"):
+        read_proofwriter(tmp_path)
+
+
+def test_synthetic_release_without_sentence_mappings_uses_triple_and_rule_texts(tmp_path):
+    theory = json.loads(PROOFWRITER.read_text(encoding="utf-8").splitlines()[0])
+    del theory["sentences"], theory["mappings"]
+    records = by_id(read_proofwriter_file(write_lines(tmp_path / "meta-dev.jsonl", [json.dumps(theory)])))
+    q3 = records["AttNonegNatLang-OWA-146-Q3"]
+    assert len(q3["knowledge"]) == 9 + 6
+    assert q3["knowledge"][:2] == ["Bob is green.", "Bob is blue."]
+    assert q3["knowledge"][9] == "If someone is round and red then they are young."
+    assert q3["facts"] == ["Gary is nice.", "Gary is blue.", "If someone is nice and blue then they are round."]
+    assert (q3["question"], q3["answer"], q3["hops"]) == ("Gary is round", "yes", 1)
+
+
+def test_single_file_is_split_by_theory_deterministically(pw_records):
+    splits = read_proofwriter(PROOFWRITER, validation_fraction=0.1, test_fraction=0.1, seed=0)
+    theories = {s: {proofwriter_theory_id(r) for r in recs} for s, recs in splits.items()}
+    assert [len(theories[s]) for s in ("train", "validation", "test")] == [192, 24, 24]
+    assert not theories["train"] & theories["validation"]
+    assert not theories["train"] & theories["test"] and not theories["validation"] & theories["test"]
+    assert sum(len(v) for v in splits.values()) == 4004
+    again = read_proofwriter(PROOFWRITER, 0.1, 0.1, seed=0)
+    assert [r["id"] for r in again["validation"]] == [r["id"] for r in splits["validation"]]
+    other = read_proofwriter(PROOFWRITER, 0.1, 0.1, seed=1)
+    assert {proofwriter_theory_id(r) for r in other["validation"]} != theories["validation"]
+
+
+def test_malformed_proofwriter_lines_name_file_line_and_expectation(tmp_path):
+    lines = PROOFWRITER.read_text(encoding="utf-8").splitlines()[:3]
+    bad_json = write_lines(tmp_path / "bad.jsonl", [lines[0], lines[1][:-20], lines[2]])
+    with pytest.raises(DataFormatError) as info:
+        read_proofwriter_file(bad_json)
+    assert str(info.value).startswith(f"{bad_json}, line 2: expected a JSON object (one ProofWriter theory per line)")
+    assert info.value.line == 2
+
+    theory = json.loads(lines[2])
+    del theory["questions"]["Q3"]["QDep"]
+    missing = write_lines(tmp_path / "missing.jsonl", [lines[0], lines[1], json.dumps(theory)])
+    with pytest.raises(DataFormatError, match=r"missing.jsonl, line 3: theory '.*': question 'Q3': expected key 'QDep'"):
+        read_proofwriter_file(missing)
+
+    theory = json.loads(lines[0])
+    theory["questions"]["Q3"]["proofs"] = "[(((triple8 triple99) -> rule3))]"
+    unknown_id = write_lines(tmp_path / "ids.jsonl", [json.dumps(theory)])
+    with pytest.raises(DataFormatError, match=r"line 1: .*names 'triple99', which is not a triple or rule"):
+        read_proofwriter_file(unknown_id)
+
+    theory = json.loads(lines[0])
+    theory["questions"]["Q1"]["answer"] = "maybe"
+    answer = write_lines(tmp_path / "answer.jsonl", [json.dumps(theory)])
+    with pytest.raises(DataFormatError, match=r"expected answer true, false or \"Unknown\", got 'maybe'"):
+        read_proofwriter_file(answer)
+
+
+# --------------------------------------------------------------------------------------------- CLUTRR
+
+
+def test_clutrr_file_parses_fully_with_the_readme_counts(clutrr_records):
+    assert len(clutrr_records) == 1146
+    assert dict(Counter(r["hops"] for r in clutrr_records)) == CLUTRR_BY_TASK
+    assert dict(Counter(r["answer"] for r in clutrr_records)) == CLUTRR_BY_TARGET
+    for r in clutrr_records:
+        assert r["facts"] == r["knowledge"] and r["distractors"] == []
+        assert not any("[" in s or "]" in s for s in r["knowledge"])
+
+
+def test_clutrr_question_asks_for_the_relation_of_query1_to_query0(clutrr_records):
+    records = by_id(clutrr_records)
+    # query ('Jason', 'Lewis'), target grandson: "Jason is father of their father" -> Lewis is
+    # Jason's grandson.
+    first = records["a44d478f-c68e-4557-8750-1b2f6f17d705"]
+    assert first["knowledge"] == ["Scott and Lewis are brothers.", "Jason is father of their father"]
+    assert (first["question"], first["answer"], first["hops"]) == ("How is Lewis related to Jason?", "grandson", 2)
+    # query ('Gabrielle', 'Lisa'), target daughter: Lisa is Gabrielle's daughter.
+    second = records["3865f2ad-c7e9-45f0-b5e6-a64bc6960962"]
+    assert second["knowledge"] == ["Jason and his wife Gabrielle baked a cake for Lisa, his daughter."]
+    assert (second["question"], second["answer"]) == ("How is Lisa related to Gabrielle?", "daughter")
+    # query ('Rosa', 'Nichole'), niece: Rosa's father Seth's son Christian has a daughter Nichole.
+    third = records["49126c95-8093-4707-b394-85b964340284"]
+    assert (third["question"], third["answer"], third["hops"]) == ("How is Nichole related to Rosa?", "niece", 5)
+
+
+def _clutrr_lines():
+    return CLUTRR.read_text(encoding="utf-8").splitlines()
+
+
+def test_clutrr_directory_maps_files_to_splits(tmp_path):
+    header, *rows = _clutrr_lines()
+    write_lines(tmp_path / "train.csv", [header] + rows[:600])
+    write_lines(tmp_path / "valid.csv", [header] + rows[600:800])
+    write_lines(tmp_path / "test.csv", [header] + rows[800:])
+    splits = read_clutrr(tmp_path)
+    assert {s: len(r) for s, r in splits.items()} == {"train": 600, "validation": 200, "test": 346}
+
+
+def test_clutrr_single_file_is_split_by_story(clutrr_records):
+    splits = read_clutrr(CLUTRR, validation_fraction=0.2, test_fraction=0.1, seed=3)
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [802, 229, 115]
+    ids = [{r["id"] for r in splits[s]} for s in ("train", "validation", "test")]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+
+
+def test_malformed_clutrr_rows_name_file_line_and_column(tmp_path):
+    header, *rows = _clutrr_lines()
+    bad_query = rows[1].replace("\"('Gabrielle', 'Lisa')\"", "\"Gabrielle and Lisa\"")
+    assert bad_query != rows[1]
+    path = write_lines(tmp_path / "bad.csv", [header, rows[0], bad_query])
+    with pytest.raises(DataFormatError) as info:
+        read_clutrr_file(path)
+    assert str(info.value).startswith(f"{path}, line 3, column 4 (query): expected a Python tuple of two names")
+
+    wrong_k = rows[0].replace("task_1.2", "task_1.3")
+    path = write_lines(tmp_path / "k.csv", [header, wrong_k])
+    with pytest.raises(DataFormatError, match=r"line 2, column 10 \(task_name\): expected k of task_1.k to equal "
+                                               r"the number of edge_types \(2\)"):
+        read_clutrr_file(path)
+
+    path = write_lines(tmp_path / "cols.csv", [header.replace("target_text", "label"), rows[0]])
+    with pytest.raises(DataFormatError, match=r"line 1: expected CLUTRR columns .* missing \['target_text'\]"):
+        read_clutrr_file(path)
+
+
+# --------------------------------------------------------------------------------------------- HF datasets
+
+
+def test_load_hf_reads_a_saved_datasetdict_and_validates_rows(tmp_path, pw_records):
+    import datasets
+
+    dd = datasets.DatasetDict({"train": to_dataset(pw_records[:30]), "dev": to_dataset(pw_records[30:40]),
+                               "test": to_dataset(pw_records[40:50])})
+    dd.save_to_disk(str(tmp_path / "pw"))
+    loaded = load_hf(tmp_path / "pw")
+    assert list(loaded) == ["train", "validation", "test"]
+    assert loaded["train"].to_list() == pw_records[:30]
+    assert loaded["validation"].to_list() == pw_records[30:40]
+
+    broken = datasets.DatasetDict({s: datasets.Dataset.from_list([{"text": "x", "label": 1}])
+                                   for s in ("train", "validation", "test")})
+    broken.save_to_disk(str(tmp_path / "other"))
+    with pytest.raises(DataFormatError, match=r"split 'train': expected schema columns .* missing \['id', 'family'"):
+        load_hf(tmp_path / "other")
+
+
+def test_load_hf_hub_id_fails_fast_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError, match=r"cannot load hub dataset 'CLUTRR/v1': HF_HUB_OFFLINE.*"
+                                              r"Pass a local directory written by DatasetDict.save_to_disk"):
+        load_hf("CLUTRR/v1")
+    assert time.perf_counter() - start < 1.0
+
+
+# --------------------------------------------------------------------------------------------- load_splits
+
+
+def test_load_splits_filters_hops_and_distractors_and_caps_file_sources():
+    cfg = DataConfig(source="proofwriter", path=str(PROOFWRITER), hops=[2, 3], distractors=0,
+                     num_train=100, num_validation=0, num_test=0)
+    dd = load_splits(cfg)
+    assert list(dd) == ["train", "validation", "test"]
+    assert len(dd["train"]) == 100
+    assert len(dd["validation"]) == sum(1 for _ in dd["validation"]) > 0
+    for split in dd.values():
+        for r in split.to_list():
+            assert r["hops"] in (2, 3)
+            assert r["distractors"] == [] and r["knowledge"] == r["facts"]
+    # the full split before the cap, in file order
+    full = load_splits(DataConfig(source="proofwriter", path=str(PROOFWRITER), hops=[2, 3], distractors=0,
+                                  num_train=0, num_validation=0, num_test=0))
+    assert len(full["train"]) > 100
+    position = {rid: i for i, rid in enumerate(full["train"]["id"])}
+    kept = [position[rid] for rid in dd["train"]["id"]]
+    assert kept == sorted(kept)
+
+    one = load_splits(DataConfig(source="proofwriter", path=str(PROOFWRITER), hops=[], distractors=1,
+                                 num_train=0, num_validation=0, num_test=0))
+    lengths = Counter((len(r["knowledge"]) - len(r["facts"]), bool(r["facts"])) for r in one["train"].to_list())
+    assert set(lengths) <= {(1, True), (1, False)}  # tasks without facts keep one distractor
+    zero = load_splits(DataConfig(source="proofwriter", path=str(PROOFWRITER), hops=[0], distractors=0,
+                                  num_train=0, num_validation=0, num_test=0))
+    assert min(len(r["knowledge"]) for s in zero.values() for r in s.to_list()) == 1
+
+
+def test_load_splits_empty_split_names_the_hops_the_source_has():
+    cfg = DataConfig(source="clutrr", path=str(CLUTRR), hops=[1], distractors=-1, num_train=0,
+                     num_validation=0, num_test=0)
+    with pytest.raises(ValueError, match=r"split 'train' is empty after filtering by data.hops=\[1\]: .* has hop "
+                                         r"counts \[2, 3, 4, 5, 6, 7, 8, 9, 10\]"):
+        load_splits(cfg)
+
+
+def test_load_splits_accepts_a_dictconfig_and_generates_the_embedded_preset():
+    cfg = load_config("embedded")
+    dd = load_splits(cfg.data)
+    assert {s: len(d) for s, d in dd.items()} == {"train": 1024, "validation": 128, "test": 128}
+    assert set(dd["train"]["hops"]) == {0}
+    assert set(dd["train"]["answer"]) == {"yes", "no"}
+    assert all(len(k) == 1 for k in dd["train"]["knowledge"])
+
+    clutrr = load_config("paper", [f"data.path={CLUTRR}", "data.source=clutrr", "data.family=clutrr",
+                                   "data.hops=[2,3]"])
+    dd = load_splits(clutrr.data)
+    assert set(dd["train"]["hops"]) | set(dd["validation"]["hops"]) | set(dd["test"]["hops"]) == {2, 3}
+    assert sum(len(d) for d in dd.values()) == 38 + 105

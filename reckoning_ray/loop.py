@@ -1,0 +1,444 @@
+"""The framework-free training loop: epochs, gradient accumulation, validation, early stopping,
+checkpoints, resume. It does not know whether it runs under Ray: data-parallel communication and
+reporting come in through :class:`Hooks`.
+
+Batches and reduction. ``train.batch_size`` tasks per micro-batch per worker; one optimizer step
+consumes ``batch_size * grad_accum * world_size`` tasks (the *global step*). Every epoch is a seeded
+permutation of the training tasks cut into global steps; worker ``r`` takes its own contiguous share
+of each micro-batch. The outer loss is summed over tasks and scaled by ``1 / tasks in the global
+step``, the gradients are SUM-all-reduced, so any number of workers computes the gradient of the
+same global mean loss (an uneven last step simply gives some workers fewer or no tasks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from .config import save_config
+
+CHECKPOINT_STATE = "state.pt"
+CHECKPOINT_MODEL = "model"
+
+
+@dataclass
+class Hooks:
+    """What the loop needs from its host (plain process, Ray Train worker, test)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # In-place SUM all-reduce of a flat tensor across workers (identity for one worker).
+    all_reduce: Optional[Callable[[torch.Tensor], None]] = None
+    # Called on every rank after every validation: (metrics, checkpoint dir on rank 0 else None).
+    report: Optional[Callable[[dict[str, Any], Optional[Path]], None]] = None
+    # Experiment tracking (W&B) of each validation's metrics at a global step, rank 0 only.
+    track: Optional[Callable[[dict[str, Any], int], None]] = None
+    # A checkpoint directory to resume from (written by this loop), or None.
+    resume_from: Optional[Path] = None
+    # Print progress lines (rank 0 only by default).
+    log: Callable[[str], None] = print
+    # Called after every optimizer step with the global step (fault injection, profiling).
+    on_step: Optional[Callable[[int], None]] = None
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # optimizer steps done in the current epoch
+    global_step: int = 0
+    validations: int = 0
+    best_metric: Optional[float] = None
+    best_step: int = -1
+    bad_validations: int = 0  # validations since the best one
+    stopped_early: bool = False
+
+
+def steps_per_epoch(num_tasks: int, cfg: DictConfig, world_size: int) -> int:
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * world_size
+    return max(1, math.ceil(num_tasks / per_step))
+
+
+def validation_points(n_steps: int, per_epoch: int) -> list[int]:
+    """Step indices (1-based, within an epoch) after which to validate: evenly spaced, last = end."""
+    points = sorted({max(1, math.ceil(k * n_steps / per_epoch)) for k in range(1, per_epoch + 1)})
+    return points
+
+
+def epoch_order(num_tasks: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(num_tasks, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def shard(items: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """Contiguous, near-equal share of ``items`` for ``rank`` (earlier ranks get the remainder)."""
+    n = len(items)
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return list(items[start : start + base + (1 if rank < extra else 0)])
+
+
+def global_step_tasks(order: list[int], step: int, cfg: DictConfig, world_size: int) -> list[list[int]]:
+    """Micro-batches of task indices of global step ``step``: list over micro-steps of the global batch."""
+    per_micro = cfg.train.batch_size * world_size
+    per_step = per_micro * cfg.train.grad_accum
+    chunk = order[step * per_step : (step + 1) * per_step]
+    return [chunk[i : i + per_micro] for i in range(0, len(chunk), per_micro)]
+
+
+def allreduce_gradients(params: list[torch.Tensor], all_reduce: Callable[[torch.Tensor], None],
+                        bucket_bytes: int = 32 * 2**20) -> None:
+    """SUM-all-reduce the ``.grad`` of ``params`` in flat buckets (one collective per bucket)."""
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for g in grads + [None]:  # type: ignore[list-item]
+        if g is not None and (not bucket or (size + g.numel() * g.element_size() <= bucket_bytes
+                                             and g.dtype == bucket[0].dtype)):
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+            continue
+        if bucket:
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            all_reduce(flat)
+            offset = 0
+            for b in bucket:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
+        bucket, size = ([g], g.numel() * g.element_size()) if g is not None else ([], 0)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(path: Path, method: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, progress: Progress, history: list[dict]) -> Path:
+    """Write a self-contained checkpoint directory atomically (tmp dir, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    method.model.save_pretrained(tmp / CHECKPOINT_MODEL)
+    tokenizer.save_pretrained(tmp / CHECKPOINT_MODEL)
+    torch.save(
+        {
+            "method_state": _method_extra_state(method),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+            "progress": progress.__dict__.copy(),
+            "history": history,
+        },
+        tmp / CHECKPOINT_STATE,
+    )
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _method_extra_state(method: Any) -> dict[str, torch.Tensor]:
+    """Meta-parameters besides the model weights (the learned inner learning rates)."""
+    lrs = getattr(method, "inner_lrs", None)
+    return {"inner_lrs": lrs.detach().clone()} if lrs is not None else {}
+
+
+def restore_method(method: Any, path: Path) -> dict[str, Any]:
+    """Load a checkpoint's weights and learned rates into ``method`` in place; return its state."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    model = method.model
+    loaded = AutoModelForCausalLM.from_pretrained(path / CHECKPOINT_MODEL, dtype=model.dtype)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    state = load_checkpoint_state(path)
+    lrs = state["method_state"].get("inner_lrs")
+    if lrs is not None:
+        with torch.no_grad():
+            method.inner_lrs.copy_(lrs)
+    return state
+
+
+def load_checkpoint_state(path: Path) -> dict[str, Any]:
+    return torch.load(Path(path) / CHECKPOINT_STATE, weights_only=False)
+
+
+def _better(value: float, best: Optional[float], mode: str) -> bool:
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+def metric_mode(metric: str) -> str:
+    return "min" if metric.endswith("loss") else "max"
+
+
+class Loop:
+    """One training run of a method (RECKONING or an in-context baseline) on prepared records."""
+
+    def __init__(self, cfg: DictConfig, method: Any, tokenizer: Any, encoder: Any,
+                 train_records: list[dict], val_records: list[dict], run_dir: Path,
+                 hooks: Optional[Hooks] = None) -> None:
+        self.cfg = cfg
+        self.method = method
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.train_records = train_records
+        self.val_records = val_records
+        self.run_dir = Path(run_dir)
+        self.hooks = hooks or Hooks()
+        self.is_main = self.hooks.rank == 0
+        world = self.hooks.world_size
+        self.steps_per_epoch = steps_per_epoch(len(train_records), cfg, world)
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.val_points = validation_points(self.steps_per_epoch, cfg.train.validations_per_epoch)
+        # validations a run that is not stopped early makes (the Tune scheduler's time unit)
+        self.rounds_planned = sum(
+            1 for s in range(1, self.total_steps + 1)
+            if (s - 1) % self.steps_per_epoch + 1 in self.val_points or s == self.total_steps
+        )
+        self.optimizer = torch.optim.AdamW(method.parameter_groups(), eps=cfg.outer.eps)
+        from transformers import get_linear_schedule_with_warmup
+
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, int(cfg.outer.warmup_ratio * self.total_steps), self.total_steps
+        )
+        self.progress = Progress()
+        self.history: list[dict] = []
+        self.mode = metric_mode(cfg.train.metric)
+        if self.hooks.resume_from is not None:
+            self._resume(Path(self.hooks.resume_from))
+
+    # -- logging ---------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        if self.is_main:
+            self.hooks.log(message)
+
+    # -- resume ----------------------------------------------------------------------------
+    def _resume(self, path: Path) -> None:
+        state = restore_method(self.method, path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.progress = Progress(**state["progress"])
+        self.history = list(state["history"])
+        self.log(f"resumed from {path} at epoch {self.progress.epoch} step {self.progress.global_step}")
+
+    # -- one optimizer step -------------------------------------------------------------------
+    def _train_step(self, order: list[int], step: int) -> dict[str, float]:
+        cfg, hooks = self.cfg, self.hooks
+        micro_batches = global_step_tasks(order, step, cfg, hooks.world_size)
+        n_global = sum(len(m) for m in micro_batches)
+        self.method.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        loss_sum, n_local = 0.0, 0
+        for micro in micro_batches:
+            mine = shard(micro, hooks.rank, hooks.world_size)
+            if not mine:
+                continue
+            batch = self.encoder.collate([self.train_records[i] for i in mine]).to(hooks.device)
+            out = self.method.forward_backward(batch, loss_scale=1.0 / n_global)
+            loss_sum += float(out["loss"])
+            n_local += len(mine)
+        params = self.method.meta_parameters()
+        stats = torch.tensor([loss_sum, float(n_local)], dtype=torch.float64)
+        if hooks.all_reduce is not None and hooks.world_size > 1:
+            allreduce_gradients(params, hooks.all_reduce)
+            hooks.all_reduce(stats)
+        if cfg.outer.clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.outer.clip))
+        else:
+            grad_norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None)))
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"train/loss": float(stats[0] / max(stats[1], 1.0)), "train/grad_norm": grad_norm}
+
+    # -- validation -----------------------------------------------------------------------------
+    def evaluate(self, records: list[dict], prefix: str = "val") -> dict[str, float]:
+        """Sharded evaluation; sums are all-reduced so every rank returns the global metrics."""
+        cfg, hooks = self.cfg, self.hooks
+        if cfg.eval.max_tasks:
+            records = records[: cfg.eval.max_tasks]
+        mine = shard(list(range(len(records))), hooks.rank, hooks.world_size)
+        self.method.eval()
+        outputs: dict[str, list] = {}
+        bs = max(cfg.train.batch_size, 1)
+        for i in range(0, len(mine), bs):
+            batch = self.encoder.collate([records[j] for j in mine[i : i + bs]]).to(hooks.device)
+            out = self.method.evaluate(batch)
+            for k, v in out.items():
+                outputs.setdefault(k, []).extend(v)
+        all_hops = sorted({int(r["hops"]) for r in records})
+        # per hop: count, correct, answer loss sum, recall sum
+        sums = torch.zeros(len(all_hops), 4, dtype=torch.float64)
+        for h, correct, loss, recall in zip(outputs.get("hops", []), outputs.get("label_correct", []),
+                                            outputs.get("answer_loss", []), outputs.get("recall", [])):
+            row = all_hops.index(int(h))
+            sums[row] += torch.tensor([1.0, float(correct), float(loss), float(recall)], dtype=torch.float64)
+        if hooks.all_reduce is not None and hooks.world_size > 1:
+            hooks.all_reduce(sums)
+        return summarize_sums(sums, all_hops, prefix)
+
+    def _validate(self, epoch_float: float, train_stats: dict[str, float]) -> bool:
+        """Validate, checkpoint, report; return True when early stopping says stop."""
+        p = self.progress
+        p.validations += 1
+        t0 = time.time()
+        metrics = self.evaluate(self.val_records, "val")
+        metrics.update(train_stats)
+        if hasattr(self.method, "lr_stats"):
+            metrics.update(self.method.lr_stats())
+        metrics.update({"epoch": epoch_float, "step": p.global_step, "round": p.validations,
+                        "rounds_planned": self.rounds_planned, "val/seconds": time.time() - t0})
+        value = metrics[self.cfg.train.metric]
+        improved = _better(value, p.best_metric, self.mode)
+        if improved:
+            p.best_metric, p.best_step, p.bad_validations = value, p.global_step, 0
+        else:
+            p.bad_validations += 1
+        patience = self.cfg.train.patience
+        stop = bool(patience and p.bad_validations >= patience)
+        metrics["best/" + self.cfg.train.metric] = p.best_metric
+        if stop:
+            p.stopped_early = True
+        metrics["stopped_early"] = p.stopped_early
+        self.history.append(metrics)
+        checkpoint = None
+        if self.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            checkpoint = save_checkpoint(self.run_dir / "last", self.method, self.tokenizer, self.optimizer,
+                                         self.scheduler, p, self.history)
+            if improved:
+                shutil.rmtree(self.run_dir / "best", ignore_errors=True)
+                shutil.copytree(checkpoint, self.run_dir / "best")
+        per_hop = " ".join(f"h{k.rsplit('_', 1)[1]}={v:.3f}" for k, v in metrics.items()
+                           if k.startswith("val/label_accuracy/hops_"))
+        self.log(
+            f"[validate {p.validations}] epoch {epoch_float:.2f} step {p.global_step}: "
+            f"label_accuracy {metrics['val/label_accuracy']:.3f} ({per_hop}) "
+            f"answer_loss {metrics['val/answer_loss']:.4f} train_loss {train_stats.get('train/loss', float('nan')):.4f}"
+            + (" *best*" if improved else "") + (" -> early stop" if stop else "")
+        )
+        if self.hooks.track is not None and self.is_main:
+            self.hooks.track(metrics, p.global_step)
+        if self.hooks.report is not None:
+            self.hooks.report(metrics, checkpoint)
+        return stop
+
+    # -- the run ----------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg, p = self.cfg, self.progress
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.log(
+            f"training {cfg.train.method}: {len(self.train_records)} train / {len(self.val_records)} val tasks, "
+            f"{self.hooks.world_size} worker(s), {self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, "
+            f"validation after steps {self.val_points} of each epoch"
+        )
+        done = p.stopped_early or p.global_step >= self.total_steps
+        if done and self.history and self.hooks.report is not None:
+            # resumed after the run had finished: report its last result again, so that a host
+            # that lost it (a Tune trial restored from an interrupted sweep) still sees it
+            self.log(f"run already finished at step {p.global_step}; reporting its last validation again")
+            self.hooks.report(dict(self.history[-1]), None)
+        last_stats: dict[str, float] = {}
+        while not done and p.epoch < cfg.train.epochs:
+            order = epoch_order(len(self.train_records), cfg.train.seed, p.epoch)
+            t_epoch, losses = time.time(), []
+            while p.step_in_epoch < self.steps_per_epoch:
+                last_stats = self._train_step(order, p.step_in_epoch)
+                losses.append(last_stats["train/loss"])
+                p.step_in_epoch += 1
+                p.global_step += 1
+                if self.hooks.on_step is not None:
+                    self.hooks.on_step(p.global_step)
+                at_end = p.step_in_epoch == self.steps_per_epoch
+                if p.step_in_epoch in self.val_points or p.global_step >= self.total_steps:
+                    if at_end:
+                        p.epoch += 1
+                        p.step_in_epoch = 0
+                    stats = dict(last_stats, **{"train/loss": float(np.mean(losses))})
+                    losses = []
+                    epoch_float = p.epoch + (p.step_in_epoch / self.steps_per_epoch if not at_end else 0.0)
+                    if self._validate(epoch_float, stats) or p.global_step >= self.total_steps:
+                        done = True
+                        break
+                    if at_end:
+                        break
+            if not done:
+                self.log(f"epoch {p.epoch} took {time.time() - t_epoch:.1f}s")
+        return self._summary()
+
+    def _summary(self) -> dict[str, Any]:
+        p = self.progress
+        best = next((h for h in self.history if h["step"] == p.best_step), {})
+        summary = {
+            "metric": self.cfg.train.metric,
+            "best_metric": p.best_metric,
+            "best_step": p.best_step,
+            "best_validation": {k: v for k, v in best.items() if k.startswith("val/")},
+            "validations": p.validations,
+            "steps": p.global_step,
+            "stopped_early": p.stopped_early,
+            "best_checkpoint": str(self.run_dir / "best"),
+        }
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def summarize_sums(sums: torch.Tensor, hops: list[int], prefix: str) -> dict[str, float]:
+    """Metrics from per-hop sums [H, 4] = (count, correct, answer-loss sum, recall sum)."""
+    total = sums.sum(0)
+    n = max(float(total[0]), 1.0)
+    out = {
+        f"{prefix}/label_accuracy": float(total[1]) / n,
+        f"{prefix}/answer_loss": float(total[2]) / n,
+        f"{prefix}/recall": float(total[3]) / n,
+        f"{prefix}/tasks": float(total[0]),
+    }
+    for h, row in zip(hops, sums):
+        if row[0] > 0:
+            out[f"{prefix}/label_accuracy/hops_{h}"] = float(row[1] / row[0])
+    return out
+
+
+__all__ = [
+    "Hooks",
+    "Loop",
+    "Progress",
+    "allreduce_gradients",
+    "epoch_order",
+    "load_checkpoint_state",
+    "save_checkpoint",
+    "shard",
+    "steps_per_epoch",
+    "summarize_sums",
+    "validation_points",
+]

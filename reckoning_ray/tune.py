@@ -1,0 +1,390 @@
+"""Ray Tune sweep with ASHA over RECKONING's inner-loop settings: the project's main job.
+
+    python -m reckoning_ray.tune [preset | --config FILE] [space=<name or path>] [key=value ...] [--resume]
+
+Each trial is a function that builds and fits a ``TorchTrainer`` (``reckoning_ray.train``) with
+Ray's ``TuneReportCallback``: the current Train + Tune pattern. Trials are named by their trial
+id, so a resumed sweep finds its runs; every trial logs to W&B (run id = trial id, group = sweep
+name) from its rank-0 worker, offline unless ``tracking.mode=online``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ConfigError, load_config, node_type_for, save_config, validate
+from .tracking import run_names
+from .train import parse_args
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "tune_spaces"
+# Distribution name -> (argument form, builder). Arguments come as a list in the YAML.
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint", "qloguniform")
+
+EPILOG = """\
+search spaces: tune_spaces/<name>.yaml (name without .yaml) or any YAML path: space=<name|path>
+  {spaces}
+  A space maps config keys to one distribution each, e.g.
+    inner.steps: {{choice: [1, 2, 4]}}
+    inner.lr_init: {{loguniform: [1.0e-5, 1.0e-4]}}
+  distributions: choice [values], grid [values], uniform [low, high], loguniform [low, high],
+  randint [low, high) , qloguniform [low, high, q]
+
+ASHA stops weak trials early, using validation rounds (tune.max_rounds) as time; it ranks by
+tune.metric (tune.mode). At the end the sweep prints a table of trials and writes
+<tune.storage_path>/<tune.name>/best_config.yaml, re-runnable with
+  python -m reckoning_ray.train --config <that file>
+W&B: runs are written offline under each trial's directory; publish them with
+  wandb sync <tune.storage_path>/<tune.name>/trials/*/wandb/offline-run-*
+--resume continues an interrupted sweep (finished trials stay finished).
+"""
+
+
+# -- search spaces ---------------------------------------------------------------------------------
+
+def space_path(space: str) -> Path:
+    path = Path(space)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"tune.space={space!r}: file not found")
+        return path
+    candidate = SPACES_DIR / f"{space}.yaml"
+    if not candidate.is_file():
+        names = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+        raise ConfigError(f"tune.space={space!r} is not a search space: choose one of {names} or a YAML path")
+    return candidate
+
+
+def load_space(space: str, cfg: DictConfig) -> dict[str, tuple[str, list]]:
+    """Read and check a space file: ``{config key: (distribution, args)}``.
+
+    Every key must exist in the config, every distribution be known, its arguments well formed, and
+    each value the distribution can produce must pass the config's validation.
+    """
+    path = space_path(space)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"search space {path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"search space {path}: expected a mapping of config keys to distributions")
+    out: dict[str, tuple[str, list]] = {}
+    for key, spec in raw.items():
+        where = f"search space {path}, key {key!r}"
+        if OmegaConf.select(cfg, str(key), default="__missing__") == "__missing__":
+            raise ConfigError(f"{where}: not a config key (e.g. inner.steps, inner.lr_init, outer.lr)")
+        if not (isinstance(spec, dict) and len(spec) == 1):
+            raise ConfigError(f"{where}: expected one distribution, e.g. {{loguniform: [1.0e-5, 1.0e-4]}}; "
+                              f"allowed: {list(DISTRIBUTIONS)}")
+        (dist, args), = spec.items()
+        if dist not in DISTRIBUTIONS:
+            raise ConfigError(f"{where}: unknown distribution {dist!r}; allowed: {list(DISTRIBUTIONS)}")
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where}: {dist} needs a non-empty list of arguments")
+        if dist in ("uniform", "loguniform", "randint"):
+            if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args) or args[0] >= args[1]:
+                raise ConfigError(f"{where}: {dist} needs [low, high] numbers with low < high, got {args}")
+            if dist == "loguniform" and args[0] <= 0:
+                raise ConfigError(f"{where}: loguniform needs low > 0, got {args}")
+        if dist == "qloguniform" and (len(args) != 3 or args[0] <= 0 or args[0] >= args[1]):
+            raise ConfigError(f"{where}: qloguniform needs [low, high, q] with 0 < low < high, got {args}")
+        samples = list(args) if dist in ("choice", "grid") else [args[0], args[1] - (1 if dist == "randint" else 0)]
+        for value in samples:
+            try:
+                trial = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={json.dumps(value)}"]))
+                validate(trial)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: value {value!r} is not allowed: {exc}") from None
+            except Exception as exc:  # type errors from the schema
+                raise ConfigError(f"{where}: value {value!r} does not fit the config: {str(exc).splitlines()[0]}") from None
+        out[str(key)] = (dist, list(args))
+    return out
+
+
+def to_tune_space(space: dict[str, tuple[str, list]]) -> dict[str, Any]:
+    from ray import tune
+
+    build = {
+        "choice": lambda a: tune.choice(a),
+        "grid": lambda a: tune.grid_search(a),
+        "uniform": lambda a: tune.uniform(a[0], a[1]),
+        "loguniform": lambda a: tune.loguniform(a[0], a[1]),
+        "randint": lambda a: tune.randint(a[0], a[1]),
+        "qloguniform": lambda a: tune.qloguniform(a[0], a[1], a[2]),
+    }
+    return {key: build[dist](args) for key, (dist, args) in space.items()}
+
+
+def trial_config(base: dict, params: dict[str, Any]) -> DictConfig:
+    cfg = OmegaConf.create(base)
+    for key, value in params.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    validate(cfg)
+    return cfg
+
+
+# -- the trial -------------------------------------------------------------------------------------
+
+def trial_dirname(trial: Any) -> str:
+    return str(trial.trial_id)
+
+
+def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
+    """Tune trainable: the sampled ``params`` ({config key: value}) on top of the sweep's base
+    config (``setup``, passed with ``tune.with_parameters``); fits a TorchTrainer that reports to
+    Tune through ``TuneReportCallback``."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .train import build_trainer
+
+    config = setup
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(config["base"], params)
+    cfg.train.run_name = trial_id
+    cfg.tracking.group = cfg.tracking.group or config["sweep"]
+    node = node_type_for(cfg)
+    if node not in config["node_types"]:
+        node = ""
+    run_dir = Path(config["trials_local"]) / trial_id
+    ids = run_names(cfg, trial_id=trial_id)
+    trainer = build_trainer(cfg, run_dir, group=ids.group, wandb_run_id=ids.run_id,
+                            callbacks=[TuneReportCallback()], node_type=node,
+                            storage_path=config["trials_storage"])
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+
+
+# -- the driver ------------------------------------------------------------------------------------
+
+def placement(cfg: DictConfig, space: dict[str, tuple[str, list]]) -> tuple[list[str], int]:
+    """Node types the sweep's trials may ask for, and how many trials the cluster can hold at once.
+
+    A node type no node has (and no autoscaler node type offers) is reported at once and dropped,
+    so the sweep runs on the nodes there are instead of waiting forever.
+    """
+    import ray
+
+    from .train import autoscaler_node_resources, check_placement
+
+    methods = {cfg.train.method}
+    if "train.method" in space:
+        methods |= set(space["train.method"][1])
+    usable = []
+    for method in sorted(methods):
+        trial_cfg = OmegaConf.merge(cfg, {"train": {"method": method}})
+        node = check_placement(trial_cfg)  # prints why a missing node type is dropped
+        if node:
+            usable.append(node)
+    res = cfg.resources
+    totals = ray.cluster_resources()
+    per_trial_cpu = res.num_workers * res.cpus_per_worker
+    fit = int(totals.get("CPU", 0) // per_trial_cpu) if per_trial_cpu else cfg.tune.max_concurrent
+    if res.use_gpu:
+        fit = min(fit, int(totals.get("GPU", 0) // (res.num_workers * res.gpus_per_worker)))
+    if autoscaler_node_resources():  # an autoscaler adds nodes: leave concurrency to the config
+        fit = cfg.tune.max_concurrent
+    if fit < 1:
+        raise ConfigError(
+            f"one trial needs {res.num_workers} worker(s) x {res.cpus_per_worker} CPU"
+            + (f" + {res.gpus_per_worker} GPU" if res.use_gpu else "")
+            + f" but the cluster has {dict((k, v) for k, v in totals.items() if k in ('CPU', 'GPU'))}; "
+            "lower resources.num_workers / resources.cpus_per_worker or start a bigger cluster"
+        )
+    return sorted(set(usable)), min(fit, cfg.tune.max_concurrent)
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def sweep_dir(cfg: DictConfig) -> str:
+    """Where Tune writes the sweep: a local absolute path or a storage URI (s3://, gs://, ...)."""
+    storage = os.environ.get("RECKONING_STORAGE_PATH") if cfg.tune.storage_path == "" else cfg.tune.storage_path
+    storage = storage or "runs/tune"
+    if is_uri(storage):
+        return storage.rstrip("/") + "/" + cfg.tune.name
+    return str(Path(storage).expanduser().resolve() / cfg.tune.name)
+
+
+def local_dir(cfg: DictConfig) -> Path:
+    """Local directory for the sweep's own files (the table, best_config.yaml) and, with URI
+    storage, for the trials' run files on the node of their rank-0 worker."""
+    root = sweep_dir(cfg)
+    if is_uri(root):
+        return Path("~/reckoning-ray-runs").expanduser() / cfg.tune.name
+    return Path(root)
+
+
+def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: bool = False):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    root = sweep_dir(cfg)
+    node_types, concurrent = placement(cfg, space)
+    print(f"sweep {cfg.tune.name}: {cfg.tune.num_samples} sample(s) of {len(space)} key(s), "
+          f"{concurrent} trial(s) at a time, ASHA on {cfg.tune.metric} ({cfg.tune.mode}); results in {root}")
+    setup = {
+        "base": OmegaConf.to_container(cfg, resolve=True),
+        "sweep": cfg.tune.name,
+        "trials_storage": root + "/trials",
+        "trials_local": str(local_dir(cfg) / "trials"),
+        "node_types": node_types,
+    }
+    # the trial function only drives its TorchTrainer: it needs memory but no CPU of its own, so
+    # the CPUs go to the training workers (Ray rejects a request with no resource at all)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
+                                    {"CPU": 0, "memory": 256 * 2**20})
+    if resume:
+        if not tune.Tuner.can_restore(root):
+            raise ConfigError(f"--resume: no sweep to resume at {root} (tune.storage_path / tune.name)")
+        return tune.Tuner.restore(root, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    param_space = to_tune_space(space)
+    scheduler = ASHAScheduler(time_attr="round", max_t=cfg.tune.max_rounds, grace_period=cfg.tune.grace_period,
+                              reduction_factor=cfg.tune.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
+                                    num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrent,
+                                    trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname),
+        run_config=tune.RunConfig(name=cfg.tune.name, storage_path=root.rsplit("/", 1)[0]),
+    )
+
+
+def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]]) -> dict[str, Any]:
+    """Table of trials, best_config.yaml and the best checkpoint's path."""
+    root = local_dir(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    metric, mode = cfg.tune.metric, cfg.tune.mode
+    rows = []
+    for result in results:
+        trial_id = Path(result.path).name
+        history = trial_history(result, root / "trials" / trial_id)
+        if history is None or metric not in history:
+            rows.append({"trial": trial_id, "best": None, "rounds": 0, "status": "error" if result.error else "no result"})
+            continue
+        values = history[metric].dropna()
+        best = float(values.max() if mode == "max" else values.min())
+        last = history.iloc[-1]
+        rounds = int(last["round"])
+        if result.error:
+            status = "error"
+        elif bool(last.get("stopped_early", False)):
+            status = "patience stop"
+        elif rounds >= int(last["rounds_planned"]) or rounds >= cfg.tune.max_rounds:
+            status = "completed"
+        else:
+            status = "ASHA stop"
+        at_best = history.loc[values.idxmax() if mode == "max" else values.idxmin()]
+        checkpoint = at_best.get("checkpoint_path") if "checkpoint_path" in history else None
+        params = dict(result.config)
+        rows.append({"trial": trial_id, "best": best, "rounds": rounds, "status": status,
+                     "label_accuracy": float(history["val/label_accuracy"].max()), **params,
+                     "checkpoint": checkpoint, "_config": result.config})
+    scored = [r for r in rows if r["best"] is not None]
+    if not scored:
+        raise RuntimeError(f"no trial of sweep {cfg.tune.name} reported {metric}")
+    best = (max if mode == "max" else min)(scored, key=lambda r: r["best"])
+    keys = list(space)
+    header = ["trial", *keys, metric, "best val acc", "rounds", "status"]
+    lines = [header]
+    for r in rows:
+        lines.append([r["trial"], *[_fmt(r.get(k)) for k in keys], _fmt(r["best"]),
+                      _fmt(r.get("label_accuracy")), str(r["rounds"]), r["status"]])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    table = "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines)
+    best_cfg = trial_config(OmegaConf.to_container(cfg, resolve=True), best["_config"])
+    best_cfg.train.run_name = f"{cfg.tune.name}-best"
+    best_cfg.tracking.group = ""
+    best_cfg_path = root / "best_config.yaml"
+    best_cfg_path.write_text("# Best trial " + best["trial"] + f" of sweep {cfg.tune.name} ({metric} = {best['best']:.4f}).\n"
+                             f"# Re-run: python -m reckoning_ray.train --config {best_cfg_path}\n"
+                             + OmegaConf.to_yaml(best_cfg))
+    local_best = root / "trials" / best["trial"] / "best"
+    best_ckpt = str(local_best) if local_best.exists() else str(best.get("checkpoint"))
+    out = {"table": table, "best_trial": best["trial"], "best_value": best["best"],
+           "best_config": str(best_cfg_path), "best_checkpoint": best_ckpt,
+           "trials": [{k: v for k, v in r.items() if k != "_config"} for r in rows]}
+    (root / "sweep_summary.json").write_text(json.dumps(out, indent=2, default=str))
+    return out
+
+
+def trial_history(result: Any, run_dir: Path) -> Any:
+    """A trial's validation history as a DataFrame: the run directory's metrics.jsonl when this
+    machine has it (complete across interruptions and resumes), else what Tune recorded."""
+    import pandas as pd
+
+    metrics_file = run_dir / "metrics.jsonl"
+    if metrics_file.exists():
+        rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+        if rows:
+            frame = pd.DataFrame(rows)
+            last = result.metrics_dataframe
+            if last is not None and "checkpoint_path" in last and "round" in last:
+                frame = frame.merge(last[["round", "checkpoint_path"]], on="round", how="left")
+            return frame
+    return result.metrics_dataframe
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def run(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
+    from .train import init_ray
+
+    saved = local_dir(cfg) / "sweep_config.yaml"
+    if resume and saved.exists():
+        print(f"resuming with the sweep's saved config {saved}")
+        cfg = load_config(str(saved))
+    space = load_space(cfg.tune.space, cfg)  # fails before any work starts
+    if not resume:
+        save_config(cfg, saved)
+    init_ray()
+    t0 = time.time()
+    tuner = build_tuner(cfg, space, resume=resume)
+    results = tuner.fit()
+    out = summarize(cfg, results, space)
+    print("\n" + out["table"])
+    print(f"\nbest trial {out['best_trial']}: {cfg.tune.metric} = {out['best_value']:.4f}")
+    print(f"best config: {out['best_config']}  (python -m reckoning_ray.train --config {out['best_config']})")
+    print(f"best checkpoint: {out['best_checkpoint']}")
+    print(f"sweep took {time.time() - t0:.0f}s")
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # space=<name> is short for tune.space=<name>
+    argv = [f"tune.{a}" if a.startswith("space=") else a for a in argv]
+    names = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
+    args = parse_args(
+        argv, "python -m reckoning_ray.tune",
+        "Sweep RECKONING's inner-loop settings with Ray Tune + ASHA (the project's main job).",
+        EPILOG.replace("{spaces}", names),
+        extra=lambda p: p.add_argument("--resume", action="store_true",
+                                       help="continue the interrupted sweep tune.storage_path/tune.name"),
+    )
+    try:
+        cfg = load_config(args.preset, args.overrides)
+        print(OmegaConf.to_yaml(cfg))
+        run(cfg, resume=args.resume)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""FT-ICR (fine-tuned in-context reasoning): loss, padding, evaluation, dispatch, and an
+end-to-end run on generated tasks."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from reckoning_ray.baseline import InContextMethod, build_method
+from reckoning_ray.bilevel import BilevelError, ReckoningMethod
+from reckoning_ray.config import load_config
+from reckoning_ray.data.encode import Encoder
+from reckoning_ray.data.schema import make_record
+from reckoning_ray.metrics import summarize
+from reckoning_ray.modeling import load_model_and_tokenizer
+
+RECORDS = [
+    make_record(id=f"t{i}", family="proofwriter", source="generated", knowledge=knowledge, facts=knowledge[:1],
+                question=question, answer=answer, hops=hops)
+    for i, (knowledge, question, answer, hops) in enumerate([
+        (["bob is red ."], "bob is red", "yes", 0),
+        (["anne isnt big .", "bob is kind ."], "anne is big", "no", 1),
+        (["carl is cold .", "if someone is cold then they are blue .", "dave is red ."], "carl is blue", "yes", 1),
+        (["dave isnt kind ."], "dave is kind", "no", 0),
+    ])
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, as a training worker of the embedded preset runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(method: str = "icr", *overrides: str, records=RECORDS):
+    cfg = load_config("embedded", [f"train.method={method}", "model.n_embd=16", "model.n_head=2",
+                                   "model.dtype=float64", "model.max_length=48", "outer.multi_task=true",
+                                   "eval.max_new_tokens=5", *overrides])
+    args = dict(method=method, multi_task=True, max_length=48)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, corpus=list(Encoder(None, **args).corpus(records)))
+    return build_method(cfg, model, tokenizer), Encoder(tokenizer, **args).collate(records)
+
+
+def grads(method) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in method.meta_parameters()]
+
+
+def test_loss_is_the_mean_target_loss_per_task_summed_over_tasks():
+    method, batch = build()
+    method.eval()  # no dropout: the comparison below must be exact
+    s = batch.sequence
+    total = method.forward_backward(batch)["loss"]
+    together = grads(method)
+    for p in method.meta_parameters():
+        p.grad = None
+    parts = []
+    for t in range(len(batch)):
+        parts.append(method.forward_backward(batch.select([t]))["loss"])
+        # The model's own forward (2D mask, default positions) on the unpadded row gives the same loss.
+        n = int(s.attention_mask[t].sum())
+        with torch.no_grad():
+            logits = method.model(input_ids=s.input_ids[t : t + 1, :n], use_cache=False).logits
+        labels = s.labels[t, 1:n]
+        expected = torch.nn.functional.cross_entropy(logits[0, : n - 1], labels, ignore_index=-100)
+        assert math.isclose(parts[-1], float(expected), rel_tol=1e-12)
+    assert math.isclose(total, sum(parts), rel_tol=1e-12)
+    for a, b in zip(together, grads(method)):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_training_mode_uses_dropout_and_evaluation_restores_the_mode():
+    method, batch = build()
+    method.train()
+    assert method.model.training
+    losses = [method.forward_backward(batch)["loss"] for _ in range(2)]
+    assert losses[0] != losses[1]  # dropout 0.1 of the GPT-2 config
+    stored = {k: v.clone() for k, v in method.model.state_dict().items()}
+    first = method.evaluate(batch)
+    assert method.model.training  # put back as it was
+    second = method.evaluate(batch)
+    assert first == second
+    for k, v in method.model.state_dict().items():
+        assert torch.equal(v, stored[k]), k
+
+
+def test_generation_of_a_left_padded_prompt_equals_the_prompt_alone():
+    method, batch = build()
+    together = method.evaluate(batch)
+    assert set(together) >= {"answer_loss", "prediction", "label_correct", "recall", "hops"}
+    assert together["hops"] == [0, 1, 1, 0]
+    for t in range(len(batch)):
+        alone = method.evaluate(batch.select([t]))
+        assert alone["prediction"] == [together["prediction"][t]]
+        assert math.isclose(alone["answer_loss"][0], together["answer_loss"][t], rel_tol=1e-10)
+
+
+def test_build_method_dispatches_on_train_method():
+    for name in ("icr", "icr_no_facts", "icr_random_facts"):
+        method, batch = build(name)
+        assert isinstance(method, InContextMethod) and batch.knowledge is None
+        assert method.lr_stats() == {}
+        (group,) = method.parameter_groups()
+        assert group["lr"] == 1e-3 and group["params"] == method.meta_parameters()
+    reckoning, batch = build("reckoning")
+    assert isinstance(reckoning, ReckoningMethod) and batch.knowledge is not None
+    cfg = load_config("embedded")
+    cfg.train.method = "rag"
+    with pytest.raises(BilevelError, match="train.method='rag'"):
+        build_method(cfg, reckoning.model, reckoning.tokenizer)
+    method, batch = build()
+    with pytest.raises(BilevelError, match="no inner loop"):
+        method.evaluate(batch, inner_steps=2)
+
+
+@pytest.mark.slow
+def test_fine_tuned_in_context_reasoning_learns_generated_tasks():
+    """Same setting as RECKONING's end-to-end test: FT-ICR reads the fact in its prompt."""
+    from reckoning_ray.data.generate import generate_splits
+
+    cfg = load_config("embedded", ["train.method=icr", "data.num_train=512", "data.num_validation=128"])
+    splits = generate_splits(cfg.data)
+    args = dict(method="icr", multi_task=bool(cfg.outer.multi_task), max_length=int(cfg.model.max_length))
+    corpus = list(Encoder(None, **args).corpus([r for s in splits.values() for r in s]))
+    model, tokenizer = load_model_and_tokenizer(cfg.model, corpus=corpus, seed=0)
+    encoder = Encoder(tokenizer, **args)
+    torch.manual_seed(0)
+    method = build_method(cfg, model, tokenizer)
+    optimizer = torch.optim.AdamW(method.parameter_groups())
+    order = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(0)).tolist()
+    steps = 150
+    start = time.time()
+    for step in range(steps):
+        index = [order[(step * 32 + j) % len(order)] for j in range(32)]
+        method.train()
+        optimizer.zero_grad()
+        method.forward_backward(encoder.collate([splits["train"][i] for i in index]), loss_scale=1 / 32)
+        torch.nn.utils.clip_grad_norm_(method.meta_parameters(), cfg.outer.clip)
+        optimizer.step()
+    seconds = time.time() - start
+    method.eval()
+    result = summarize(method.evaluate(encoder.collate(splits["validation"])))
+    labels = [r["answer"] for r in splits["validation"]]
+    majority = max(labels.count(x) for x in set(labels)) / len(labels)
+    print(f"\nFT-ICR {steps} steps in {seconds:.1f}s: validation label_accuracy {result['label_accuracy']:.3f} "
+          f"answer_loss {result['answer_loss']:.4f}; majority {majority:.3f}")
+    assert result["label_accuracy"] >= majority + 0.30
+    assert seconds < 120

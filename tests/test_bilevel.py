@@ -1,0 +1,483 @@
+"""The bilevel engine: gradients against finite differences and first-order definitions, the inner
+AdamW against torch.optim.AdamW, batched == looped, tied weights, evaluation, and an end-to-end run
+showing that the knowledge reaches the answer through the weights."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from reckoning_ray.bilevel import (
+    AdamWState,
+    BilevelError,
+    ReckoningMethod,
+    adamw_step,
+    causal_lm_logits,
+    position_ids_from_mask,
+    sgd_step,
+)
+from reckoning_ray.config import inner_steps_for, load_config
+from reckoning_ray.data.encode import Encoder
+from reckoning_ray.data.schema import make_record
+from reckoning_ray.metrics import summarize
+from reckoning_ray.modeling import load_model_and_tokenizer
+
+NAMES = ["bob", "anne", "carl", "dave", "erin"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, as a training worker of the embedded preset runs
+    (resources.cpus_per_worker=1): for these small models, synchronising threads costs more than
+    the arithmetic, and stalls badly on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+ADJECTIVES = ["red", "big", "kind", "cold", "blue"]
+
+
+def make_records(n: int = 6) -> list[dict]:
+    """Tasks with 1-3 knowledge sentences and hop counts 0, 1, 2 (mixed in every batch)."""
+    records = []
+    for i in range(n):
+        name, adj = NAMES[i % len(NAMES)], ADJECTIVES[(2 * i + 1) % len(ADJECTIVES)]
+        negative = i % 2 == 1
+        fact = f"{name} {'isnt' if negative else 'is'} {adj} ."
+        others = [f"{NAMES[(i + j) % len(NAMES)]} is {ADJECTIVES[j]} ." for j in range(1, 1 + i % 3)]
+        records.append(make_record(
+            id=f"t{i}", family="proofwriter", source="generated", knowledge=[fact] + others, facts=[fact],
+            question=f"{name} is {adj}", answer="no" if negative else "yes", hops=i % 3,
+        ))
+    return records
+
+
+def make_cfg(*overrides: str):
+    """A tiny float64 setting: 1 layer x 8, steps 1 / 2 / 3 for hops 0 / 1 / 2."""
+    base = [
+        "model.n_layer=1", "model.n_embd=8", "model.n_head=2", "model.n_positions=64", "model.max_length=48",
+        "model.dtype=float64", "inner.optimizer=adamw", "inner.lr_init=0.05", "outer.multi_task=true",
+        "eval.max_new_tokens=6",
+    ]
+    cfg = load_config("embedded", base + ["inner.steps=null"] + list(overrides))
+    if cfg.inner.steps is None:
+        cfg.inner.steps_by_hops = {"0": 1, "1": 2, "2": 3}
+    return cfg
+
+
+def build(cfg, records=None, engine="batched", seed=0, random_lrs=True):
+    records = records or make_records()
+    corpus = list(Encoder(None, "reckoning", True, 64).corpus(records))
+    model, tokenizer = load_model_and_tokenizer(cfg.model, corpus=corpus, seed=seed)
+    method = ReckoningMethod(model, tokenizer, cfg, engine=engine)
+    if random_lrs:
+        # Distinct rates per tensor and step, so that each learned rate's gradient is checked.
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            lrs = torch.empty(method.inner_lrs.shape, dtype=torch.float64).uniform_(0.5, 1.5, generator=g)
+            if cfg.inner.lr_space == "log":
+                method.inner_lrs.add_(torch.log(lrs))
+            else:
+                method.inner_lrs.mul_(lrs)
+    encoder = Encoder(tokenizer, "reckoning", bool(cfg.outer.multi_task), int(cfg.model.max_length))
+    return method, encoder.collate(records)
+
+
+def grads(method) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in method.meta_parameters()]
+
+
+def zero_grads(method) -> None:
+    for p in method.meta_parameters():
+        p.grad = None
+
+
+def summed_answer_loss(method, batch) -> float:
+    return float(sum(method.evaluate(batch)["answer_loss"]))
+
+
+# ------------------------------------------------------------------------------ inner optimizers
+
+
+def test_differentiable_adamw_matches_torch_adamw_step_by_step():
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (7,), (2, 2, 2)]
+    lrs = [1e-2, 3e-3, 5e-2]
+    ref = [torch.randn(s, dtype=torch.float64, generator=gen).requires_grad_(True) for s in shapes]
+    opt = torch.optim.AdamW([{"params": [p], "lr": lr} for p, lr in zip(ref, lrs)],
+                            betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    exact = [p.detach().clone() for p in ref]
+    smooth = [p.detach().clone() for p in ref]
+    state_exact, state_smooth = AdamWState.zeros_like(exact), AdamWState.zeros_like(smooth)
+    worst = 0.0
+    for step in range(6):
+        g = [torch.randn(s, dtype=torch.float64, generator=gen) * 10.0 ** -(step % 3) for s in shapes]
+        for p, gi in zip(ref, g):
+            p.grad = gi.clone()
+        opt.step()
+        exact, state_exact = adamw_step(exact, g, lrs, state_exact, eps_inside_sqrt=False)
+        smooth, state_smooth = adamw_step(smooth, g, lrs, state_smooth)
+        for p, e, s in zip(ref, exact, smooth):
+            assert torch.allclose(e, p.detach(), rtol=0, atol=1e-14)
+            worst = max(worst, float((s - p.detach()).abs().max()))
+    # sqrt(v_hat + eps^2) vs sqrt(v_hat) + eps: the step differs by about lr * eps / sqrt(v_hat).
+    assert 0 < worst < 1e-7
+    assert state_exact.step == 6
+
+
+def test_smooth_adamw_denominator_avoids_nan_second_derivatives():
+    # Entries with a zero inner gradient (e.g. position embeddings the knowledge never reaches):
+    # sqrt(v) has an infinite derivative at v = 0, so PyTorch's form gives NaN second-order grads.
+    w = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    reach = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    g = torch.autograd.grad((0.5 * (w * reach) ** 2).sum(), w, create_graph=True)[0]
+    for inside, expect_finite in ((True, True), (False, False)):
+        new, _ = adamw_step([w], [g], [0.1], AdamWState.zeros_like([w]), eps_inside_sqrt=inside)
+        outer = torch.autograd.grad((new[0] ** 2).sum(), w, retain_graph=True)[0]
+        assert bool(torch.isfinite(outer).all()) is expect_finite
+
+
+def test_sgd_step_is_differentiable_in_the_learning_rate():
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    g = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    new = sgd_step([w], [g], [lr])[0]
+    assert torch.allclose(new.detach(), torch.tensor([0.95, 2.1], dtype=torch.float64))
+    (d_lr,) = torch.autograd.grad(new.sum(), lr)
+    assert math.isclose(float(d_lr), 0.5, abs_tol=1e-15)
+
+
+# ------------------------------------------------------------------------------ gradients
+
+
+@pytest.mark.parametrize("optimizer,lr_space", [("adamw", "linear"), ("sgd", "linear"), ("adamw", "log")])
+def test_second_order_gradient_matches_central_finite_differences(optimizer, lr_space):
+    # AdamW's first step is close to lr * g / |g|: with eps = 1e-8 the outer loss bends sharply
+    # wherever an inner gradient entry is near zero (third derivatives ~ 1/eps^2), too sharply for
+    # any usable finite-difference step. eps = 1e-2 keeps the same computation smooth at the step.
+    cfg = make_cfg(f"inner.optimizer={optimizer}", f"inner.lr_space={lr_space}", "inner.eps=1e-2",
+                   "inner.lr_init=0.05" if optimizer == "adamw" else "inner.lr_init=0.5", "eval.max_new_tokens=1")
+    method, batch = build(cfg, records=make_records(3))  # hops 0, 1, 2: 1, 2, 3 inner steps
+    zero_grads(method)
+    out = method.forward_backward(batch)
+    analytic = grads(method)
+    params = method.meta_parameters()
+    assert math.isclose(out["loss"], summed_answer_loss(method, batch), rel_tol=1e-12)
+    errors = []
+
+    def loss_at(direction: list[torch.Tensor], step: float) -> float:
+        originals = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, o, d in zip(params, originals, direction):
+                p.copy_(o + step * d)
+        value = summed_answer_loss(method, batch)
+        with torch.no_grad():
+            for p, o in zip(params, originals):
+                p.copy_(o)
+        return value
+
+    def directional(direction: list[torch.Tensor], h: float = 1e-6) -> float:
+        """Central difference along a unit direction: truncation ~1e-10 here, round-off ~1e-9."""
+        return (loss_at(direction, h) - loss_at(direction, -h)) / (2 * h)
+
+    gen = torch.Generator().manual_seed(3)
+    names = method.param_names() + ["inner_lrs"]
+    # Random directions over everything, over the tied embedding alone, over the learned rates alone.
+    selections = [set(names), {"transformer.wte.weight"}, {"inner_lrs"}]
+    for selected in selections:
+        direction = [torch.randn(p.shape, dtype=torch.float64, generator=gen) * (n in selected)
+                     for n, p in zip(names, params)]
+        norm = math.sqrt(sum(float((d * d).sum()) for d in direction))
+        direction = [d / norm for d in direction]
+        expected = sum(float((g * d).sum()) for g, d in zip(analytic, direction))
+        numeric = directional(direction)
+        errors.append(abs(numeric - expected) / max(1.0, abs(expected)))
+        assert abs(numeric - expected) <= 1e-7 * max(1.0, abs(expected)), (selected, numeric, expected)
+    # Every learned rate used by some task, one coordinate at a time.
+    lrs_grad = analytic[-1]
+    for step in range(method.max_inner_steps):
+        for tensor in range(step, lrs_grad.shape[1], 5):
+            direction = [torch.zeros_like(p) for p in params]
+            direction[-1][step, tensor] = 1.0
+            numeric = directional(direction)
+            expected = float(lrs_grad[step, tensor])
+            errors.append(abs(numeric - expected) / max(1.0, abs(expected)))
+            assert abs(numeric - expected) <= 1e-7 * max(1.0, abs(expected)), (step, tensor, numeric, expected)
+    print(f"\n{optimizer}/{lr_space}: {len(errors)} finite-difference checks, largest error {max(errors):.1e}")
+
+
+def hf_loss(model, params, input_ids, attention_mask, labels):
+    """Mean next-token loss over the labelled tokens from the model's own mask handling (2D mask,
+    default positions), independent of the engine's helpers. (transformers' built-in loss casts
+    the logits to float32, too coarse for a float64 comparison.)"""
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    logits = functional_call(model, params, (), kwargs, tie_weights=True).logits
+    targets = labels[:, 1:].reshape(-1)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(targets.numel(), -1), targets, ignore_index=-100)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_first_order_gradient_matches_its_definition(optimizer):
+    """First order: W_{k+1} = W_k (1 - lr_k wd) - lr_k c_k with c_k a constant (the inner gradient
+    or AdamW's direction from it); dL/dW_0 and dL/dlr_k follow in closed form."""
+    # eps = 1e-30 makes sqrt(v_hat + eps^2) and torch's sqrt(v_hat) + eps agree to round-off.
+    cfg = make_cfg("inner.first_order=true", f"inner.optimizer={optimizer}", "inner.eps=1e-30",
+                   "inner.lr_init=0.3" if optimizer == "sgd" else "inner.lr_init=0.02")
+    method, batch = build(cfg)
+    t = 5  # hops 2 -> 3 inner steps, 3 knowledge sentences
+    task = batch.select([t])
+    zero_grads(method)
+    method.forward_backward(task)
+    got = grads(method)
+
+    model = method.model
+    names, base = method._weights()
+    n_facts = len(make_records()[t]["knowledge"])
+    k = task.knowledge
+    k_ids, k_mask, k_labels = k.input_ids[0, :n_facts], k.attention_mask[0, :n_facts], k.labels[0, :n_facts]
+    lrs = method.learning_rates().detach()
+    wd = float(cfg.inner.weight_decay) if optimizer == "adamw" else 0.0
+    steps = inner_steps_for(cfg, 2)
+    # Trajectory with constant inner directions (torch.optim.AdamW / plain SGD).
+    weights = [p.detach().clone().requires_grad_(True) for p in base]
+    opt = None
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW([{"params": [w], "lr": 1.0} for w in weights], betas=(0.9, 0.999),
+                                eps=1e-30, weight_decay=wd)
+    trajectory, directions = [], []
+    for step in range(steps):
+        loss = hf_loss(model, dict(zip(names, weights)), k_ids, k_mask, k_labels)
+        g = torch.autograd.grad(loss, weights)
+        before = [w.detach().clone() for w in weights]
+        with torch.no_grad():
+            if opt is None:
+                for w, gi, lr in zip(weights, g, lrs[step]):
+                    w.sub_(lr * gi)
+            else:
+                for group, w, gi, lr in zip(opt.param_groups, weights, g, lrs[step]):
+                    group["lr"] = float(lr)
+                    w.grad = gi
+                opt.step()
+        after = [w.detach().clone() for w in weights]
+        trajectory.append(before)
+        directions.append([(b * (1 - lr * wd) - a) / lr for b, a, lr in zip(before, after, lrs[step])])
+    s = task.sequence
+    final = [w.detach().clone().requires_grad_(True) for w in weights]
+    outer = hf_loss(model, dict(zip(names, final)), s.input_ids, s.attention_mask, s.labels)
+    G = torch.autograd.grad(outer, final)
+    # Backwards through W_{k+1} = W_k (1 - lr_k wd) - lr_k c_k.
+    expected_lrs = torch.zeros_like(lrs)
+    carry = list(G)
+    for step in reversed(range(steps)):
+        for i, (c, w_k, lr) in enumerate(zip(directions[step], trajectory[step], lrs[step])):
+            expected_lrs[step, i] = (carry[i] * (-wd * w_k - c)).sum()
+            carry[i] = carry[i] * (1 - lr * wd)
+    for i, name in enumerate(names):
+        assert torch.allclose(got[i], carry[i], rtol=1e-7, atol=1e-10), name
+    assert torch.allclose(got[-1], expected_lrs, rtol=1e-6, atol=1e-10)
+
+
+@pytest.mark.parametrize("optimizer,first_order", [("adamw", False), ("sgd", False), ("adamw", True)])
+def test_batched_engine_equals_looped_reference_on_a_mixed_hop_batch(optimizer, first_order):
+    cfg = make_cfg(f"inner.optimizer={optimizer}", f"inner.first_order={str(first_order).lower()}",
+                   "inner.lr_init=0.05" if optimizer == "adamw" else "inner.lr_init=0.5")
+    looped, batch = build(cfg, engine="looped")
+    batched, _ = build(cfg, engine="batched")
+    assert sorted(set(looped.inner_steps(batch))) == [1, 2, 3]
+    results = []
+    for method in (looped, batched):
+        zero_grads(method)
+        out = method.forward_backward(batch, loss_scale=0.5)
+        results.append((out, grads(method), method.evaluate(batch)))
+    (out_l, g_l, ev_l), (out_b, g_b, ev_b) = results
+    assert math.isclose(out_l["loss"], out_b["loss"], rel_tol=1e-12)
+    assert math.isclose(out_l["knowledge_loss"], out_b["knowledge_loss"], rel_tol=1e-12)
+    for a, b in zip(g_l, g_b):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert float(g_b[-1].abs().sum()) > 0  # the learned rates did get a gradient
+    assert ev_l["prediction"] == ev_b["prediction"]
+    assert all(math.isclose(x, y, rel_tol=1e-12) for x, y in zip(ev_l["answer_loss"], ev_b["answer_loss"]))
+
+
+def test_outer_loss_is_summed_over_tasks():
+    # Data-parallel workers SUM-all-reduce: a batch's gradient must be the sum of its tasks'.
+    method, batch = build(make_cfg())
+    zero_grads(method)
+    total = method.forward_backward(batch)["loss"]
+    together = grads(method)
+    zero_grads(method)
+    parts = sum(method.forward_backward(batch.select([t]))["loss"] for t in range(len(batch)))
+    for a, b in zip(together, grads(method)):  # .grad accumulated over the single-task calls
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+    assert math.isclose(total, parts, rel_tol=1e-12)
+
+
+# ------------------------------------------------------------------------------ weights and steps
+
+
+def test_tied_output_layer_uses_the_fast_embedding():
+    method, batch = build(make_cfg())
+    model = method.model
+    assert "lm_head.weight" not in method.param_names()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    fast = method.fast_weights(batch)[5]
+    assert not torch.equal(fast["transformer.wte.weight"], model.transformer.wte.weight)
+    s = batch.sequence
+    ids, mask = s.input_ids[5:6], s.attention_mask[5:6]
+    logits = causal_lm_logits(model, fast, ids, mask)
+    body = {k[len("transformer."):]: v for k, v in fast.items()}
+    hidden = functional_call(
+        model.transformer, body, (),
+        dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False),
+    ).last_hidden_state
+    assert torch.allclose(logits, hidden @ fast["transformer.wte.weight"].T, atol=1e-12)
+    assert not torch.allclose(logits, hidden @ model.transformer.wte.weight.T, atol=1e-3)
+
+
+def test_inner_steps_follow_hop_counts_and_a_fixed_count_wins():
+    method, batch = build(make_cfg())
+    assert method.inner_steps(batch) == [1, 2, 3, 1, 2, 3]
+    assert method.inner_lrs.shape == (3, len(method.param_names()))
+    assert method.inner_steps(batch, inner_steps=0) == [0] * 6
+    with pytest.raises(BilevelError, match="inner_steps=4"):
+        method.inner_steps(batch, inner_steps=4)
+    fixed, _ = build(make_cfg("inner.steps=2"))
+    assert fixed.inner_steps(batch) == [2] * 6 and fixed.inner_lrs.shape[0] == 2
+
+
+def test_inner_loop_lowers_the_knowledge_loss():
+    method, batch = build(make_cfg())
+    before = method.knowledge_losses(batch, inner_steps=0)
+    after = method.knowledge_losses(batch)
+    assert all(a < b - 0.1 for a, b in zip(after, before)), (before, after)
+    assert sum(after) < 0.85 * sum(before)
+
+
+def test_evaluation_never_changes_the_stored_weights_and_works_under_no_grad():
+    method, batch = build(make_cfg())
+    stored = {k: v.clone() for k, v in method.model.state_dict().items()}
+    lrs = method.inner_lrs.detach().clone()
+    zero_grads(method)
+    method.eval()
+    first = method.evaluate(batch)
+    with torch.no_grad():
+        second = method.evaluate(batch)
+    for k, v in method.model.state_dict().items():
+        assert torch.equal(v, stored[k]), k
+    assert torch.equal(method.inner_lrs.detach(), lrs)
+    assert all(p.grad is None for p in method.meta_parameters())
+    assert first["answer_loss"] == second["answer_loss"] and first["prediction"] == second["prediction"]
+    assert set(first) >= {"answer_loss", "prediction", "label_correct", "recall", "hops"}
+    assert first["hops"] == [0, 1, 2, 0, 1, 2]
+
+
+def test_left_padded_generation_equals_generation_of_the_task_alone():
+    method, batch = build(make_cfg("eval.max_new_tokens=5"))
+    together = method.evaluate(batch)
+    for t in (0, 5):
+        alone = method.evaluate(batch.select([t]))
+        assert alone["prediction"] == [together["prediction"][t]]
+        assert math.isclose(alone["answer_loss"][0], together["answer_loss"][t], rel_tol=1e-10)
+
+
+def test_bilevel_step_runs_without_dropout_and_with_eager_attention_for_second_order():
+    cfg = make_cfg("model.dtype=float32")
+    method, batch = build(cfg)
+    assert method.model.config.resid_pdrop > 0  # the embedded model keeps GPT-2's dropout config
+    method.model.train()
+    method.train()
+    assert not method.model.training
+    assert method.attention == "eager"
+    losses = [method.forward_backward(batch)["loss"] for _ in range(2)]
+    assert losses[0] == losses[1]
+    # First order keeps the default path when tasks are looped; vmap over tasks needs eager.
+    assert build(make_cfg("inner.first_order=true"), engine="looped")[0].attention == "sdpa"
+    assert build(make_cfg("inner.first_order=true"), engine="batched")[0].attention == "eager"
+
+
+def test_parameter_groups_lr_stats_and_log_space():
+    method, _ = build(make_cfg("outer.lr=0.001", "outer.inner_lr_lr=0.01", "outer.weight_decay=0.1"),
+                      random_lrs=False)
+    weights, rates = method.parameter_groups()
+    assert (weights["lr"], weights["weight_decay"]) == (0.001, 0.1)
+    assert (rates["lr"], rates["weight_decay"]) == (0.01, 0.0) and rates["params"] == [method.inner_lrs]
+    assert method.meta_parameters()[-1] is method.inner_lrs
+    assert len(weights["params"]) == len(method.param_names())
+    with torch.no_grad():
+        method.inner_lrs[0, :4] = -0.5
+        method.inner_lrs[2, 0] = 2.0
+    stats = method.lr_stats()
+    assert stats == {"inner_lr/min": -0.5, "inner_lr/median": 0.05, "inner_lr/max": 2.0, "inner_lr/negative": 4.0}
+    log_method, _ = build(make_cfg("inner.lr_space=log"), random_lrs=False)
+    assert torch.allclose(log_method.inner_lrs.detach(), torch.full_like(log_method.inner_lrs, math.log(0.05)))
+    with torch.no_grad():
+        log_method.inner_lrs.fill_(-30.0)
+    assert log_method.lr_stats()["inner_lr/min"] > 0 and log_method.lr_stats()["inner_lr/negative"] == 0
+
+
+def test_reckoning_without_knowledge_batch_says_how_to_fix_it():
+    method, _ = build(make_cfg())
+    records = make_records(2)
+    batch = Encoder(method.tokenizer, "icr", True, 48).collate(records)
+    with pytest.raises(BilevelError, match="method='reckoning'"):
+        method.forward_backward(batch)
+    with pytest.raises(BilevelError, match="engine="):
+        ReckoningMethod(method.model, method.tokenizer, make_cfg(), engine="fast")
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def train_briefly(method_name: str, steps: int, seed: int = 0):
+    """Embedded preset on generated one-fact yes/no tasks (8 names x 8 adjectives, held-out
+    question pairs), outer AdamW 1e-3 (learned rates 1e-2), batch 32, 1 inner SGD step from 0.1."""
+    from reckoning_ray.baseline import build_method
+    from reckoning_ray.data.generate import generate_splits
+
+    cfg = load_config("embedded", [f"train.method={method_name}", "data.num_train=512", "data.num_validation=128"])
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.inner.steps, cfg.inner.optimizer) == (1, 64, 1, "sgd")
+    assert (cfg.inner.lr_init, cfg.outer.lr, cfg.outer.inner_lr_lr, cfg.train.batch_size) == (0.1, 1e-3, 1e-2, 32)
+    splits = generate_splits(cfg.data)
+    args = dict(method=method_name, multi_task=bool(cfg.outer.multi_task), max_length=int(cfg.model.max_length))
+    corpus = list(Encoder(None, **args).corpus([r for s in splits.values() for r in s]))
+    model, tokenizer = load_model_and_tokenizer(cfg.model, corpus=corpus, seed=seed)
+    encoder = Encoder(tokenizer, **args)
+    torch.manual_seed(seed)
+    method = build_method(cfg, model, tokenizer)
+    optimizer = torch.optim.AdamW(method.parameter_groups())
+    order = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(seed)).tolist()
+    start = time.time()
+    for step in range(steps):
+        index = [order[(step * 32 + j) % len(order)] for j in range(32)]
+        batch = encoder.collate([splits["train"][i] for i in index])
+        method.train()
+        optimizer.zero_grad()
+        method.forward_backward(batch, loss_scale=1 / 32)
+        torch.nn.utils.clip_grad_norm_(method.meta_parameters(), cfg.outer.clip)
+        optimizer.step()
+    seconds = time.time() - start
+    method.eval()
+    validation = encoder.collate(splits["validation"])
+    labels = [r["answer"] for r in splits["validation"]]
+    majority = max(labels.count(x) for x in set(labels)) / len(labels)
+    return method, validation, majority, seconds
+
+
+@pytest.mark.slow
+def test_reckoning_uses_the_knowledge_through_the_weights():
+    method, validation, majority, seconds = train_briefly("reckoning", steps=60)
+    with_inner = summarize(method.evaluate(validation))
+    without = summarize(method.evaluate(validation, inner_steps=0))
+    print(f"\nRECKONING 60 steps in {seconds:.1f}s: validation label_accuracy {with_inner['label_accuracy']:.3f} "
+          f"answer_loss {with_inner['answer_loss']:.4f}; without the inner loop {without['label_accuracy']:.3f} / "
+          f"{without['answer_loss']:.4f}; majority {majority:.3f}")
+    assert with_inner["label_accuracy"] >= majority + 0.30
+    assert with_inner["answer_loss"] < 0.25 * without["answer_loss"]
+    # Without its inner loop the model has not seen the knowledge: it cannot beat guessing by much.
+    assert without["label_accuracy"] <= majority + 0.10
+    assert seconds < 120

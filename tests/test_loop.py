@@ -1,0 +1,130 @@
+"""The framework-free loop: validation schedule, early stopping, checkpoints and exact resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from reckoning_ray.config import load_config
+from reckoning_ray.loop import (
+    Hooks,
+    Loop,
+    allreduce_gradients,
+    global_step_tasks,
+    shard,
+    validation_points,
+)
+from reckoning_ray.train import prepare
+
+SMALL = [
+    "data.num_train=96", "data.num_validation=32", "data.num_test=8",
+    "train.batch_size=16", "train.grad_accum=1", "train.epochs=2", "tracking.mode=disabled",
+]
+
+
+def make_loop(tmp_path: Path, overrides: list[str], name: str = "run", resume_from=None) -> Loop:
+    cfg = load_config(None, SMALL + overrides)
+    method, tokenizer, encoder, splits = prepare(cfg)
+    hooks = Hooks(log=lambda m: None, resume_from=resume_from)
+    return Loop(cfg, method, tokenizer, encoder, splits["train"], splits["validation"], tmp_path / name, hooks)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_validation_points_are_middle_and_end():
+    assert validation_points(6, 2) == [3, 6]
+    assert validation_points(7, 2) == [4, 7]
+    assert validation_points(1, 2) == [1]
+    assert validation_points(10, 1) == [10]
+
+
+def test_shards_cover_every_task_once_even_when_uneven():
+    micro = list(range(7))
+    parts = [shard(micro, r, 3) for r in range(3)]
+    assert parts == [[0, 1, 2], [3, 4], [5, 6]]
+    assert shard([0], 1, 2) == []
+
+
+def test_last_global_step_keeps_the_remainder():
+    cfg = load_config(None, SMALL + ["train.batch_size=4", "train.grad_accum=2"])
+    order = list(range(10))
+    assert global_step_tasks(order, 0, cfg, world_size=1) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert global_step_tasks(order, 1, cfg, world_size=1) == [[8, 9]]
+
+
+def test_bucketed_allreduce_sums_every_gradient_once():
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(5))]
+    for i, p in enumerate(params):
+        p.grad = torch.full_like(p, float(i + 1))
+    calls = []
+
+    def double(t: torch.Tensor) -> None:  # a 2-worker SUM where both hold the same gradient
+        calls.append(t.numel())
+        t.mul_(2)
+
+    allreduce_gradients(params, double, bucket_bytes=4 * 7)
+    assert [float(p.grad.flatten()[0]) for p in params] == [2.0, 4.0, 6.0]
+    assert calls == [7, 5]  # two buckets, not one call per tensor
+
+
+def test_two_validations_per_epoch_and_files_written(tmp_path):
+    loop = make_loop(tmp_path, [])
+    summary = loop.fit()
+    run_dir = tmp_path / "run"
+    metrics = read_metrics(run_dir)
+    assert len(metrics) == 4  # 2 epochs x 2 validations
+    assert [m["round"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["epoch"] for m in metrics] == [0.5, 1.0, 1.5, 2.0]
+    for name in ("config.yaml", "summary.json", "best/state.pt", "last/state.pt", "best/model/config.json"):
+        assert (run_dir / name).exists(), name
+    assert summary["validations"] == 4
+    assert "val/label_accuracy" in metrics[0] and "inner_lr/median" in metrics[0]
+
+
+def test_early_stopping_stops_when_patience_runs_out(tmp_path):
+    # no learning at all: the metric never improves after the first validation
+    loop = make_loop(tmp_path, ["outer.lr=1e-12", "outer.inner_lr_lr=0", "train.patience=2", "train.epochs=5"])
+    summary = loop.fit()
+    metrics = read_metrics(tmp_path / "run")
+    assert len(metrics) == 3  # best at round 1, then 2 validations without improvement
+    assert summary["stopped_early"] is True
+    assert summary["best_step"] == metrics[0]["step"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    overrides = ["model.dtype=float64"]
+    full = make_loop(tmp_path, overrides, "full")
+    full.fit()
+    # an interrupted run: killed during step 4, after the first validation (step 3)
+    part = make_loop(tmp_path, overrides, "part")
+    part.hooks.on_step = _stop_at(4)  # after the checkpoint of the validation at step 3
+    with pytest.raises(_Stop):
+        part.fit()
+    resumed = make_loop(tmp_path, overrides, "part", resume_from=tmp_path / "part" / "last")
+    assert resumed.progress.global_step == 3
+    resumed.fit()
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    assert [m["round"] for m in b] == [1, 2, 3, 4]
+    for ma, mb in zip(a, b):
+        assert ma["val/answer_loss"] == pytest.approx(mb["val/answer_loss"], rel=1e-9, abs=1e-12)
+        assert ma["train/loss"] == pytest.approx(mb["train/loss"], rel=1e-9, abs=1e-12)
+    sa = full.method.model.state_dict()
+    sb = resumed.method.model.state_dict()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(full.method.inner_lrs, resumed.method.inner_lrs, rtol=1e-10, atol=1e-12)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(step: int):
+    def hook(global_step: int) -> None:
+        if global_step == step:
+            raise _Stop()
+
+    return hook

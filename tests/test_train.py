@@ -1,0 +1,121 @@
+"""Ray Train: data-parallel equivalence, worker-crash recovery and resume of a killed job."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reckoning_ray.config import load_config
+from reckoning_ray.train import main, run
+
+pytestmark = pytest.mark.slow
+
+BASE = [
+    "data.num_train=48", "data.num_validation=16", "data.num_test=8",
+    "train.batch_size=4", "train.grad_accum=1", "train.epochs=1", "train.patience=0",
+    "model.dtype=float64", "tracking.mode=disabled", "resources.max_failures=0",
+]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = load_file(str(run_dir / "last" / "model" / "model.safetensors"))
+    extra = torch.load(run_dir / "last" / "state.pt", weights_only=False)
+    state["inner_lrs"] = extra["method_state"]["inner_lrs"]
+    return state
+
+
+def assert_same(a: dict, b: dict, rtol: float, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tmp_path_factory):
+    """One worker, 4 tasks per step, uninterrupted: 12 steps, validations after steps 6 and 12."""
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config(None, BASE + [f"train.output_dir={out}", "train.run_name=one-worker"])
+    summary = run(cfg)
+    return out, summary
+
+
+def test_one_run_leaves_its_files_and_two_validations(reference):
+    out, summary = reference
+    run_dir = out / "one-worker"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "best/model/model.safetensors", "last/state.pt"):
+        assert (run_dir / name).exists(), name
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [6, 12]
+    assert summary["validations"] == 2
+    assert "val/label_accuracy/hops_0" in summary["best_validation"]
+
+
+def test_two_workers_with_half_the_batch_match_one_worker(reference):
+    out, _ = reference
+    cfg = load_config(None, BASE + [f"train.output_dir={out}", "train.run_name=two-workers",
+                                    "train.batch_size=2", "resources.num_workers=2"])
+    run(cfg)
+    assert_same(final_state(out / "two-workers"), final_state(out / "one-worker"), rtol=1e-9, atol=1e-11)
+    a, b = metrics(out / "one-worker"), metrics(out / "two-workers")
+    for ra, rb in zip(a, b):
+        assert ra["val/answer_loss"] == pytest.approx(rb["val/answer_loss"], rel=1e-9)
+        assert ra["val/label_accuracy"] == rb["val/label_accuracy"]
+
+
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(reference, tmp_path, monkeypatch):
+    out, _ = reference
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv("RECKONING_RAY_CRASH_AT", f"7:{marker}")
+    cfg = load_config(None, BASE + [f"train.output_dir={out}", "train.run_name=crash-recovered",
+                                    "resources.max_failures=1"])
+    summary = run(cfg)
+    assert marker.exists()  # the worker really died at step 7
+    assert summary["steps"] == 12
+    assert [r["step"] for r in metrics(out / "crash-recovered")] == [6, 12]
+    assert_same(final_state(out / "crash-recovered"), final_state(out / "one-worker"), rtol=1e-10, atol=1e-12)
+
+
+def test_rerunning_a_killed_job_resumes_instead_of_starting_over(reference, tmp_path, monkeypatch):
+    out, _ = reference
+    marker = tmp_path / "crashed"
+    overrides = BASE + [f"train.output_dir={out}", "train.run_name=job-killed"]
+    monkeypatch.setenv("RECKONING_RAY_CRASH_AT", f"7:{marker}")
+    with pytest.raises(Exception):
+        run(load_config(None, overrides))  # max_failures=0: the whole run fails
+    assert [r["step"] for r in metrics(out / "job-killed")] == [6]
+    monkeypatch.delenv("RECKONING_RAY_CRASH_AT")
+    summary = run(load_config(None, overrides))  # the same command again
+    assert summary["steps"] == 12
+    assert [r["step"] for r in metrics(out / "job-killed")] == [6, 12]
+    assert_same(final_state(out / "job-killed"), final_state(out / "one-worker"), rtol=1e-10, atol=1e-12)
+
+
+def test_cli_help_and_bad_override():
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    help_text = subprocess.run([sys.executable, "-m", "reckoning_ray.train", "--help"], capture_output=True,
+                               text=True, env=env, check=True).stdout
+    assert "embedded" in help_text and "paper" in help_text and "key=value" in help_text
+    assert main(["embedded", "train.epochs=0"]) == 2
+
+
+def test_bad_override_fails_before_any_work(capsys):
+    assert main(["train.batch_size=0"]) == 2
+    assert "train.batch_size=0 is invalid: must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,161 @@
+"""Ray Tune sweep: search-space checks, placement errors, and a real sweep with ASHA, W&B offline
+runs, interruption + resume, and a re-run of the best config."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from reckoning_ray.config import ConfigError, load_config
+from reckoning_ray.tracking import read_offline_run_merged
+from reckoning_ray.tune import load_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_shipped_spaces_load():
+    cfg = load_config()
+    assert set(load_space("embedded", cfg)) == {"inner.steps", "inner.lr_init", "outer.lr"}
+    assert load_space("default", cfg)["inner.lr_init"] == ("loguniform", [1e-5, 1e-4])
+    assert load_space("paper", cfg)["train.method"] == ("grid", ["reckoning", "icr"])
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("inner.stepz: {choice: [1, 2]}\n", ["inner.stepz", "not a config key"]),
+        ("inner.steps: {gaussian: [1, 2]}\n", ["inner.steps", "unknown distribution 'gaussian'", "loguniform"]),
+        ("inner.lr_init: {loguniform: [0, 1]}\n", ["inner.lr_init", "low > 0"]),
+        ("inner.lr_init: {uniform: [1, 0.1]}\n", ["inner.lr_init", "low < high"]),
+        ("inner.steps: {choice: [1, 0]}\n", ["inner.steps", "value 0", "must be >= 1"]),
+        ("train.method: {choice: [reckoning, magic]}\n", ["train.method", "'magic'"]),
+        ("inner.steps: 3\n", ["inner.steps", "expected one distribution"]),
+    ],
+)
+def test_bad_space_files_name_the_file_the_key_and_what_is_allowed(tmp_path, text, words):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_space(path, load_config())
+    message = str(info.value)
+    assert path in message
+    for word in words:
+        assert word in message
+
+
+def test_unknown_space_name_lists_the_spaces():
+    with pytest.raises(ConfigError, match=r"tune.space='nope'.*embedded"):
+        load_space("nope", load_config())
+
+
+@pytest.mark.slow
+def test_placement_reports_impossible_requests_at_once(capsys):
+    import ray
+
+    from reckoning_ray.tune import placement
+
+    ray.init(num_cpus=2, configure_logging=False)
+    try:
+        cfg = load_config(None, ["resources.cpus_per_worker=4"])
+        with pytest.raises(ConfigError, match=r"resources.cpus_per_worker=4.0 is more than any node"):
+            placement(cfg, {})
+        cfg = load_config(None, ["resources.num_workers=3"])
+        with pytest.raises(ConfigError, match=r"one trial needs 3 worker\(s\).*lower resources.num_workers"):
+            placement(cfg, {})
+        cfg = load_config(None, ["resources.use_gpu=true"])
+        with pytest.raises(ConfigError, match=r"resources.use_gpu=true but no node"):
+            placement(cfg, {})
+        # the paper's node types on a laptop: said at once, then the sweep runs on the nodes there are
+        cfg = load_config(None, ["resources.node_type=auto"])
+        node_types, concurrent = placement(cfg, {"train.method": ("grid", ["reckoning", "icr"])})
+        assert node_types == [] and concurrent == 2
+        out = capsys.readouterr().out
+        assert "'a100' nodes but this cluster has none" in out and "'rtx3090' nodes" in out
+    finally:
+        ray.shutdown()
+
+
+SPACE = """\
+inner.lr_init: {grid: [0.3, 0.001]}
+outer.lr: {grid: [3.0e-3, 1.0e-5]}
+"""
+
+
+def sweep_command(storage: Path, space: str) -> list[str]:
+    return [
+        sys.executable, "-m", "reckoning_ray.tune", "embedded", f"space={space}",
+        f"tune.storage_path={storage}", "tune.name=test-sweep", "tune.num_samples=1", "tune.max_concurrent=2",
+        "tune.grace_period=1", "tune.reduction_factor=2", "tune.max_rounds=4",
+        "data.num_train=128", "data.num_validation=64", "train.epochs=2", "train.patience=0",
+        "tracking.mode=offline",
+    ]
+
+
+@pytest.mark.slow
+def test_sweep_with_asha_wandb_resume_and_best_config(tmp_path):
+    storage = tmp_path / "tune"
+    space = write(tmp_path, SPACE)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("WANDB_MODE", None)
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(sweep_command(storage, space), stdout=log, stderr=subprocess.STDOUT, env=env,
+                            cwd=tmp_path)
+    trials = storage / "test-sweep" / "trials"
+    deadline = time.time() + 400
+    # interrupt once the first trial has finished and the sweep is still running
+    while time.time() < deadline and proc.poll() is None:
+        if any((d / "summary.json").exists() for d in trials.glob("*")):
+            break
+        time.sleep(1)
+    assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    proc.send_signal(signal.SIGINT)  # Tune saves the experiment state and stops
+    proc.wait(timeout=180)
+    finished_before = {d.name for d in trials.glob("*") if (d / "summary.json").exists()}
+    assert 1 <= len(finished_before) < 4
+
+    resumed = subprocess.run(sweep_command(storage, space) + ["--resume"], capture_output=True, text=True,
+                             env=env, cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    summary = json.loads((storage / "test-sweep" / "sweep_summary.json").read_text())
+    rows = summary["trials"]
+    # every grid point exactly once, each with a result
+    assert len(rows) == 4 and len({r["trial"] for r in rows}) == 4
+    assert sorted((r["inner.lr_init"], r["outer.lr"]) for r in rows) == sorted(
+        (a, b) for a in (0.001, 0.3) for b in (1e-5, 3e-3))
+    assert all(r["best"] is not None for r in rows)
+    statuses = [r["status"] for r in rows]
+    assert "ASHA stop" in statuses and "completed" in statuses, statuses
+    for r in rows:  # ASHA-stopped trials ran fewer validation rounds than the 4 planned
+        assert (r["rounds"] < 4) == (r["status"] == "ASHA stop")
+    assert "trial" in resumed.stdout and "best config:" in resumed.stdout
+
+    # W&B: an offline run per trial whose history holds every validation and whose config is the trial's
+    for r in rows:
+        run = read_offline_run_merged(trials / r["trial"], r["trial"])
+        history = [h for h in run["history"] if "val/answer_loss" in h]
+        assert len(history) == r["rounds"], (r, history)
+        assert run["group"] == "test-sweep"
+        assert run["config"]["inner.lr_init"] == pytest.approx(r["inner.lr_init"])
+        assert run["config"]["outer.lr"] == pytest.approx(r["outer.lr"])
+
+    # the best config re-runs as a plain training run
+    best_config = Path(summary["best_config"])
+    assert best_config.exists() and Path(summary["best_checkpoint"]).exists()
+    rerun = subprocess.run(
+        [sys.executable, "-m", "reckoning_ray.train", "--config", str(best_config), "train.max_steps=2",
+         f"train.output_dir={tmp_path / 'rerun'}", "tracking.mode=disabled"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert (tmp_path / "rerun" / "test-sweep-best" / "summary.json").exists()

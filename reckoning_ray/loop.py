@@ -366,7 +366,7 @@ class Loop:
             # resumed after the run had finished: report its last result again, so that a host
             # that lost it (a Tune trial restored from an interrupted sweep) still sees it
             self.log(f"run already finished at step {p.global_step}; reporting its last validation again")
-            self.hooks.report(dict(self.history[-1]), None)
+            self.hooks.report(dict(self.history[-1], replayed=True), None)
         last_stats: dict[str, float] = {}
         while not done and p.epoch < cfg.train.epochs:
             order = epoch_order(len(self.train_records), cfg.train.seed, p.epoch)

@@ -340,7 +340,9 @@ class Tracker:
         if self._run is None:
             return
         try:
-            self._run.log(_plain(dict(metrics)), step=int(step))
+            # commit: write the row now rather than when a later step arrives, so a process
+            # that is stopped or killed after a validation still leaves that validation on disk
+            self._run.log(_plain(dict(metrics)), step=int(step), commit=True)
         except Exception as exc:
             self._give_up("log", exc)
 

@@ -143,7 +143,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         method.inner_lrs.data = method.inner_lrs.data.to(device)
 
     tracker = None
-    if rank == 0:
+    if rank == 0 and config.get("track", True):
         tracker = Tracker.start(cfg.tracking, run_id=config["wandb_id"], run_name=config["run_name"],
                                 group=config["group"], config=flatten(cfg), dir=run_dir)
 
@@ -285,11 +285,12 @@ def autoscaler_node_resources() -> list[dict[str, float]]:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, group: str, wandb_run_id: str, callbacks: Optional[list] = None,
-                  node_type: Optional[str] = None, storage_path: Optional[str] = None):
+                  node_type: Optional[str] = None, storage_path: Optional[str] = None, track: bool = True):
     """A ``TorchTrainer`` for one training run named ``run_dir.name``.
 
     Ray stores its checkpoints under ``storage_path`` (a local dir or a URI such as s3://...;
     default ``run_dir``'s parent, so Ray's checkpoints and the loop's files share one directory).
+    ``track``: rank 0 writes the W&B run (a Tune sweep writes it from its driver instead).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -303,7 +304,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, group: str, wandb_run_id: str,
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "run_dir": str(run_dir),
-                           "run_name": run_dir.name, "group": group, "wandb_id": wandb_run_id},
+                           "run_name": run_dir.name, "group": group, "wandb_id": wandb_run_id,
+                           "track": track},
         torch_config=TorchConfig(backend="nccl" if cfg.resources.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg, node_type),
         run_config=RunConfig(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
+from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
 
 from .config import ConfigError, load_config, node_type_for, save_config, validate
 from .tracking import run_names
@@ -155,12 +158,124 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
         node = ""
     run_dir = Path(config["trials_local"]) / trial_id
     ids = run_names(cfg, trial_id=trial_id)
+    # W&B is written by the sweep's driver (TrackingCallback), not by the trial's workers
     trainer = build_trainer(cfg, run_dir, group=ids.group, wandb_run_id=ids.run_id,
                             callbacks=[TuneReportCallback()], node_type=node,
-                            storage_path=config["trials_storage"])
+                            storage_path=config["trials_storage"], track=False)
     result = trainer.fit()
     if result.error:
         raise result.error
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs survive ``--resume``.
+
+    Tune restores trials and the searcher but rebuilds the scheduler empty, so after a resume
+    ASHA would judge the remaining trials only against each other. This one saves its rung
+    records after every result and reloads them before it schedules again.
+    """
+
+    _own = ("_state_path", "_loaded")
+
+    def __init__(self, state_path: Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._state_path = str(state_path)
+        self._loaded = False
+
+    def _load(self) -> None:
+        if not self._loaded and os.path.exists(self._state_path):
+            with open(self._state_path, "rb") as f:
+                self.__dict__.update(pickle.load(f))
+        self._loaded = True
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._load()
+        if trial.trial_id not in self._trial_info:
+            super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        self._load()
+        decision = super().on_trial_result(tune_controller, trial, result)
+        state = {k: v for k, v in self.__dict__.items() if k not in self._own}
+        tmp = self._state_path + ".tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(state, f)
+        os.replace(tmp, self._state_path)
+        return decision
+
+
+class TrackingCallback(Callback):
+    """W&B for every trial, from the sweep's driver process.
+
+    A trial that ASHA stops is killed together with its training workers, and a W&B writer in a
+    killed worker loses its run file; the driver outlives every trial, so each trial's run is
+    started, fed and finished here (run id = trial id, group = sweep name, config = the trial's
+    flattened resolved config, files under the trial's directory). Results stream in as Tune
+    receives them; validations Tune never passed on (the one that made ASHA stop a trial, those
+    of a sweep interrupted while results were in flight) are filled in from the trial's
+    metrics.jsonl when the trial starts again and when it ends (where the driver can read it).
+    """
+
+    KEYS = ("epoch", "step", "round", "stopped_early")
+
+    def __init__(self, base: dict, trials_local: str) -> None:
+        self.base = base
+        self.trials_local = trials_local
+        self.trackers: dict[str, Any] = {}
+        self.logged: dict[str, set[int]] = {}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from .config import flatten
+        from .tracking import Tracker, read_offline_run_merged
+
+        trial_id = trial.trial_id
+        cfg = trial_config(self.base, dict(trial.config))
+        cfg.train.run_name = trial_id
+        ids = run_names(cfg, trial_id=trial_id)
+        run_dir = Path(self.trials_local) / trial_id
+        try:  # a resumed trial: the steps its earlier run files already hold
+            earlier = read_offline_run_merged(run_dir, ids.run_id)["history"]
+            self.logged[trial_id] = {int(h["_step"]) for h in earlier if "_step" in h}
+        except (FileNotFoundError, ValueError):
+            self.logged[trial_id] = set()
+        self.trackers[trial_id] = Tracker.start(
+            cfg.tracking, run_id=ids.run_id, run_name=ids.run_name, group=ids.group, config=flatten(cfg),
+            dir=run_dir)
+        self._backfill(trial_id)
+
+    def _log(self, trial_id: str, result: dict) -> None:
+        tracker = self.trackers.get(trial_id)
+        step = int(result.get("step", -1))
+        logged = self.logged.setdefault(trial_id, set())
+        if tracker is None or step < 0 or step in logged or (logged and step < max(logged)):
+            return
+        tracker.log({k: v for k, v in result.items() if "/" in k or k in self.KEYS}, step=step)
+        logged.add(step)
+
+    def _backfill(self, trial_id: str) -> None:
+        metrics_file = Path(self.trials_local) / trial_id / "metrics.jsonl"
+        if metrics_file.exists():
+            for line in metrics_file.read_text().splitlines():
+                if line.strip():
+                    self._log(trial_id, json.loads(line))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._log(trial.trial_id, result)
+
+    def _finish(self, trial: Any, exit_code: int) -> None:
+        if trial.trial_id in self.trackers:
+            self._backfill(trial.trial_id)
+            self.trackers.pop(trial.trial_id).finish(exit_code=exit_code)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, 0)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, 1)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        for trial in trials:
+            self._finish(trial, 0)
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -226,7 +341,6 @@ def local_dir(cfg: DictConfig) -> Path:
 
 def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: bool = False):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     root = sweep_dir(cfg)
     node_types, concurrent = placement(cfg, space)
@@ -248,15 +362,16 @@ def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: boo
             raise ConfigError(f"--resume: no sweep to resume at {root} (tune.storage_path / tune.name)")
         return tune.Tuner.restore(root, trainable=trainable, resume_unfinished=True, resume_errored=True)
     param_space = to_tune_space(space)
-    scheduler = ASHAScheduler(time_attr="round", max_t=cfg.tune.max_rounds, grace_period=cfg.tune.grace_period,
-                              reduction_factor=cfg.tune.reduction_factor)
+    scheduler = ResumableASHA(local_dir(cfg) / "asha_state.pkl", time_attr="round", max_t=cfg.tune.max_rounds,
+                              grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler,
                                     num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrent,
                                     trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname),
-        run_config=tune.RunConfig(name=cfg.tune.name, storage_path=root.rsplit("/", 1)[0]),
+        run_config=tune.RunConfig(name=cfg.tune.name, storage_path=root.rsplit("/", 1)[0],
+                                  callbacks=[TrackingCallback(setup["base"], setup["trials_local"])]),
     )
 
 
@@ -351,6 +466,7 @@ def run(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     space = load_space(cfg.tune.space, cfg)  # fails before any work starts
     if not resume:
         save_config(cfg, saved)
+        (local_dir(cfg) / "asha_state.pkl").unlink(missing_ok=True)  # rungs of an earlier sweep
     init_ray()
     t0 = time.time()
     tuner = build_tuner(cfg, space, resume=resume)

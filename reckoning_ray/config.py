@@ -321,9 +321,15 @@ def validate(cfg: DictConfig) -> None:
     else:
         _check(len(c.inner.steps_by_hops) > 0, "inner.steps_by_hops", dict(c.inner.steps_by_hops),
                "needs at least one hops: steps entry, or set inner.steps")
+        ranges = []
         for hops, steps in c.inner.steps_by_hops.items():
             _check(steps >= 1, f"inner.steps_by_hops.{hops}", steps, "inner steps must be >= 1")
-            _parse_hop_range(str(hops))
+            ranges.append((*_parse_hop_range(str(hops)), str(hops)))
+        ranges.sort()
+        for (lo1, hi1, k1), (lo2, hi2, k2) in zip(ranges, ranges[1:]):
+            _check(lo2 > hi1, "inner.steps_by_hops", dict(c.inner.steps_by_hops),
+                   f"ranges {k1!r} and {k2!r} overlap; give every hop count one entry (override an "
+                   f"existing range, e.g. inner.steps_by_hops.0-4=3, or write the table in a config file)")
     _check(c.inner.lr_init > 0, "inner.lr_init", c.inner.lr_init, "must be > 0")
     _check(c.inner.lr_space in LR_SPACES, "inner.lr_space", c.inner.lr_space, f"choose one of {LR_SPACES}")
     _check(0 <= c.inner.beta1 < 1 and 0 <= c.inner.beta2 < 1, "inner.beta1/beta2",

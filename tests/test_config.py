@@ -83,6 +83,7 @@ def test_hop_table_ranges_and_nearest_fallback():
         (["inner.steps=0"], ["inner.steps=0", "must be >= 1"]),
         (["inner.steps=null", "inner.steps_by_hops.2-4=0"], ["inner.steps_by_hops.2-4", ">= 1"]),
         (["inner.steps=null", "inner.steps_by_hops.x=3"], ["'x'", "range"]),
+        (["inner.steps=null", "inner.steps_by_hops.1=2"], ["'0-4' and '1' overlap", "inner.steps_by_hops"]),
         (["train.batch_size=0"], ["train.batch_size=0", "must be >= 1"]),
         (["train.grad_accum=0"], ["train.grad_accum", "must be >= 1"]),
         (["train.method=magic"], ["train.method='magic'", "reckoning"]),

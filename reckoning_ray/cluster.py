@@ -556,6 +556,9 @@ def fake_cluster(cluster_yaml: str | Path, cpus_per_node: int = 1, max_workers_p
     child_env.update(env or {})
     child_env.update({
         "RAY_FAKE_CLUSTER": "1",
+        # Ray 2.60 turns token login on whenever ~/.ray/auth_token exists (any earlier local
+        # ray.init writes it); the throwaway local cluster and its clients run without it
+        "RAY_AUTH_MODE": "disabled",
         # The autoscaler's loop period in seconds (default 5): nodes appear sooner.
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
         "RAY_USAGE_STATS_ENABLED": "0",

@@ -371,7 +371,8 @@ def test_tune_argv_without_cluster_storage_keeps_arguments():
 # -- a fake autoscaling cluster with a100.yaml's node types --------------------------------------
 
 @pytest.fixture
-def fake_a100_cluster():
+def fake_a100_cluster(monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the cluster's own processes (fake_cluster)
     started = time.time()
     with rc.fake_cluster(A100_YAML) as cluster:
         print(f"fake cluster up in {time.time() - started:.1f}s at {cluster.address}")

@@ -1,0 +1,176 @@
+"""Data-parallel scaling of training: seconds per epoch with 1, 2, ... Ray Train workers, and the
+share of the training time spent in the all-reduce of the meta-gradients.
+
+Each worker count runs ``reckoning_ray.train.run`` (the real entry point: TorchTrainer, gloo, the
+framework-free loop) for ``--epochs`` epochs of the given preset. A Ray ``worker_process_setup_hook``
+wraps three functions in every worker process and records how long each call took:
+
+    reckoning_ray.loop.Loop._train_step      one optimizer step (micro-batches, all-reduce, update)
+    reckoning_ray.loop.Loop._validate        one validation round
+    reckoning_ray.loop.allreduce_gradients   the SUM all-reduce of the weights' and the learned
+                                             rates' gradients (inside _train_step)
+
+An epoch holds the same tasks whatever the worker count (each optimizer step consumes
+``batch_size * grad_accum * workers`` tasks), so seconds per epoch compare directly. The table
+gives the slowest worker's sums (the step ends when the slowest worker reaches the all-reduce).
+
+Examples::
+
+    python bench/scaling.py                                     # embedded preset, 1 and 2 workers
+    python bench/scaling.py --workers 1,2 --epochs 2 data.num_train=2048
+    python bench/scaling.py --preset paper --workers 1,8 resources.use_gpu=true data.path=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import format_table, print_header  # noqa: E402
+
+TIMINGS_ENV = "RECKONING_BENCH_TIMINGS"
+
+
+def install_timers() -> None:
+    """Ray worker setup hook: time the loop's train step, validation and gradient all-reduce.
+
+    Appends ``{"kind", "seconds"}`` lines to ``$RECKONING_BENCH_TIMINGS/<pid>.jsonl``. Runs in every
+    Ray worker process; processes that never train write nothing.
+    """
+    import functools
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    out_dir = os.environ.get("RECKONING_BENCH_TIMINGS")
+    if not out_dir:
+        return
+    import reckoning_ray.loop as loop
+
+    path = Path(out_dir) / f"{os.getpid()}.jsonl"
+
+    def timed(kind, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with path.open("a") as f:
+                    f.write(json.dumps({"kind": kind, "seconds": time.perf_counter() - start}) + "\n")
+        return wrapper
+
+    loop.allreduce_gradients = timed("allreduce", loop.allreduce_gradients)
+    loop.Loop._train_step = timed("train_step", loop.Loop._train_step)
+    loop.Loop._validate = timed("validate", loop.Loop._validate)
+
+
+def read_timings(directory: Path) -> list[dict[str, Any]]:
+    """Per worker process: call counts and summed seconds of each timed function."""
+    workers = []
+    for path in sorted(directory.glob("*.jsonl")):
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            sums[record["kind"]] += record["seconds"]
+            counts[record["kind"]] += 1
+        if counts.get("train_step"):
+            workers.append({"sums": dict(sums), "counts": dict(counts)})
+    return workers
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
+    p.add_argument("overrides", nargs="*", help="config overrides key=value, applied to every run")
+    p.add_argument("--preset", default="embedded", help="preset name or YAML path. Default: embedded")
+    p.add_argument("--workers", default="1,2", help="worker counts, comma-separated. Default: 1,2")
+    p.add_argument("--epochs", type=int, default=1, help="epochs per run. Default: 1")
+    p.add_argument("--output-dir", default=None, help="where the runs are written (default: a temporary directory)")
+    args = p.parse_args(argv)
+    try:
+        args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    except ValueError:
+        p.error(f"--workers {args.workers!r}: expected comma-separated integers")
+    if not args.workers or any(w < 1 for w in args.workers):
+        p.error("--workers: every count must be >= 1")
+    if args.epochs < 1:
+        p.error("--epochs must be >= 1")
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        p.error(f"override {bad[0]!r} is not key=value")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    import ray
+
+    from reckoning_ray.config import load_config
+    from reckoning_ray.train import run
+
+    print_header("Data-parallel scaling: Ray Train workers, seconds per epoch, all-reduce share")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    root = Path(args.output_dir or tempfile.mkdtemp(prefix="reckoning-scaling-")).resolve()
+    timings_root = root / "timings"
+    rows, summaries = [], {}
+    base: Optional[float] = None
+    for n in args.workers:
+        out = timings_root / f"workers-{n}"
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = load_config(args.preset, [
+            *args.overrides, f"resources.num_workers={n}", f"train.epochs={args.epochs}",
+            f"train.output_dir={root / 'runs'}", f"train.run_name=scaling-{n}-workers", "tracking.mode=disabled",
+            "train.patience=0",
+        ])
+        started = time.perf_counter()
+        # Ray is started here, before train.run (which joins it), so that every worker process
+        # runs the timing hook; a fresh Ray per run gives the hook this run's directory.
+        env = {TIMINGS_ENV: str(out), "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+        ray.init(runtime_env={"env_vars": env, "worker_process_setup_hook": install_timers},
+                 log_to_driver=True, logging_level="WARNING", configure_logging=True)
+        try:
+            summary = run(cfg)
+        finally:
+            ray.shutdown()
+        wall = time.perf_counter() - started
+        workers = read_timings(out)
+        if len(workers) != n:
+            print(f"warning: timings from {len(workers)} worker processes, expected {n}", file=sys.stderr)
+        if not workers:
+            raise SystemExit(f"no timings were recorded for {n} worker(s) under {out}: the Ray worker setup "
+                             "hook did not run in the training workers")
+        slowest = max(workers, key=lambda w: w["sums"]["train_step"])
+        train = slowest["sums"]["train_step"] / args.epochs
+        validate = slowest["sums"].get("validate", 0.0) / args.epochs
+        allreduce = slowest["sums"].get("allreduce", 0.0) / args.epochs
+        steps = slowest["counts"]["train_step"] / args.epochs
+        base = base or train
+        summaries[n] = summary
+        rows.append([n, f"{steps:.0f}", f"{train:.1f}", f"{validate:.1f}", f"{allreduce:.2f}",
+                     f"{100 * allreduce / train:.1f}%" if train else "-", f"{base / train:.2f}x", f"{wall:.0f}"])
+        print(f"  {n} worker(s): {train:.1f} s training per epoch ({steps:.0f} steps), all-reduce {allreduce:.2f} s, "
+              f"validation {validate:.1f} s, run {wall:.0f} s", flush=True)
+    print("\n## seconds per epoch (slowest worker) and all-reduce share")
+    print(format_table(["workers", "steps/epoch", "train s/epoch", "validation s/epoch", "all-reduce s/epoch",
+                        "all-reduce share of train", "speed-up (train)", "run wall s"], rows))
+    print(f"\nruns written under {root / 'runs'}")
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

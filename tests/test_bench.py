@@ -1,0 +1,87 @@
+"""Smoke tests of the benchmarks: every script answers --help, and the outer-step benchmark's
+meta-gradient agreement check passes for the real implementations and refuses a wrong one."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+SCRIPTS = sorted(p for p in BENCH.glob("*.py") if p.stem not in ("common", "references"))
+
+
+def _bench_extra_installed() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("higher", "torchopt"))
+
+
+needs_bench_extra = pytest.mark.skipif(
+    not _bench_extra_installed(), reason="higher / torchopt missing: pip install -e .[bench]"
+)
+
+
+def load(name: str):
+    """Import bench/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_benchmark_answers_help():
+    assert {"bilevel_step", "encode_once"} <= {p.stem for p in SCRIPTS}
+    # All at once: each pays the torch import, the machine has two cores.
+    procs = {p.stem: subprocess.Popen([sys.executable, str(p), "--help"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for p in SCRIPTS}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"{name} --help failed: {err[-2000:]}"
+        assert out.startswith("usage:"), f"{name} --help printed {out[:200]!r}"
+        assert "--" in out
+
+
+@pytest.fixture(scope="module")
+def bilevel_step():
+    return load("bilevel_step")
+
+
+@needs_bench_extra
+@pytest.mark.parametrize("optimizer,order,steps", [("adamw", "second", 2), ("sgd", "first", 1)])
+def test_meta_gradients_agree(bilevel_step, optimizer, order, steps):
+    rows = bilevel_step.check_gradients(optimizer, order, steps, bilevel_step.IMPLS, tolerance=1e-6)
+    assert [r[3] for r in rows] == ["batched", "higher", "torchopt"]
+    for row in rows:
+        weight_err, lr_err = float(row[4]), float(row[5])
+        assert weight_err <= 1e-6 and lr_err <= 1e-6, row
+
+
+@needs_bench_extra
+def test_check_refuses_a_different_meta_gradient(bilevel_step, capsys):
+    from references import TorchOptReference
+
+    def wrong_rates(setup, lrs):
+        # The learned rates applied to the wrong tensors: every update still looks plausible.
+        return TorchOptReference(setup.model, setup.cfg, lrs.flip(-1))
+
+    argv = ["--check-only", "--models", "tiny", "--orders", "second", "--optimizers", "adamw",
+            "--inner-steps", "1", "--impls", "looped,torchopt"]
+    with pytest.raises(SystemExit) as exc:
+        bilevel_step.main(argv, factories={"torchopt": wrong_rates})
+    assert exc.value.code == bilevel_step.EXIT_DISAGREE
+    captured = capsys.readouterr()
+    assert "REFUSED" in captured.err and "torchopt" in captured.err
+    assert "## speed" not in captured.out and "tasks/s" not in captured.out
+
+
+def test_relative_error_flags_non_finite(bilevel_step):
+    b = torch.ones(3, dtype=torch.float64)
+    assert bilevel_step.relative_error(b.clone(), b) == 0.0
+    assert bilevel_step.relative_error(b * (1 + 1e-3), b) == pytest.approx(1e-3)
+    assert bilevel_step.relative_error(torch.tensor([1.0, float("nan"), 1.0], dtype=torch.float64), b) == float("inf")

@@ -16,10 +16,14 @@ of inner steps that will be timed. If any differs by more than ``--tolerance`` (
 tensor), the benchmark prints the errors and exits with status 2 without printing a ratio.
 
 Timing runs all implementations of one configuration in this process, interleaved round by round
-(so a change in machine load hits all of them alike); the reported time is the median round.
-Peak memory runs each (configuration, implementation) in a fresh subprocess (torch's allocations are
-invisible to tracemalloc): on CPU the peak resident set size during one outer step minus the
-resident size just before it (VmHWM of /proc/self/status); on GPU ``torch.cuda.max_memory_allocated``.
+(so a change in machine load hits all of them alike); the reported time is the median round. On
+the CPU with one torch thread (the default) the clock is this process's CPU time, which equals wall
+time on an idle core and leaves out the time other processes take on a shared machine; otherwise
+wall time. Peak memory runs each (configuration, implementation) in a fresh subprocess (torch's
+allocations are invisible to tracemalloc): on CPU the peak resident set size during one outer step
+minus the resident size just before it (VmHWM of /proc/self/status, glibc told to give every block
+of 64 KiB or more back at once, so the peak follows the live tensors); on GPU
+``torch.cuda.max_memory_allocated``.
 
 Examples::
 
@@ -338,7 +342,11 @@ def measure_memory(case: Case, impl: str, args: argparse.Namespace) -> Optional[
     spec = {"case": asdict(case), "impl": impl, "args": vars(args)}
     proc = subprocess.run(
         [sys.executable, __file__, "--memory-worker", json.dumps(spec)],
-        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True, text=True,
+        # A fixed glibc mmap threshold: every tensor of 64 KiB or more gets its own mapping, returned
+        # to the system when freed, so the resident peak follows the live tensors instead of
+        # whatever the heap kept from earlier allocations (run-to-run spread ~30% without it).
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536"},
     )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("MEMORY "):

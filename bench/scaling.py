@@ -8,7 +8,10 @@ wraps three functions in every worker process and records how long each call too
     reckoning_ray.loop.Loop._train_step      one optimizer step (micro-batches, all-reduce, update)
     reckoning_ray.loop.Loop._validate        one validation round
     reckoning_ray.loop.allreduce_gradients   the SUM all-reduce of the weights' and the learned
-                                             rates' gradients (inside _train_step)
+                                             rates' gradients (inside _train_step), after a
+                                             barrier: the time spent waiting at the barrier for
+                                             the slower worker is reported apart from the
+                                             all-reduce itself
 
 An epoch holds the same tasks whatever the worker count (each optimizer step consumes
 ``batch_size * grad_accum * workers`` tasks), so seconds per epoch compare directly. The table
@@ -59,6 +62,10 @@ def install_timers() -> None:
 
     path = Path(out_dir) / f"{os.getpid()}.jsonl"
 
+    def record(kind, seconds):
+        with path.open("a") as f:
+            f.write(json.dumps({"kind": kind, "seconds": seconds}) + "\n")
+
     def timed(kind, fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -66,11 +73,28 @@ def install_timers() -> None:
             try:
                 return fn(*args, **kwargs)
             finally:
-                with path.open("a") as f:
-                    f.write(json.dumps({"kind": kind, "seconds": time.perf_counter() - start}) + "\n")
+                record(kind, time.perf_counter() - start)
         return wrapper
 
-    loop.allreduce_gradients = timed("allreduce", loop.allreduce_gradients)
+    def timed_allreduce(fn):
+        # A barrier first, so that the time a worker waits for a slower one ("wait") is not
+        # counted as communication ("allreduce").
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            import torch.distributed as dist
+
+            start = time.perf_counter()
+            if dist.is_initialized():
+                dist.barrier()
+            arrived = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                record("wait", arrived - start)
+                record("allreduce", time.perf_counter() - arrived)
+        return wrapper
+
+    loop.allreduce_gradients = timed_allreduce(loop.allreduce_gradients)
     loop.Loop._train_step = timed("train_step", loop.Loop._train_step)
     loop.Loop._validate = timed("validate", loop.Loop._validate)
 
@@ -124,6 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     print_header("Data-parallel scaling: Ray Train workers, seconds per epoch, all-reduce share")
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("each worker runs resources.cpus_per_worker torch threads; times are wall clock inside the workers")
     root = Path(args.output_dir or tempfile.mkdtemp(prefix="reckoning-scaling-")).resolve()
     timings_root = root / "timings"
     rows, summaries = [], {}
@@ -157,16 +182,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         train = slowest["sums"]["train_step"] / args.epochs
         validate = slowest["sums"].get("validate", 0.0) / args.epochs
         allreduce = slowest["sums"].get("allreduce", 0.0) / args.epochs
+        # The fastest worker waits longest at the barrier: that is the load imbalance.
+        wait = max(w["sums"].get("wait", 0.0) for w in workers) / args.epochs
         steps = slowest["counts"]["train_step"] / args.epochs
         base = base or train
         summaries[n] = summary
         rows.append([n, f"{steps:.0f}", f"{train:.1f}", f"{validate:.1f}", f"{allreduce:.2f}",
-                     f"{100 * allreduce / train:.1f}%" if train else "-", f"{base / train:.2f}x", f"{wall:.0f}"])
+                     f"{100 * allreduce / train:.1f}%" if train else "-", f"{wait:.2f}",
+                     f"{base / train:.2f}x", f"{wall:.0f}"])
         print(f"  {n} worker(s): {train:.1f} s training per epoch ({steps:.0f} steps), all-reduce {allreduce:.2f} s, "
-              f"validation {validate:.1f} s, run {wall:.0f} s", flush=True)
+              f"waiting for the slower worker {wait:.2f} s, validation {validate:.1f} s, run {wall:.0f} s", flush=True)
     print("\n## seconds per epoch (slowest worker) and all-reduce share")
     print(format_table(["workers", "steps/epoch", "train s/epoch", "validation s/epoch", "all-reduce s/epoch",
-                        "all-reduce share of train", "speed-up (train)", "run wall s"], rows))
+                        "all-reduce share of train", "max wait at barrier s/epoch", "speed-up (train)",
+                        "run wall s"], rows))
     print(f"\nruns written under {root / 'runs'}")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0

@@ -30,6 +30,12 @@ Two engines compute the same numbers:
     of small ones); the model gets a 4D attention mask and explicit position ids, so no
     data-dependent mask construction runs under ``vmap``.
 
+Memory options (``inner`` config group; ``bench/memory_modes.py`` measures them)
+    ``checkpoint`` keeps only each inner step's inputs and rebuilds the step's graph in the backward
+    pass (:class:`_RecomputedInnerStep`); ``autocast: bf16`` runs the forward passes in bfloat16;
+    ``tasks_per_pass`` bounds how many tasks' inner graphs live at once; ``first_order`` drops the
+    second-order terms altogether.
+
 Deviations from ``torch.optim.AdamW``, kept on purpose
     The inner AdamW divides by ``sqrt(v_hat + eps**2)`` instead of ``sqrt(v_hat) + eps``.
     Parameter entries that get no gradient from the knowledge (position embeddings past the
@@ -281,18 +287,58 @@ def adamw_step(
     step = state.step + 1
     bias1 = 1.0 - beta1**step
     bias2 = 1.0 - beta2**step
+    fresh = state.step == 0
     new_w, new_m, new_v = [], [], []
     for w, g, lr, m, v in zip(weights, grads, lrs, state.exp_avg, state.exp_avg_sq):
-        m = beta1 * m + (1.0 - beta1) * g
-        v = beta2 * v + (1.0 - beta2) * g * g
-        if eps_inside_sqrt:
-            denom = torch.sqrt(v / bias2 + eps * eps)
+        # Fewer element-wise kernels (and double-backward nodes) than the textbook form: the zero
+        # moments of the first step are not multiplied, lerp / addcmul fuse the moment updates.
+        if fresh:
+            m = (1.0 - beta1) * g
+            v = (1.0 - beta2) * (g * g)
         else:
-            denom = torch.sqrt(v) / math.sqrt(bias2) + eps
-        new_w.append(w * (1.0 - lr * weight_decay) - lr * (m / bias1) / denom)
+            m = torch.lerp(m, g, 1.0 - beta1)
+            v = torch.addcmul(v * beta2, g, g, value=1.0 - beta2)
+        if eps_inside_sqrt:
+            direction = m * torch.rsqrt(v / bias2 + eps * eps)
+        else:
+            direction = m / (torch.sqrt(v) / math.sqrt(bias2) + eps)
+        new_w.append(w * (1.0 - lr * weight_decay) - (lr / bias1) * direction)
         new_m.append(m)
         new_v.append(v)
     return new_w, AdamWState(new_m, new_v, step)
+
+
+class _RecomputedInnerStep(torch.autograd.Function):
+    """One second-order inner step that keeps only its inputs (``inner.checkpoint``).
+
+    ``apply(step_fn, *inputs)`` returns ``(*outputs, loss)`` where ``step_fn(inputs, mode)`` is the
+    step (``ReckoningMethod._step_function``). The forward pass computes the outputs without a
+    graph (first-order arithmetic, the same values); the backward pass runs ``step_fn`` again with
+    ``create_graph`` on the saved inputs and back-propagates the outputs' gradients through that
+    rebuilt graph, which is freed before the previous step is rebuilt. Memory: the inputs of every
+    step (weights and AdamW moments) instead of every step's activations and double-backward
+    graph; time: one more forward and inner gradient per step. The outer gradient is the same as
+    without checkpointing (the recomputation repeats the same operations).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, step_fn: Callable, *inputs: Tensor) -> tuple[Tensor, ...]:
+        ctx.step_fn = step_fn
+        ctx.save_for_backward(*inputs)
+        ctx.set_materialize_grads(False)
+        outputs, loss = step_fn([x.detach() for x in inputs], FIRST_ORDER)
+        return (*[o.detach() for o in outputs], loss.detach())
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        inputs = [x.detach().requires_grad_(needs) for x, needs in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
+        with torch.enable_grad():
+            outputs, _ = ctx.step_fn(inputs, SECOND_ORDER)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs[:-1]) if g is not None and o.requires_grad]
+        wanted = [x for x in inputs if x.requires_grad]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                     if pairs and wanted else [None] * len(wanted))
+        return (None, *[next(grads) if x.requires_grad else None for x in inputs])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,6 +383,12 @@ class ReckoningMethod:
         if not names:
             raise BilevelError("the model has no trainable parameters (all requires_grad=False)")
         self.max_inner_steps = self._max_inner_steps()
+        if cfg.inner.autocast == "bf16" and cfg.inner.optimizer == "adamw" and self.mode == SECOND_ORDER:
+            logger.warning(
+                "inner.autocast=bf16 with second-order AdamW: the meta-gradient is far from float32's "
+                "(AdamW's second derivative is ~1/eps where a gradient entry is ~eps; see BENCHMARKS.md, "
+                "memory_modes). Use it with inner.first_order=true or inner.optimizer=sgd."
+            )
         init = math.log(cfg.inner.lr_init) if cfg.inner.lr_space == "log" else float(cfg.inner.lr_init)
         ref = next(iter(model.parameters()))
         self.inner_lrs = torch.nn.Parameter(
@@ -424,6 +476,18 @@ class ReckoningMethod:
             groups.setdefault(n, []).append(i)
         return list(groups.items())
 
+    def _passes(self, steps: list[int]) -> list[tuple[int, list[int]]]:
+        """The passes of one step: (inner steps, task indices) in order.
+
+        Looped engine: one task per pass. Batched engine: the tasks of each inner-step group
+        together, at most ``inner.tasks_per_pass`` of them per pass (0: no limit). A pass of one
+        task runs unbatched (same numbers, no vmap overhead).
+        """
+        if self.engine == "looped":
+            return [(n, [t]) for t, n in enumerate(steps)]
+        cap = int(self.cfg.inner.tasks_per_pass) or len(steps)
+        return [(n, index[i : i + cap]) for n, index in self._groups(steps) for i in range(0, len(index), cap)]
+
     # -- the inner loop ---------------------------------------------------------------------------
 
     def _inner_loop(
@@ -434,15 +498,40 @@ class ReckoningMethod:
 
         ``knowledge_loss`` maps the weight list (shapes as ``weights``: per task, or stacked with a
         leading task dimension) to a scalar: one task's loss or the sum of the tasks' losses.
+        With ``inner.checkpoint`` (second order) each step runs as :class:`_RecomputedInnerStep`:
+        only its inputs are kept and its graph is rebuilt when the outer backward reaches it.
         """
         inner = self.cfg.inner
         lrs_all = self.learning_rates()
         if mode == NO_GRAPH:
             lrs_all = lrs_all.detach()
             weights = [w.detach() for w in weights]
-        state = AdamWState.zeros_like(weights) if inner.optimizer == "adamw" and steps > 0 else None
+        adamw = inner.optimizer == "adamw"
+        n = len(weights)
+        moments: list[Tensor] = []  # AdamW's exp_avg then exp_avg_sq (empty before the first step)
+        recompute = bool(inner.checkpoint) and mode == SECOND_ORDER and torch.is_grad_enabled()
         losses: list[float] = []
         for k in range(steps):
+            step_fn = self._step_function(knowledge_loss, n, k, adamw)
+            if recompute:
+                out = _RecomputedInnerStep.apply(step_fn, *weights, *moments, lrs_all[k])
+                loss, out = out[-1], list(out[:-1])
+            else:
+                out, loss = step_fn([*weights, *moments, lrs_all[k]], mode)
+            weights, moments = out[:n], out[n:]
+            losses.append(float(loss.detach()))
+        return weights, losses
+
+    def _step_function(
+        self, knowledge_loss: Callable[[list[Tensor]], Tensor], n: int, k: int, adamw: bool
+    ) -> Callable[[list[Tensor], str], tuple[list[Tensor], Tensor]]:
+        """Inner step ``k`` as a function of ``[*weights, *moments, lrs_k]`` -> (``[*new weights,
+        *new moments]``, knowledge loss before the step); ``moments`` is empty at ``k = 0`` (AdamW
+        starts from zero moments) and always for SGD."""
+        inner = self.cfg.inner
+
+        def step(inputs: list[Tensor], mode: str) -> tuple[list[Tensor], Tensor]:
+            weights, moments, lrs_k = inputs[:n], inputs[n:-1], inputs[-1]
             if mode == SECOND_ORDER:
                 loss = knowledge_loss(weights)
                 grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
@@ -454,21 +543,36 @@ class ReckoningMethod:
                     loss = knowledge_loss(probes)
                     grads = torch.autograd.grad(loss, probes, allow_unused=True)
             grads = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
-            losses.append(float(loss.detach()))
-            lrs = list(lrs_all[k].unbind(0))
+            lrs = list(lrs_k.unbind(0))
             with torch.set_grad_enabled(mode != NO_GRAPH and torch.is_grad_enabled()):
-                if inner.optimizer == "adamw":
-                    weights, state = adamw_step(
-                        weights, grads, lrs, state, beta1=inner.beta1, beta2=inner.beta2, eps=inner.eps,
-                        weight_decay=inner.weight_decay,
-                    )
-                else:
-                    weights = sgd_step(weights, grads, lrs)
-        return weights, losses
+                if not adamw:
+                    return sgd_step(weights, grads, lrs), loss
+                state = (AdamWState(list(moments[:n]), list(moments[n:]), k) if moments
+                         else AdamWState.zeros_like(weights))
+                new, state = adamw_step(
+                    weights, grads, lrs, state, beta1=inner.beta1, beta2=inner.beta2, eps=inner.eps,
+                    weight_decay=inner.weight_decay,
+                )
+            return [*new, *state.exp_avg, *state.exp_avg_sq], loss
+
+        return step
 
     def _task_loss(self, params: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        """Scalar mean token loss of one task's rows ``[B, L]`` under ``params``."""
-        return token_mean_loss(causal_lm_logits(self.model, params, input_ids, attention_mask), labels)
+        """Scalar mean token loss of one task's rows ``[B, L]`` under ``params``.
+
+        ``inner.autocast=bf16``: the forward pass runs on bfloat16 copies of ``params`` (a
+        differentiable cast: gradients come back in the weights' dtype) under ``torch.autocast``.
+        The explicit cast is needed because under ``vmap`` autocast alone leaves GPT-2's
+        ``addmm`` layers in float32. The loss is computed in the weights' dtype.
+        """
+        dtype = next(iter(params.values())).dtype
+        if self.cfg.inner.autocast == "bf16":
+            params = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in params.items()}
+            with torch.autocast(device_type=input_ids.device.type, dtype=torch.bfloat16):
+                logits = causal_lm_logits(self.model, params, input_ids, attention_mask)
+        else:
+            logits = causal_lm_logits(self.model, params, input_ids, attention_mask)
+        return token_mean_loss(logits.to(dtype), labels)
 
     def _adapt(self, batch: TaskBatch, steps: int, mode: str) -> tuple[dict[str, Tensor], list[float]]:
         """Fast weights for the T tasks of ``batch`` (all with ``steps`` inner steps), stacked
@@ -503,9 +607,10 @@ class ReckoningMethod:
     def forward_backward(self, batch: TaskBatch, loss_scale: float = 1.0) -> dict[str, float]:
         """Outer loss summed over the tasks of ``batch``; ``backward(loss * loss_scale)``.
 
-        Gradients accumulate into the weights' and ``inner_lrs``' ``.grad``. One backward per group
-        of tasks with the same inner-step count (batched engine) or per task (looped), so each
-        inner graph is freed as soon as it is used.
+        Gradients accumulate into the weights' and ``inner_lrs``' ``.grad``. One backward per pass
+        (:meth:`_passes`: the tasks with the same inner-step count, at most ``inner.tasks_per_pass``
+        of them, in the batched engine; one task in the looped one), so each inner graph is freed
+        as soon as it is used.
 
         Returns ``{"loss": summed outer loss, "tasks": T, "knowledge_loss": summed inner loss before
         the first inner step}`` (unscaled).
@@ -513,23 +618,20 @@ class ReckoningMethod:
         steps = self.inner_steps(batch)
         total, knowledge, T = 0.0, 0.0, len(batch)
         self.model.eval()  # no dropout in the bilevel step, whatever was done to the module meanwhile
-        if self.engine == "batched":
-            for n, index in self._groups(steps):
+        for n, index in self._passes(steps):
+            if len(index) == 1:
+                t = index[0]
+                fast, inner_losses = self._adapt_one(batch, t, n, self.mode)
+                s = batch.sequence
+                loss = self._task_loss(fast, s.input_ids[t : t + 1], s.attention_mask[t : t + 1], s.labels[t : t + 1])
+            else:
                 group = batch.select(index) if len(index) < T else batch
                 fast, inner_losses = self._adapt(group, n, self.mode)
                 s = group.sequence
                 loss = self._group_losses(fast, True, s.input_ids, s.attention_mask, s.labels).sum()
-                (loss * loss_scale).backward()
-                total += float(loss.detach())
-                knowledge += inner_losses[0] if inner_losses else 0.0
-        else:
-            s = batch.sequence
-            for t, n in enumerate(steps):
-                fast, inner_losses = self._adapt_one(batch, t, n, self.mode)
-                loss = self._task_loss(fast, s.input_ids[t : t + 1], s.attention_mask[t : t + 1], s.labels[t : t + 1])
-                (loss * loss_scale).backward()
-                total += float(loss.detach())
-                knowledge += inner_losses[0] if inner_losses else 0.0
+            (loss * loss_scale).backward()
+            total += float(loss.detach())
+            knowledge += inner_losses[0] if inner_losses else 0.0
         return {"loss": total, "tasks": float(T), "knowledge_loss": knowledge}
 
     # -- evaluation -------------------------------------------------------------------------------
@@ -543,15 +645,14 @@ class ReckoningMethod:
         steps = self.inner_steps(batch, inner_steps)
         T = len(batch)
         self.model.eval()
-        if self.engine == "batched":
-            for n, index in self._groups(steps):
+        for n, index in self._passes(steps):
+            if len(index) == 1:
+                fast, _ = self._adapt_one(batch, index[0], n, NO_GRAPH)
+                yield index, batch.select(index), fast, False
+            else:
                 group = batch.select(index) if len(index) < T else batch
                 fast, _ = self._adapt(group, n, NO_GRAPH)
                 yield index, group, fast, True
-        else:
-            for t, n in enumerate(steps):
-                fast, _ = self._adapt_one(batch, t, n, NO_GRAPH)
-                yield [t], batch.select([t]), fast, False
 
     def _group_losses(self, fast: dict[str, Tensor], stacked: bool, input_ids: Tensor, attention_mask: Tensor,
                       labels: Tensor) -> Tensor:

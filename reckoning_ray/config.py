@@ -25,6 +25,7 @@ SOURCES = ("generate", "proofwriter", "clutrr", "hf")
 FAMILIES = ("proofwriter", "clutrr")
 INNER_OPTIMIZERS = ("adamw", "sgd")
 LR_SPACES = ("linear", "log")
+AUTOCAST_MODES = ("none", "bf16")
 TRACKING_MODES = ("offline", "online", "disabled")
 NODE_TYPES = ("", "auto", "a100", "rtx3090")
 # node_type "auto": the paper's placement, RECKONING on A100 nodes and the baselines on RTX 3090s.
@@ -111,6 +112,17 @@ class InnerConfig:
     weight_decay: float = 0.01
     # false: second-order (differentiate through the unrolled inner loop); true: first-order.
     first_order: bool = False
+    # Memory options of the bilevel step (bench/memory_modes.py measures each).
+    # checkpoint: keep only each inner step's inputs (weights, AdamW moments) and recompute the
+    # step's forward and gradient in the backward pass (second order; about 1.3x the time).
+    checkpoint: bool = False
+    # autocast: "bf16" runs the model's forward passes in bfloat16 (bf16 copies of the weights,
+    # under torch.autocast); the weights, the inner-optimizer arithmetic and the learned rates stay
+    # in the model's dtype. "none": off.
+    autocast: str = "none"
+    # tasks_per_pass: most tasks one batched pass holds at once (their inner graphs live together);
+    # a larger batch runs in several passes whose gradients add up. 0: all tasks of a step at once.
+    tasks_per_pass: int = 0
 
 
 @dataclass
@@ -335,6 +347,10 @@ def validate(cfg: DictConfig) -> None:
     _check(0 <= c.inner.beta1 < 1 and 0 <= c.inner.beta2 < 1, "inner.beta1/beta2",
            (c.inner.beta1, c.inner.beta2), "must be in [0, 1)")
     _check(c.inner.eps > 0, "inner.eps", c.inner.eps, "must be > 0")
+    _check(c.inner.autocast in AUTOCAST_MODES, "inner.autocast", c.inner.autocast,
+           f"choose one of {AUTOCAST_MODES}")
+    _check(c.inner.tasks_per_pass >= 0, "inner.tasks_per_pass", c.inner.tasks_per_pass,
+           "must be >= 0 (0: all tasks of a step in one pass)")
     _check(c.outer.lr > 0, "outer.lr", c.outer.lr, "must be > 0")
     _check(c.outer.inner_lr_lr >= 0, "outer.inner_lr_lr", c.outer.inner_lr_lr, "must be >= 0")
     _check(c.outer.eps > 0, "outer.eps", c.outer.eps, "must be > 0")

@@ -304,6 +304,63 @@ def test_batched_engine_equals_looped_reference_on_a_mixed_hop_batch(optimizer, 
     assert all(math.isclose(x, y, rel_tol=1e-12) for x, y in zip(ev_l["answer_loss"], ev_b["answer_loss"]))
 
 
+@pytest.mark.parametrize("engine,optimizer,options", [
+    ("batched", "adamw", ["inner.checkpoint=true"]),
+    ("looped", "adamw", ["inner.checkpoint=true"]),
+    ("batched", "sgd", ["inner.checkpoint=true"]),
+    ("batched", "adamw", ["inner.tasks_per_pass=1"]),
+    ("batched", "adamw", ["inner.checkpoint=true", "inner.tasks_per_pass=1"]),
+])
+def test_memory_options_keep_the_meta_gradient(engine, optimizer, options):
+    # Checkpointing recomputes the same operations and smaller passes split independent tasks:
+    # the outer loss, the meta-gradient and the evaluation must not change.
+    lr = "inner.lr_init=0.05" if optimizer == "adamw" else "inner.lr_init=0.5"
+    reference, batch = build(make_cfg(f"inner.optimizer={optimizer}", lr), engine="batched")
+    method, _ = build(make_cfg(f"inner.optimizer={optimizer}", lr, *options), engine=engine)
+    results = []
+    for m in (reference, method):
+        zero_grads(m)
+        out = m.forward_backward(batch)
+        results.append((out, grads(m), m.evaluate(batch)))
+    (out_r, g_r, ev_r), (out_m, g_m, ev_m) = results
+    assert math.isclose(out_r["loss"], out_m["loss"], rel_tol=1e-12)
+    assert math.isclose(out_r["knowledge_loss"], out_m["knowledge_loss"], rel_tol=1e-12)
+    for a, b in zip(g_r, g_m):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert float(g_m[-1].abs().sum()) > 0
+    assert ev_r["prediction"] == ev_m["prediction"]
+
+
+def test_tasks_per_pass_splits_each_inner_step_group():
+    method, batch = build(make_cfg("inner.tasks_per_pass=2"), records=make_records(9))
+    steps = method.inner_steps(batch)  # hops 0, 1, 2 repeating: three groups of three tasks
+    passes = method._passes(steps)
+    assert [len(index) for _, index in passes] == [2, 1, 2, 1, 2, 1]
+    assert sorted(t for _, index in passes for t in index) == list(range(9))
+    assert all(steps[t] == n for n, index in passes for t in index)
+
+
+@pytest.mark.parametrize("options", [["inner.optimizer=sgd", "inner.lr_init=0.5"], ["inner.first_order=true"]])
+def test_bf16_autocast_runs_the_forward_in_bf16_and_stays_close_to_float32(options):
+    # Where bf16 is within tolerance: an SGD inner loop, or first order. (Second-order AdamW is not:
+    # its derivative of g / sqrt(g^2 + eps^2) is ~1/eps where |g| ~ eps, and bf16 rounding of the
+    # inner gradient there moves the meta-gradient by 100%; bench/memory_modes.py shows it.)
+    reference, batch = build(make_cfg("model.dtype=float32", *options))
+    method, _ = build(make_cfg("model.dtype=float32", "inner.autocast=bf16", *options))
+    seen: list[torch.dtype] = []
+    hook = method.model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    g = []
+    for m in (reference, method):
+        zero_grads(m)
+        m.forward_backward(batch)
+        g.append(torch.cat([x.flatten() for x in grads(m)]))
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    error = float((g[0] - g[1]).norm() / g[0].norm())
+    assert 1e-5 < error < 0.05, error  # bf16 did run (not float32-equal) and the gradient stays close
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in method.meta_parameters())
+
+
 def test_outer_loss_is_summed_over_tasks():
     # Data-parallel workers SUM-all-reduce: a batch's gradient must be the sum of its tasks'.
     method, batch = build(make_cfg())

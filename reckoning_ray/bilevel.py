@@ -391,9 +391,6 @@ class ReckoningMethod:
             )
         init = math.log(cfg.inner.lr_init) if cfg.inner.lr_space == "log" else float(cfg.inner.lr_init)
         ref = next(iter(model.parameters()))
-        # Learned-rate index of every weight entry: tensor i's rate covers its numel() entries.
-        sizes = torch.tensor([p.numel() for p in self._weights()[1]], device=ref.device)
-        self._lr_index = torch.repeat_interleave(torch.arange(len(names), device=ref.device), sizes)
         self.inner_lrs = torch.nn.Parameter(
             torch.full((self.max_inner_steps, len(names)), init, dtype=ref.dtype, device=ref.device)
         )
@@ -504,7 +501,7 @@ class ReckoningMethod:
         runs a handful of element-wise operations per step instead of a handful per parameter
         tensor, and its double backward likewise. ``knowledge_loss`` maps such a tensor to a
         scalar (one task's loss, or the sum of the tasks' losses) through views of it; the learned
-        rate of each tensor is spread over its entries (:attr:`_lr_index`).
+        rate of each tensor is spread over its entries inside the step.
         With ``inner.checkpoint`` (second order) each step runs as :class:`_RecomputedInnerStep`:
         only its inputs are kept and its graph is rebuilt when the outer backward reaches it.
         """
@@ -518,11 +515,10 @@ class ReckoningMethod:
         losses: list[float] = []
         for k in range(steps):
             step_fn = self._step_function(knowledge_loss, k, inner.optimizer == "adamw")
-            lr = lrs_all[k][self._lr_index.to(flat.device)]
             if recompute:
-                *out, loss = _RecomputedInnerStep.apply(step_fn, flat, *moments, lr)
+                *out, loss = _RecomputedInnerStep.apply(step_fn, flat, *moments, lrs_all[k])
             else:
-                out, loss = step_fn([flat, *moments, lr], mode)
+                out, loss = step_fn([flat, *moments, lrs_all[k]], mode)
             flat, moments = out[0], list(out[1:])
             losses.append(float(loss.detach()))
         return flat, losses
@@ -530,14 +526,19 @@ class ReckoningMethod:
     def _step_function(
         self, knowledge_loss: Callable[[Tensor], Tensor], k: int, adamw: bool
     ) -> Callable[[list[Tensor], str], tuple[list[Tensor], Tensor]]:
-        """Inner step ``k`` as a function of ``[weights, *moments, lr]`` -> (``[new weights,
-        *new moments]``, knowledge loss before the step). ``weights`` ``[..., P]`` flat, ``lr``
-        ``[P]``; ``moments`` (AdamW's two, like ``weights``) is empty at ``k = 0`` (zero moments)
-        and always for SGD."""
+        """Inner step ``k`` as a function of ``[weights, *moments, lrs_k]`` -> (``[new weights,
+        *new moments]``, knowledge loss before the step). ``weights`` ``[..., P]`` flat, ``lrs_k``
+        ``[tensors]`` (one learned rate per parameter tensor, spread over its entries here);
+        ``moments`` (AdamW's two, like ``weights``) is empty at ``k = 0`` (zero moments) and
+        always for SGD."""
         inner = self.cfg.inner
+        sizes = [p.numel() for p in self._weights()[1]]
 
         def step(inputs: list[Tensor], mode: str) -> tuple[list[Tensor], Tensor]:
-            weights, moments, lr = inputs[0], inputs[1:-1], inputs[-1]
+            weights, moments, lrs_k = inputs[0], inputs[1:-1], inputs[-1]
+            # Each tensor's rate expanded over its entries: the backward of expand is a sum per
+            # tensor (a scatter-add of P entries into a few hundred rates would serialise on a GPU).
+            lr = torch.cat([r.expand(n) for r, n in zip(lrs_k.unbind(0), sizes)])
             if mode == SECOND_ORDER:
                 loss = knowledge_loss(weights)
                 (grad,) = torch.autograd.grad(loss, weights, create_graph=True)

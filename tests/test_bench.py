@@ -85,3 +85,21 @@ def test_relative_error_flags_non_finite(bilevel_step):
     assert bilevel_step.relative_error(b.clone(), b) == 0.0
     assert bilevel_step.relative_error(b * (1 + 1e-3), b) == pytest.approx(1e-3)
     assert bilevel_step.relative_error(torch.tensor([1.0, float("nan"), 1.0], dtype=torch.float64), b) == float("inf")
+
+
+def test_memory_modes_refuse_an_option_that_changes_the_meta_gradient(capsys):
+    memory_modes = load("memory_modes")
+    # A mode that claims the default's gradient but computes the first-order one.
+    memory_modes.MODES["wrong"] = ("batched", ["inner.first_order=true"], "same")
+    try:
+        with pytest.raises(SystemExit) as info:
+            memory_modes.main(["--models", "tiny", "--modes", "checkpoint,per-task,wrong", "--inner-steps", "2"])
+    finally:
+        del memory_modes.MODES["wrong"]
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert "REFUSED" in captured.err and "wrong" in captured.err
+    assert "peak MiB" not in captured.out  # nothing measured, no ratio printed
+    # the honest options passed the same check
+    rows = [line for line in captured.out.splitlines() if "| second |" in line]
+    assert any("checkpoint" in r for r in rows) and any("per-task" in r for r in rows)

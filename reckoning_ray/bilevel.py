@@ -491,17 +491,13 @@ class ReckoningMethod:
     # -- the inner loop ---------------------------------------------------------------------------
 
     def _inner_loop(
-        self, knowledge_loss: Callable[[Tensor], Tensor], flat: Tensor, steps: int, mode: str
-    ) -> tuple[Tensor, list[float]]:
-        """Run ``steps`` optimizer steps on ``knowledge_loss``; returns the fast weights and the
-        loss before each step.
+        self, knowledge_loss: Callable[[list[Tensor]], Tensor], weights: list[Tensor], steps: int, mode: str
+    ) -> tuple[list[Tensor], list[float]]:
+        """Run ``steps`` optimizer steps on ``knowledge_loss``; returns fast weights and the loss
+        before each step.
 
-        The weights travel as ONE flat tensor ``[..., P]`` (all parameter tensors concatenated;
-        ``[T, P]`` for T tasks in a batched pass, ``[P]`` for one task): the inner optimizer then
-        runs a handful of element-wise operations per step instead of a handful per parameter
-        tensor, and its double backward likewise. ``knowledge_loss`` maps such a tensor to a
-        scalar (one task's loss, or the sum of the tasks' losses) through views of it; the learned
-        rate of each tensor is spread over its entries inside the step.
+        ``knowledge_loss`` maps the weight list (shapes as ``weights``: per task, or stacked with a
+        leading task dimension) to a scalar: one task's loss or the sum of the tasks' losses.
         With ``inner.checkpoint`` (second order) each step runs as :class:`_RecomputedInnerStep`:
         only its inputs are kept and its graph is rebuilt when the outer backward reaches it.
         """
@@ -509,70 +505,57 @@ class ReckoningMethod:
         lrs_all = self.learning_rates()
         if mode == NO_GRAPH:
             lrs_all = lrs_all.detach()
-            flat = flat.detach()
-        moments: list[Tensor] = []  # AdamW's exp_avg and exp_avg_sq (none before the first step)
+            weights = [w.detach() for w in weights]
+        adamw = inner.optimizer == "adamw"
+        n = len(weights)
+        moments: list[Tensor] = []  # AdamW's exp_avg then exp_avg_sq (empty before the first step)
         recompute = bool(inner.checkpoint) and mode == SECOND_ORDER and torch.is_grad_enabled()
         losses: list[float] = []
         for k in range(steps):
-            step_fn = self._step_function(knowledge_loss, k, inner.optimizer == "adamw")
+            step_fn = self._step_function(knowledge_loss, n, k, adamw)
             if recompute:
-                *out, loss = _RecomputedInnerStep.apply(step_fn, flat, *moments, lrs_all[k])
+                out = _RecomputedInnerStep.apply(step_fn, *weights, *moments, lrs_all[k])
+                loss, out = out[-1], list(out[:-1])
             else:
-                out, loss = step_fn([flat, *moments, lrs_all[k]], mode)
-            flat, moments = out[0], list(out[1:])
+                out, loss = step_fn([*weights, *moments, lrs_all[k]], mode)
+            weights, moments = out[:n], out[n:]
             losses.append(float(loss.detach()))
-        return flat, losses
+        return weights, losses
 
     def _step_function(
-        self, knowledge_loss: Callable[[Tensor], Tensor], k: int, adamw: bool
+        self, knowledge_loss: Callable[[list[Tensor]], Tensor], n: int, k: int, adamw: bool
     ) -> Callable[[list[Tensor], str], tuple[list[Tensor], Tensor]]:
-        """Inner step ``k`` as a function of ``[weights, *moments, lrs_k]`` -> (``[new weights,
-        *new moments]``, knowledge loss before the step). ``weights`` ``[..., P]`` flat, ``lrs_k``
-        ``[tensors]`` (one learned rate per parameter tensor, spread over its entries here);
-        ``moments`` (AdamW's two, like ``weights``) is empty at ``k = 0`` (zero moments) and
-        always for SGD."""
+        """Inner step ``k`` as a function of ``[*weights, *moments, lrs_k]`` -> (``[*new weights,
+        *new moments]``, knowledge loss before the step); ``moments`` is empty at ``k = 0`` (AdamW
+        starts from zero moments) and always for SGD."""
         inner = self.cfg.inner
-        sizes = [p.numel() for p in self._weights()[1]]
 
         def step(inputs: list[Tensor], mode: str) -> tuple[list[Tensor], Tensor]:
-            weights, moments, lrs_k = inputs[0], inputs[1:-1], inputs[-1]
-            # Each tensor's rate expanded over its entries: the backward of expand is a sum per
-            # tensor (a scatter-add of P entries into a few hundred rates would serialise on a GPU).
-            lr = torch.cat([r.expand(n) for r, n in zip(lrs_k.unbind(0), sizes)])
+            weights, moments, lrs_k = inputs[:n], inputs[n:-1], inputs[-1]
             if mode == SECOND_ORDER:
                 loss = knowledge_loss(weights)
-                (grad,) = torch.autograd.grad(loss, weights, create_graph=True)
+                grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
             else:
                 # First order / evaluation: the inner gradient is a constant of the outer graph, so
-                # the inner forward runs on a detached copy and its graph is freed at once.
-                probe = weights.detach().requires_grad_(True)
+                # the inner forward runs on detached copies and its graph is freed at once.
+                probes = [w.detach().requires_grad_(True) for w in weights]
                 with torch.enable_grad():
-                    loss = knowledge_loss(probe)
-                    (grad,) = torch.autograd.grad(loss, probe)
+                    loss = knowledge_loss(probes)
+                    grads = torch.autograd.grad(loss, probes, allow_unused=True)
+            grads = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
+            lrs = list(lrs_k.unbind(0))
             with torch.set_grad_enabled(mode != NO_GRAPH and torch.is_grad_enabled()):
                 if not adamw:
-                    return sgd_step([weights], [grad], [lr]), loss
-                state = AdamWState([moments[0]], [moments[1]], k) if moments else AdamWState.zeros_like([weights])
+                    return sgd_step(weights, grads, lrs), loss
+                state = (AdamWState(list(moments[:n]), list(moments[n:]), k) if moments
+                         else AdamWState.zeros_like(weights))
                 new, state = adamw_step(
-                    [weights], [grad], [lr], state, beta1=inner.beta1, beta2=inner.beta2, eps=inner.eps,
+                    weights, grads, lrs, state, beta1=inner.beta1, beta2=inner.beta2, eps=inner.eps,
                     weight_decay=inner.weight_decay,
                 )
-            return [new[0], state.exp_avg[0], state.exp_avg_sq[0]], loss
+            return [*new, *state.exp_avg, *state.exp_avg_sq], loss
 
         return step
-
-    # -- flat weights -----------------------------------------------------------------------------
-
-    def _flat_weights(self) -> Tensor:
-        """The trainable weights concatenated into one differentiable ``[P]`` tensor."""
-        return torch.cat([p.reshape(-1) for p in self._weights()[1]])
-
-    def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        """Views of ``flat`` ``[..., P]`` shaped like the parameters (``[..., *shape]``), by name."""
-        names, base = self._weights()
-        lead = flat.shape[:-1]
-        pieces = torch.split(flat, [p.numel() for p in base], dim=-1)
-        return {n: piece.view(*lead, *p.shape) for n, p, piece in zip(names, base, pieces)}
 
     def _task_loss(self, params: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         """Scalar mean token loss of one task's rows ``[B, L]`` under ``params``.
@@ -595,26 +578,29 @@ class ReckoningMethod:
         """Fast weights for the T tasks of ``batch`` (all with ``steps`` inner steps), stacked
         ``[T, ...]`` (batched engine), and the summed knowledge loss before each step."""
         _require_knowledge(batch)
-        base = self._flat_weights()
+        names, base = self._weights()
+        T = len(batch)
+        stacked = [p.unsqueeze(0).expand(T, *p.shape) for p in base]
         k = batch.knowledge
         task_losses = vmap(self._task_loss)
 
-        def knowledge_loss(flat: Tensor) -> Tensor:
-            return task_losses(self._unflatten(flat), k.input_ids, k.attention_mask, k.labels).sum()
+        def knowledge_loss(weights: list[Tensor]) -> Tensor:
+            return task_losses(dict(zip(names, weights)), k.input_ids, k.attention_mask, k.labels).sum()
 
-        fast, losses = self._inner_loop(knowledge_loss, base.unsqueeze(0).expand(len(batch), -1), steps, mode)
-        return self._unflatten(fast), losses
+        fast, losses = self._inner_loop(knowledge_loss, stacked, steps, mode)
+        return dict(zip(names, fast)), losses
 
     def _adapt_one(self, batch: TaskBatch, t: int, steps: int, mode: str) -> tuple[dict[str, Tensor], list[float]]:
-        """Fast weights of task ``t`` alone (looped engine, and passes of one task)."""
+        """Fast weights of task ``t`` alone (looped engine)."""
         _require_knowledge(batch)
+        names, base = self._weights()
         k = batch.knowledge
 
-        def knowledge_loss(flat: Tensor) -> Tensor:
-            return self._task_loss(self._unflatten(flat), k.input_ids[t], k.attention_mask[t], k.labels[t])
+        def knowledge_loss(weights: list[Tensor]) -> Tensor:
+            return self._task_loss(dict(zip(names, weights)), k.input_ids[t], k.attention_mask[t], k.labels[t])
 
-        fast, losses = self._inner_loop(knowledge_loss, self._flat_weights(), steps, mode)
-        return self._unflatten(fast), losses
+        fast, losses = self._inner_loop(knowledge_loss, list(base), steps, mode)
+        return dict(zip(names, fast)), losses
 
     # -- training ---------------------------------------------------------------------------------
 

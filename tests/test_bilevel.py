@@ -282,6 +282,23 @@ def test_first_order_gradient_matches_its_definition(optimizer):
     assert torch.allclose(got[-1], expected_lrs, rtol=1e-6, atol=1e-10)
 
 
+def assert_same_step_and_evaluation(reference, method, batch, loss_scale: float = 1.0) -> None:
+    """One outer step and one evaluation of each: the same losses, meta-gradient and predictions."""
+    results = []
+    for m in (reference, method):
+        zero_grads(m)
+        out = m.forward_backward(batch, loss_scale=loss_scale)
+        results.append((out, grads(m), m.evaluate(batch)))
+    (out_r, g_r, ev_r), (out_m, g_m, ev_m) = results
+    assert math.isclose(out_r["loss"], out_m["loss"], rel_tol=1e-12)
+    assert math.isclose(out_r["knowledge_loss"], out_m["knowledge_loss"], rel_tol=1e-12)
+    for x, y in zip(g_r, g_m):
+        assert torch.allclose(x, y, rtol=1e-9, atol=1e-12)
+    assert float(g_m[-1].abs().sum()) > 0  # the learned rates did get a gradient
+    assert ev_r["prediction"] == ev_m["prediction"]
+    assert all(math.isclose(x, y, rel_tol=1e-12) for x, y in zip(ev_r["answer_loss"], ev_m["answer_loss"]))
+
+
 @pytest.mark.parametrize("optimizer,first_order", [("adamw", False), ("sgd", False), ("adamw", True)])
 def test_batched_engine_equals_looped_reference_on_a_mixed_hop_batch(optimizer, first_order):
     cfg = make_cfg(f"inner.optimizer={optimizer}", f"inner.first_order={str(first_order).lower()}",
@@ -289,19 +306,7 @@ def test_batched_engine_equals_looped_reference_on_a_mixed_hop_batch(optimizer, 
     looped, batch = build(cfg, engine="looped")
     batched, _ = build(cfg, engine="batched")
     assert sorted(set(looped.inner_steps(batch))) == [1, 2, 3]
-    results = []
-    for method in (looped, batched):
-        zero_grads(method)
-        out = method.forward_backward(batch, loss_scale=0.5)
-        results.append((out, grads(method), method.evaluate(batch)))
-    (out_l, g_l, ev_l), (out_b, g_b, ev_b) = results
-    assert math.isclose(out_l["loss"], out_b["loss"], rel_tol=1e-12)
-    assert math.isclose(out_l["knowledge_loss"], out_b["knowledge_loss"], rel_tol=1e-12)
-    for a, b in zip(g_l, g_b):
-        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
-    assert float(g_b[-1].abs().sum()) > 0  # the learned rates did get a gradient
-    assert ev_l["prediction"] == ev_b["prediction"]
-    assert all(math.isclose(x, y, rel_tol=1e-12) for x, y in zip(ev_l["answer_loss"], ev_b["answer_loss"]))
+    assert_same_step_and_evaluation(looped, batched, batch, loss_scale=0.5)
 
 
 @pytest.mark.parametrize("engine,optimizer,options", [
@@ -317,18 +322,7 @@ def test_memory_options_keep_the_meta_gradient(engine, optimizer, options):
     lr = "inner.lr_init=0.05" if optimizer == "adamw" else "inner.lr_init=0.5"
     reference, batch = build(make_cfg(f"inner.optimizer={optimizer}", lr), engine="batched")
     method, _ = build(make_cfg(f"inner.optimizer={optimizer}", lr, *options), engine=engine)
-    results = []
-    for m in (reference, method):
-        zero_grads(m)
-        out = m.forward_backward(batch)
-        results.append((out, grads(m), m.evaluate(batch)))
-    (out_r, g_r, ev_r), (out_m, g_m, ev_m) = results
-    assert math.isclose(out_r["loss"], out_m["loss"], rel_tol=1e-12)
-    assert math.isclose(out_r["knowledge_loss"], out_m["knowledge_loss"], rel_tol=1e-12)
-    for a, b in zip(g_r, g_m):
-        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
-    assert float(g_m[-1].abs().sum()) > 0
-    assert ev_r["prediction"] == ev_m["prediction"]
+    assert_same_step_and_evaluation(reference, method, batch)
 
 
 def test_tasks_per_pass_splits_each_inner_step_group():

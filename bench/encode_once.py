@@ -95,7 +95,7 @@ def timed(fn: Callable[[], Any], device: str) -> float:
 
 def run_facts(num_facts: int, args: argparse.Namespace) -> dict[str, Any]:
     """Measured totals for every Q and the per-component medians, for one knowledge size."""
-    from reckoning_ray.bilevel import NO_GRAPH, ReckoningMethod, causal_lm_logits
+    from reckoning_ray.bilevel import ReckoningMethod, causal_lm_logits
 
     max_q = max(args.questions)
     records = shared_knowledge_records(num_facts, max_q, seed=args.seed)
@@ -111,12 +111,10 @@ def run_facts(num_facts: int, args: argparse.Namespace) -> dict[str, Any]:
     reck = encode(setup, records, method="reckoning", multi_task=False).to(args.device)
     icr = encode(setup, records, method="icr", multi_task=False).to(args.device)
     method = ReckoningMethod(setup.model, setup.tokenizer, setup.cfg, engine="batched").eval()
-    names = method.param_names()
     first = reck.select([0])  # the knowledge is the same for every question
 
     def encode_knowledge() -> dict[str, torch.Tensor]:
-        fast, _ = method._adapt(first, args.inner_steps, NO_GRAPH)
-        return {n: fast[n][0] for n in names}
+        return method.fast_weights(first, args.inner_steps)[0]
 
     def answer(params: Optional[dict[str, torch.Tensor]], seq: Any, q: int) -> torch.Tensor:
         # Only the real tokens: a question is never padded to the longest one of the set.

@@ -64,6 +64,19 @@ def parse_args(argv: Optional[list[str]], prog: str, description: str, epilog: s
     return args
 
 
+def run_command(args: argparse.Namespace, job: Callable[[DictConfig], Any]) -> int:
+    """Load the config of ``args``, print it, run ``job(cfg)``; exit status 2 with the message of
+    any :class:`ConfigError` (bad key, value or file, before or during the run), else 0."""
+    try:
+        cfg = load_config(args.preset, args.overrides)
+        print(OmegaConf.to_yaml(cfg))
+        job(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def run_name(cfg: DictConfig) -> str:
     return cfg.train.run_name or cfg.preset
 
@@ -359,18 +372,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv, "python -m reckoning_ray.train",
                       "Train RECKONING (or an in-context baseline) with Ray Train.", EPILOG)
-    try:
-        cfg = load_config(args.preset, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(OmegaConf.to_yaml(cfg))
-    try:
-        run(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(args, run)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from .config import ConfigError, load_config, node_type_for, save_config, validate
 from .tracking import run_names
-from .train import parse_args
+from .train import parse_args, run_command
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "tune_spaces"
 # Distribution name -> (argument form, builder). Arguments come as a list in the YAML.
@@ -492,14 +492,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         extra=lambda p: p.add_argument("--resume", action="store_true",
                                        help="continue the interrupted sweep tune.storage_path/tune.name"),
     )
-    try:
-        cfg = load_config(args.preset, args.overrides)
-        print(OmegaConf.to_yaml(cfg))
-        run(cfg, resume=args.resume)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(args, lambda cfg: run(cfg, resume=args.resume))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ question is then one forward pass of its prompt + answer with the fast weights. 
 reasoning is one forward pass per question of the knowledge + question + answer with the model's
 own weights. Both answer one question per forward pass (the paper's comparison), on the same model.
 
+Before timing, the script checks that encoding once gives the engine's own answers (the first
+questions' logits with the shared fast weights against an inner loop on each question's own
+knowledge) and that every in-context input holds every knowledge sentence; otherwise it exits with status 2.
+
 Break-even: the smallest Q with ``inner + Q * t_reckoning <= Q * t_in_context``, from the median
 inner-loop time and the median per-question times; "never" when a RECKONING question is not
 cheaper than an in-context one. The totals in the table are measured, not computed.
@@ -36,6 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ATTRIBUTES, MODEL_SHAPES, NAMES, RELATIONS, build_setup, encode, format_table, print_header  # noqa: E402
+
+EXIT_DISAGREE = 2  # the encode-once answers are not the engine's answers
 
 # Reported in the RECKONING paper (Chen et al., NeurIPS 2023) for GPT-2 base; printed for context.
 PAPER = "paper (GPT-2 base): 0.126 s per 1024-token in-context forward pass; 1.50 s for the inner loop + answer"
@@ -132,6 +138,7 @@ def run_facts(num_facts: int, args: argparse.Namespace) -> dict[str, Any]:
             for q in range(num_questions):
                 answer(None, icr.sequence, q)
 
+    require_same_answers(method, reck, icr, records, setup.tokenizer, answer, encode_knowledge, args)
     reckoning(1), in_context(1)  # warm-up
     totals: dict[int, tuple[float, float]] = {}
     for q in args.questions:
@@ -152,6 +159,40 @@ def run_facts(num_facts: int, args: argparse.Namespace) -> dict[str, Any]:
         "tokens_reck": int(reck.sequence.attention_mask[0].sum()), "tokens_icr": int(icr.sequence.attention_mask[0].sum()),
         "knowledge_tokens": int(first.knowledge.attention_mask.sum()),
     }
+
+
+def require_same_answers(method: Any, reck: Any, icr: Any, records: Sequence[dict[str, Any]], tokenizer: Any,
+                         answer: Callable, shared: Callable, args: argparse.Namespace) -> None:
+    """Before timing: encode-once must answer what the engine answers, and in-context prompts must
+    hold the knowledge; else print why and exit with status 2 (no time is printed).
+
+    For the first ``--check-questions`` questions, the logits of the question with the ONE shared
+    set of fast weights must equal (relative ``--tolerance``) the logits after an inner loop on that
+    question's own knowledge batch (``ReckoningMethod.fast_weights``): the reuse is exact only if
+    every question really carries the same knowledge. Each in-context input must hold every
+    knowledge sentence of its record.
+    """
+    problems = []
+    with torch.no_grad():
+        fast = shared()
+        for q in range(min(args.check_questions, len(reck))):
+            own = method.fast_weights(reck.select([q]), args.inner_steps)[0]
+            a, b = answer(fast, reck.sequence, q), answer(own, reck.sequence, q)
+            error = float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+            if not error <= args.tolerance:
+                problems.append(f"question {q}: encode-once logits differ from its own inner loop's by {error:.2e}")
+    missing = []
+    for q, record in enumerate(records):
+        ids = icr.sequence.input_ids[q][icr.sequence.attention_mask[q].bool()]
+        text = " ".join(tokenizer.decode(ids.tolist()).split())
+        if not all(" ".join(fact.rstrip(" .").split()) in text for fact in record["knowledge"]):
+            missing.append(q)
+    if missing:
+        problems.append(f"the in-context inputs of questions {missing[:5]} lack knowledge sentences")
+    if problems:
+        print("REFUSED: " + "; ".join(problems) + ". No time is printed: the two methods would not be answering "
+              "the same questions about the same knowledge.", file=sys.stderr)
+        raise SystemExit(EXIT_DISAGREE)
 
 
 def _ints(text: str) -> list[int]:
@@ -185,6 +226,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads; 0 keeps torch's choice. Default: 1 (with OpenMP threads on "
                         "every core, any other process on the machine makes timings jump 10-100x)")
+    p.add_argument("--check-questions", type=int, default=3,
+                   help="questions whose encode-once answers are checked against their own inner loop. Default: 3")
+    p.add_argument("--tolerance", type=float, default=1e-5,
+                   help="largest relative logit difference in that check. Default: 1e-5")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.inner_steps < 1 or args.repeats < 1 or args.component_repeats < 1:

@@ -13,9 +13,13 @@ wraps three functions in every worker process and records how long each call too
                                              the slower worker is reported apart from the
                                              all-reduce itself
 
-An epoch holds the same tasks whatever the worker count (each optimizer step consumes
-``batch_size * grad_accum * workers`` tasks), so seconds per epoch compare directly. The table
-gives the slowest worker's sums (the step ends when the slowest worker reaches the all-reduce).
+The global batch stays the preset's: with n workers each takes ``train.batch_size / n`` tasks per
+step, so every worker count runs the same optimizer steps on the same tasks and must train the same
+model (the gradients are SUM-all-reduced). Before printing any speed-up the script checks that:
+every validation round's ``val/answer_loss`` and ``train/loss`` must agree with the one-worker
+run's within ``--tolerance`` (relative), else it prints the differences and exits with status 2.
+The table gives the slowest worker's sums (the step ends when the slowest worker reaches the
+all-reduce).
 
 Examples::
 
@@ -37,6 +41,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+EXIT_DISAGREE = 2  # the worker counts trained different models
 
 from common import format_table, print_header  # noqa: E402
 
@@ -114,6 +120,33 @@ def read_timings(directory: Path) -> list[dict[str, Any]]:
     return workers
 
 
+def require_agreement(histories: dict[int, list[dict[str, Any]]], tolerance: float) -> None:
+    """Every worker count's validation rounds must match the first count's (same steps, same
+    ``val/answer_loss`` and ``train/loss`` within ``tolerance`` relative); exits with status 2
+    otherwise, before any speed-up is printed."""
+    first = min(histories)
+    problems = []
+    for n, rows in histories.items():
+        ref = histories[first]
+        if [r["step"] for r in rows] != [r["step"] for r in ref]:
+            problems.append(f"{n} workers validated at steps {[r['step'] for r in rows]}, "
+                            f"{first} worker(s) at {[r['step'] for r in ref]}")
+            continue
+        for a, b in zip(rows, ref):
+            for key in ("val/answer_loss", "train/loss"):
+                if abs(a[key] - b[key]) > tolerance * max(abs(b[key]), 1e-12):
+                    problems.append(f"step {a['step']}: {key} {a[key]:.8g} with {n} workers, {b[key]:.8g} "
+                                    f"with {first}")
+    if problems:
+        print("\nREFUSED: the worker counts did not train the same model (relative tolerance "
+              f"{tolerance:g}):\n  " + "\n  ".join(problems) + "\nNo speed-up is printed.", file=sys.stderr)
+        raise SystemExit(EXIT_DISAGREE)
+    worst = max((abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for n, rows in histories.items()
+                 for a, b in zip(rows, histories[first]) for k in ("val/answer_loss", "train/loss")), default=0.0)
+    print(f"\nagreement: every worker count trained the same model (largest relative difference of "
+          f"val/answer_loss and train/loss over {len(histories[first])} validations: {worst:.1e})")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -123,6 +156,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--preset", default="embedded", help="preset name or YAML path. Default: embedded")
     p.add_argument("--workers", default="1,2", help="worker counts, comma-separated. Default: 1,2")
     p.add_argument("--epochs", type=int, default=1, help="epochs per run. Default: 1")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest relative difference of a validation metric between worker counts. Default: 1e-4")
     p.add_argument("--output-dir", default=None, help="where the runs are written (default: a temporary directory)")
     args = p.parse_args(argv)
     try:
@@ -153,11 +188,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     timings_root = root / "timings"
     rows, summaries = [], {}
     base: Optional[float] = None
+    global_batch = int(load_config(args.preset, list(args.overrides)).train.batch_size)
+    uneven = [n for n in args.workers if global_batch % n]
+    if uneven:
+        raise SystemExit(f"train.batch_size={global_batch} does not split evenly over {uneven} workers: "
+                         "choose worker counts that divide it (or set train.batch_size=...)")
+    histories: dict[int, list[dict[str, Any]]] = {}
     for n in args.workers:
         out = timings_root / f"workers-{n}"
         out.mkdir(parents=True, exist_ok=True)
         cfg = load_config(args.preset, [
-            *args.overrides, f"resources.num_workers={n}", f"train.epochs={args.epochs}",
+            *args.overrides, f"resources.num_workers={n}", f"train.batch_size={global_batch // n}",
+            f"train.epochs={args.epochs}",
             f"train.output_dir={root / 'runs'}", f"train.run_name=scaling-{n}-workers", "tracking.mode=disabled",
             "train.patience=0",
         ])
@@ -187,11 +229,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         steps = slowest["counts"]["train_step"] / args.epochs
         base = base or train
         summaries[n] = summary
+        run_dir = root / "runs" / f"scaling-{n}-workers"
+        histories[n] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         rows.append([n, f"{steps:.0f}", f"{train:.1f}", f"{validate:.1f}", f"{allreduce:.2f}",
                      f"{100 * allreduce / train:.1f}%" if train else "-", f"{wait:.2f}",
                      f"{base / train:.2f}x", f"{wall:.0f}"])
         print(f"  {n} worker(s): {train:.1f} s training per epoch ({steps:.0f} steps), all-reduce {allreduce:.2f} s, "
               f"waiting for the slower worker {wait:.2f} s, validation {validate:.1f} s, run {wall:.0f} s", flush=True)
+    require_agreement(histories, args.tolerance)
     print("\n## seconds per epoch (slowest worker) and all-reduce share")
     print(format_table(["workers", "steps/epoch", "train s/epoch", "validation s/epoch", "all-reduce s/epoch",
                         "all-reduce share of train", "max wait at barrier s/epoch", "speed-up (train)",

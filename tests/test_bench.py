@@ -103,3 +103,35 @@ def test_memory_modes_refuse_an_option_that_changes_the_meta_gradient(capsys):
     # the honest options passed the same check
     rows = [line for line in captured.out.splitlines() if "| second |" in line]
     assert any("checkpoint" in r for r in rows) and any("per-task" in r for r in rows)
+
+
+def test_encode_once_refuses_when_a_question_carries_other_knowledge(monkeypatch, capsys):
+    encode_once = load("encode_once")
+    original = encode_once.shared_knowledge_records
+
+    def one_differs(num_facts, num_questions, seed=0):
+        records = original(num_facts, num_questions, seed=seed)
+        records[1] = dict(records[1], knowledge=records[1]["knowledge"][1:])  # one fact fewer
+        return records
+
+    monkeypatch.setattr(encode_once, "shared_knowledge_records", one_differs)
+    with pytest.raises(SystemExit) as info:
+        encode_once.main(["--model", "tiny", "--facts", "4", "--questions", "2", "--inner-lr", "1e-2"])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert "REFUSED: question 1" in captured.err
+    assert "break-even" not in captured.out
+
+
+def test_scaling_refuses_worker_counts_that_trained_different_models(capsys):
+    scaling = load("scaling")
+    one = [{"step": 16, "val/answer_loss": 1.2237, "train/loss": 1.8783},
+           {"step": 32, "val/answer_loss": 0.9127, "train/loss": 1.0281}]
+    same = [dict(r, **{"val/answer_loss": r["val/answer_loss"] * (1 + 1e-7)}) for r in one]
+    scaling.require_agreement({1: one, 2: same}, 1e-4)
+    assert "trained the same model" in capsys.readouterr().out
+    other = [one[0], dict(one[1], **{"val/answer_loss": 0.95})]
+    with pytest.raises(SystemExit) as info:
+        scaling.require_agreement({1: one, 2: other}, 1e-4)
+    assert info.value.code == 2
+    assert "step 32: val/answer_loss 0.95 with 2 workers" in capsys.readouterr().err

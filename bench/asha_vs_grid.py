@@ -54,7 +54,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, format_table, print_header  # noqa: E402
+from common import REPO, argument_parser, format_table, print_header  # noqa: E402
 
 EXIT_DISAGREE = 2  # the two runs computed different numbers
 EXIT_CONFIG = 1  # a bad config key or grid value (argparse's usage errors exit with 2)
@@ -99,10 +99,7 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-    )
+    p = argument_parser(__doc__)
     p.add_argument("overrides", nargs="*", help="config overrides key=value, applied to both sweeps")
     p.add_argument("--preset", default="embedded", help="preset name or YAML path. Default: embedded")
     p.add_argument("--grid", action="append", default=None, metavar="KEY=V1,V2,...",

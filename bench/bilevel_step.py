@@ -56,6 +56,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    argument_parser,
+    comma_list,
+    positive_ints,
     MODEL_SHAPES,
     build_setup,
     current_rss_bytes,
@@ -384,46 +387,26 @@ def profile(case: Case, impl: str, args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _list(kind: Callable[[str], Any], choices: Optional[Sequence[Any]] = None) -> Callable[[str], list]:
-    def parse(text: str) -> list:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-        bad = [v for v in values if choices is not None and v not in choices]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of {list(choices or [])}")
-        return values
-    return parse
-
-
-def _positive_ints(text: str) -> list[int]:
-    values = _list(int)(text)
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be >= 1")
-    return values
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-    )
-    p.add_argument("--models", type=_list(str, list(MODEL_SHAPES)), default=["tiny", "small"],
+    p = argument_parser(__doc__)
+    p.add_argument("--models", type=comma_list(str, list(MODEL_SHAPES)), default=["tiny", "small"],
                    help="model shapes: tiny (1 x 64, the embedded preset), small (6 x 384), gpt2 "
                         "(12 x 768, vocabulary 50,257). Default: tiny,small")
-    p.add_argument("--orders", type=_list(str, ORDERS), default=["second", "first"],
+    p.add_argument("--orders", type=comma_list(str, ORDERS), default=["second", "first"],
                    help="second and/or first (inner gradients held constant). Default: second,first")
-    p.add_argument("--optimizers", type=_list(str, OPTIMIZERS), default=["adamw"],
+    p.add_argument("--optimizers", type=comma_list(str, OPTIMIZERS), default=["adamw"],
                    help="inner optimizer(s): adamw (the paper's) and/or sgd. Default: adamw")
-    p.add_argument("--inner-steps", type=_positive_ints, default=[1, 4],
+    p.add_argument("--inner-steps", type=positive_ints, default=[1, 4],
                    help="inner steps per task, e.g. 1,4,5,8. Default: 1,4")
-    p.add_argument("--batch", type=_positive_ints, default=[1, 8],
+    p.add_argument("--batch", type=positive_ints, default=[1, 8],
                    help="tasks per outer step, e.g. 1,2,8,32. Default: 1,8")
-    p.add_argument("--impls", type=_list(str, IMPLS), default=list(IMPLS),
+    p.add_argument("--impls", type=comma_list(str, IMPLS), default=list(IMPLS),
                    help=f"implementations to compare (subset of {','.join(IMPLS)}). Default: all")
-    p.add_argument("--big-batch", type=_positive_ints, default=[1, 2],
+    p.add_argument("--big-batch", type=positive_ints, default=[1, 2],
                    help="tasks per outer step for the models other than tiny: a second-order AdamW "
                         "inner step keeps ~14 copies of the weights per task alive (a 6 x 384 model: "
                         "~600 MB per task per step). Default: 1,2")
-    p.add_argument("--big-inner-steps", type=_positive_ints, default=[1],
+    p.add_argument("--big-inner-steps", type=positive_ints, default=[1],
                    help="inner steps for the models other than tiny. Default: 1")
     p.add_argument("--facts", type=int, default=8, help="knowledge sentences per task. Default: 8")
     p.add_argument("--max-length", type=int, default=64, help="model.max_length (tokens). Default: 64")

@@ -11,6 +11,7 @@ the tensors have exactly the shapes training uses.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import random
@@ -20,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -258,3 +259,39 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
            "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"]
     out += ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |" for r in cells[1:]]
     return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: its module docstring's first paragraph as the description, the rest
+    (what it measures, how, the examples) as the epilog of ``--help``."""
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(doc.split("\n\n")[1:]),
+    )
+
+
+def comma_list(kind: Callable[[str], Any], choices: Optional[Sequence[Any]] = None) -> Callable[[str], list]:
+    """An argparse type: a non-empty comma-separated list of ``kind`` values, each in ``choices``."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list") from None
+        bad = [v for v in values if choices is not None and v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of {list(choices or [])}")
+        return values
+    return parse
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated integers, each >= 1."""
+    values = comma_list(int)(text)
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be >= 1")
+    return values

@@ -39,7 +39,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ATTRIBUTES, MODEL_SHAPES, NAMES, RELATIONS, build_setup, encode, format_table, print_header  # noqa: E402
+from common import (  # noqa: E402
+    ATTRIBUTES,
+    MODEL_SHAPES,
+    NAMES,
+    RELATIONS,
+    argument_parser,
+    build_setup,
+    encode,
+    format_table,
+    positive_ints,
+    print_header,
+)
 
 EXIT_DISAGREE = 2  # the encode-once answers are not the engine's answers
 
@@ -195,25 +206,12 @@ def require_same_answers(method: Any, reck: Any, icr: Any, records: Sequence[dic
         raise SystemExit(EXIT_DISAGREE)
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers >= 1")
-    return values
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-    )
+    p = argument_parser(__doc__)
     p.add_argument("--model", choices=list(MODEL_SHAPES), default="small",
                    help="tiny (1 x 64), small (6 x 384) or gpt2 (12 x 768, vocabulary 50,257). Default: small")
-    p.add_argument("--facts", type=_ints, default=[8, 32, 128], help="knowledge sizes. Default: 8,32,128")
-    p.add_argument("--questions", type=_ints, default=[1, 4, 16, 64], help="Q values. Default: 1,4,16,64")
+    p.add_argument("--facts", type=positive_ints, default=[8, 32, 128], help="knowledge sizes. Default: 8,32,128")
+    p.add_argument("--questions", type=positive_ints, default=[1, 4, 16, 64], help="Q values. Default: 1,4,16,64")
     p.add_argument("--inner-steps", type=int, default=4, help="inner AdamW steps (paper: 4). Default: 4")
     p.add_argument("--inner-lr", type=float, default=3e-5, help="inner learning rate (paper init 3e-5)")
     p.add_argument("--repeats", type=int, default=1,

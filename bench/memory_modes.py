@@ -56,8 +56,6 @@ from bilevel_step import (  # noqa: E402
     EXIT_DISAGREE,
     Case,
     Disagreement,
-    _list,
-    _positive_ints,
     check_gradients,
     initial_lrs,
     make_impl,
@@ -66,6 +64,9 @@ from bilevel_step import (  # noqa: E402
     zero_grad,
 )
 from common import (  # noqa: E402
+    argument_parser,
+    comma_list,
+    positive_ints,
     MODEL_SHAPES,
     build_setup,
     current_rss_bytes,
@@ -228,17 +229,14 @@ def measure(case: Case, mode: str, args: argparse.Namespace, grad_file: str) -> 
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("Examples::")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--models", type=_list(str, list(MODEL_SHAPES)), default=["tiny", "small"],
+    p = argument_parser(__doc__)
+    p.add_argument("--models", type=comma_list(str, list(MODEL_SHAPES)), default=["tiny", "small"],
                    help=f"model shapes, comma-separated, of {list(MODEL_SHAPES)}. Default: tiny,small")
-    p.add_argument("--tasks", type=_positive_ints, default=None,
+    p.add_argument("--tasks", type=positive_ints, default=None,
                    help="tasks per outer step, comma-separated. Default: 8 for tiny, 2 for the others")
-    p.add_argument("--inner-steps", type=_positive_ints, default=[4], help="inner steps, comma-separated. Default: 4")
+    p.add_argument("--inner-steps", type=positive_ints, default=[4], help="inner steps, comma-separated. Default: 4")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="inner optimizer. Default: adamw")
-    p.add_argument("--modes", type=_list(str, list(MODES)), default=list(MODES),
+    p.add_argument("--modes", type=comma_list(str, list(MODES)), default=list(MODES),
                    help=f"modes, comma-separated, of {list(MODES)}. Default: all")
     p.add_argument("--facts", type=int, default=8, help="knowledge sentences per task. Default: 8")
     p.add_argument("--max-length", type=int, default=64, help="model.max_length (tokens). Default: 64")

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 EXIT_DISAGREE = 2  # the worker counts trained different models
 
-from common import format_table, print_header  # noqa: E402
+from common import argument_parser, format_table, print_header  # noqa: E402
 
 TIMINGS_ENV = "RECKONING_BENCH_TIMINGS"
 
@@ -148,10 +148,7 @@ def require_agreement(histories: dict[int, list[dict[str, Any]]], tolerance: flo
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-    )
+    p = argument_parser(__doc__)
     p.add_argument("overrides", nargs="*", help="config overrides key=value, applied to every run")
     p.add_argument("--preset", default="embedded", help="preset name or YAML path. Default: embedded")
     p.add_argument("--workers", default="1,2", help="worker counts, comma-separated. Default: 1,2")

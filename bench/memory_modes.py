@@ -4,8 +4,8 @@ Modes (``reckoning_ray.bilevel.ReckoningMethod``, batched engine, config keys of
 
     second-order        the default: every inner step's activations and double-backward graph live
                         until the outer backward
-    checkpoint          inner.checkpoint=true: only each step's inputs (flat weights, AdamW
-                        moments) are kept; the step is recomputed in the backward pass
+    checkpoint          inner.checkpoint=true: only the inner gradients are kept; the backward
+                        pass replays the optimizer from them and recomputes each step
     per-task            inner.tasks_per_pass=1: the tasks of a step one after another
     checkpoint+per-task both
     bf16                inner.autocast=bf16: forward passes in bfloat16

@@ -31,8 +31,8 @@ Two engines compute the same numbers:
     data-dependent mask construction runs under ``vmap``.
 
 Memory options (``inner`` config group; ``bench/memory_modes.py`` measures them)
-    ``checkpoint`` keeps only each inner step's inputs and rebuilds the step's graph in the backward
-    pass (:class:`_RecomputedInnerStep`); ``autocast: bf16`` runs the forward passes in bfloat16;
+    ``checkpoint`` keeps only the inner gradients and rebuilds each step's graph in the backward
+    pass (:class:`_RecomputedInnerLoop`); ``autocast: bf16`` runs the forward passes in bfloat16;
     ``tasks_per_pass`` bounds how many tasks' inner graphs live at once; ``first_order`` drops the
     second-order terms altogether.
 
@@ -308,37 +308,302 @@ def adamw_step(
     return new_w, AdamWState(new_m, new_v, step)
 
 
-class _RecomputedInnerStep(torch.autograd.Function):
-    """One second-order inner step that keeps only its inputs (``inner.checkpoint``).
+@dataclass(frozen=True)
+class _InnerUpdate:
+    """The engine's inner optimizer step (:func:`adamw_step` with its smooth denominator, or
+    :func:`sgd_step`) as arithmetic without a graph, and its adjoint written out.
 
-    ``apply(step_fn, *inputs)`` returns ``(*outputs, loss)`` where ``step_fn(inputs, mode)`` is the
-    step (``ReckoningMethod._step_function``). The forward pass computes the outputs without a
-    graph (first-order arithmetic, the same values); the backward pass runs ``step_fn`` again with
-    ``create_graph`` on the saved inputs and back-propagates the outputs' gradients through that
-    rebuilt graph, which is freed before the previous step is rebuilt. Memory: the inputs of every
-    step (weights and AdamW moments) instead of every step's activations and double-backward
-    graph; time: one more forward and inner gradient per step. The outer gradient is the same as
-    without checkpointing (the recomputation repeats the same operations).
+    ``state`` is a list of tensors: empty for SGD and before AdamW's first step, AdamW's
+    ``[*exp_avg, *exp_avg_sq]`` after it. ``lrs`` is one ``[n]`` tensor (a rate per weight tensor),
+    ``step`` counts from 1. Recorded op by op, AdamW keeps four weight-sized tensors per inner step
+    for the outer backward (the gradient, the new first moment, ``rsqrt(v_hat + eps^2)`` and the
+    update direction) and adds a dozen autograd nodes per weight tensor; through
+    :class:`_FusedStep` it keeps only its inputs and recomputes the rest.
+
+    AdamW, with ``m' = b1 m + (1 - b1) g``, ``v' = b2 v + (1 - b2) g^2``,
+    ``r = (v' / c2 + eps^2)^-1/2``, ``w' = w (1 - lr wd) - (lr / c1) m' r`` (``c1``, ``c2`` the
+    bias corrections) and ``G_x`` the gradient reaching ``x``::
+
+        G_m' = G_m'(out) - (lr / c1) r G_w'        G_v' = G_v'(out) + (lr / c1) m' r^3 / (2 c2) G_w'
+        G_w = (1 - lr wd) G_w'                     G_lr = -sum(G_w' (wd w + m' r / c1))
+        G_g = (1 - b1) G_m' + 2 (1 - b2) g G_v'    G_m = b1 G_m',  G_v = b2 G_v'
+
+    SGD (``w' = w - lr g``): ``G_w = G_w'``, ``G_g = -lr G_w'``, ``G_lr = -sum(G_w' g)``.
+    """
+
+    adamw: bool
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+
+    def _moments(self, g: Tensor, state: Sequence[Tensor], i: int, n: int) -> tuple[Tensor, Tensor]:
+        b1, b2 = self.beta1, self.beta2
+        if not state:  # first step: zero moments, nothing to multiply
+            return g * (1.0 - b1), torch.mul(g, g).mul_(1.0 - b2)
+        return torch.lerp(state[i], g, 1.0 - b1), torch.addcmul(state[n + i] * b2, g, g, value=1.0 - b2)
+
+    def _rsqrt(self, v: Tensor, c2: float) -> Tensor:
+        return (v / c2).add_(self.eps * self.eps).rsqrt_()
+
+    def apply(self, step: int, weights: Sequence[Tensor], grads: Sequence[Tensor], state: Sequence[Tensor],
+              lrs: Tensor, release: bool = False) -> tuple[list[Tensor], list[Tensor]]:
+        """New weights and state (no graph is recorded by the arithmetic itself).
+
+        ``release``: ``weights`` and ``state`` are lists owned by the caller; each entry is set to
+        None once used, so the old and the new step hold about one tensor's memory together.
+        """
+        n = len(weights)
+        rates = lrs.unbind(0)
+        if not self.adamw:
+            new = []
+            for i, g in enumerate(grads):
+                new.append(weights[i] - rates[i] * g)
+                if release:
+                    weights[i] = None  # type: ignore[index]
+            return new, []
+        c1, c2 = 1.0 - self.beta1**step, 1.0 - self.beta2**step
+        decay, size = (1.0 - lrs * self.weight_decay).unbind(0), (lrs / c1).unbind(0)
+        new_w, new_m, new_v = [], [], []
+        for i, g in enumerate(grads):
+            m, v = self._moments(g, state, i, n)
+            new_w.append(torch.mul(weights[i], decay[i]).sub_(self._rsqrt(v, c2).mul_(m).mul_(size[i])))
+            new_m.append(m)
+            new_v.append(v)
+            if release:
+                _release(weights, state, i, n)
+        return new_w, [*new_m, *new_v]
+
+    def adjoint(
+        self,
+        step: int,
+        weights: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        state: Sequence[Tensor],
+        lrs: Tensor,
+        d_weights: Sequence[Optional[Tensor]],
+        d_state: Sequence[Optional[Tensor]],
+        needs: Optional[Sequence[bool]] = None,
+        release: bool = False,
+    ) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]], list[Optional[Tensor]], Optional[Tensor]]:
+        """Gradients reaching (weights, grads, state, lrs) from those of the new weights and state.
+
+        ``d_*`` entries may be None (no gradient); ``d_state`` may be empty. ``needs``: which of
+        ``[*weights, *grads, *state, lrs]`` want a gradient (default all). ``release``: as in
+        :meth:`apply`, for ``weights``, ``state``, ``d_weights`` and ``d_state``.
+        """
+        n = len(weights)
+        needs = list(needs) if needs is not None else [True] * (2 * n + len(state) + 1)
+        need_w, need_g, need_s, need_lr = needs[:n], needs[n : 2 * n], needs[2 * n : -1], needs[-1]
+        d_w: list[Optional[Tensor]] = [None] * n
+        d_g: list[Optional[Tensor]] = [None] * n
+        d_s: list[Optional[Tensor]] = [None] * len(state)
+        d_lr = torch.zeros_like(lrs) if need_lr else None
+        rates = lrs.unbind(0)
+        if not self.adamw:
+            for i, g in enumerate(grads):
+                gw = d_weights[i]
+                if gw is not None:
+                    d_w[i] = gw if need_w[i] else None
+                    d_g[i] = gw * -rates[i] if need_g[i] else None
+                    if d_lr is not None:
+                        d_lr[i] = -torch.vdot(gw.reshape(-1), g.reshape(-1))
+                if release:
+                    del gw
+                    _release(weights, d_weights, i, n)
+            return d_w, d_g, d_s, d_lr
+        b1, b2, wd = self.beta1, self.beta2, self.weight_decay
+        c1, c2 = 1.0 - b1**step, 1.0 - b2**step
+        decay, size = (1.0 - lrs * wd).unbind(0), (lrs / c1).unbind(0)
+        for i in range(n):
+            gw = d_weights[i]
+            gm, gv = (d_state[i], d_state[n + i]) if d_state else (None, None)
+            if gw is None and gm is None and gv is None:
+                if release:
+                    for items in (weights, state):
+                        _release(items, items, i, n)
+                continue
+            w, g = weights[i], grads[i]
+            m, v = self._moments(g, state, i, n)
+            r = self._rsqrt(v, c2)
+            del v
+            dm, dv = gm, gv
+            if gw is not None:
+                if need_w[i]:
+                    d_w[i] = gw * decay[i]
+                if d_lr is not None:
+                    d_lr[i] = -(wd * torch.vdot(gw.reshape(-1), w.reshape(-1))
+                                + torch.vdot(gw.reshape(-1), (m * r).reshape(-1)) / c1)
+                dd = gw * -size[i]
+                dm = dd * r if dm is None else torch.addcmul(dm, dd, r)
+                dr = dd.mul_(m).mul_(r.pow_(3)).mul_(-0.5 / c2)  # d r / d v' = -r^3 / (2 c2)
+                dv = dr if dv is None else dr.add_(dv)
+            if need_g[i]:
+                d = None if dm is None else dm * (1.0 - b1)
+                if dv is not None:
+                    scale = 2.0 * (1.0 - b2)
+                    d = torch.mul(g, dv).mul_(scale) if d is None else d.addcmul_(g, dv, value=scale)
+                d_g[i] = d
+            if state:
+                d_s[i] = dm * b1 if need_s[i] and dm is not None else None
+                d_s[n + i] = dv * b2 if need_s[n + i] and dv is not None else None
+            if release:
+                del w, m, gw, gm, gv, dm, dv
+                for items in (weights, state, d_weights, d_state):
+                    _release(items, items, i, n)
+        return d_w, d_g, d_s, d_lr
+
+
+def _release(first: list, pairs: list, i: int, n: int) -> None:
+    """Set entry ``i`` of ``first`` and entries ``i``, ``n + i`` of ``pairs`` (when present) to None."""
+    if i < len(first):
+        first[i] = None
+    for j in (i, n + i):
+        if j < len(pairs):
+            pairs[j] = None
+
+
+class _FusedStep(torch.autograd.Function):
+    """One inner step of :class:`_InnerUpdate` as a single autograd node.
+
+    ``apply(update, step, n, *weights, *grads, *state, lrs)`` -> ``(*new weights, *new state)``.
+    Keeps its inputs for the backward pass (of which only the inner gradient is new memory: the
+    weights and the state are kept by the steps around it) and runs
+    :meth:`_InnerUpdate.adjoint` there. Its backward pass is not itself differentiable (nothing in
+    RECKONING differentiates it).
     """
 
     @staticmethod
-    def forward(ctx: Any, step_fn: Callable, *inputs: Tensor) -> tuple[Tensor, ...]:
-        ctx.step_fn = step_fn
-        ctx.save_for_backward(*inputs)
+    def forward(ctx: Any, update: _InnerUpdate, step: int, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.update, ctx.step, ctx.n = update, step, n
+        ctx.save_for_backward(*tensors)
         ctx.set_materialize_grads(False)
-        outputs, loss = step_fn([x.detach() for x in inputs], FIRST_ORDER)
-        return (*[o.detach() for o in outputs], loss.detach())
+        new, state = update.apply(step, tensors[:n], tensors[n : 2 * n], tensors[2 * n : -1], tensors[-1])
+        return (*new, *state)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-        inputs = [x.detach().requires_grad_(needs) for x, needs in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
+        n, saved = ctx.n, ctx.saved_tensors
+        d_w, d_g, d_s, d_lr = ctx.update.adjoint(
+            ctx.step, saved[:n], saved[n : 2 * n], saved[2 * n : -1], saved[-1],
+            grad_outputs[:n], grad_outputs[n:], ctx.needs_input_grad[3:],
+        )
+        return (None, None, None, *d_w, *d_g, *d_s, d_lr)
+
+
+def fused_adamw_step(
+    weights: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    lrs: Tensor,
+    state: AdamWState,
+    *,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+) -> tuple[list[Tensor], AdamWState]:
+    """:func:`adamw_step` (smooth denominator) as the engine runs it: one :class:`_FusedStep`
+    node, ``lrs`` one ``[len(weights)]`` tensor. Same values and derivatives, less memory."""
+    n, step = len(weights), state.step + 1
+    moments = [*state.exp_avg, *state.exp_avg_sq] if state.step else []
+    update = _InnerUpdate(True, beta1, beta2, eps, weight_decay)
+    out = _FusedStep.apply(update, step, n, *weights, *grads, *moments, lrs)
+    return list(out[:n]), AdamWState(list(out[n : 2 * n]), list(out[2 * n :]), step)
+
+
+def _inner_gradient(loss_fn: Callable[[list[Tensor]], Tensor], weights: Sequence[Tensor], create_graph: bool
+                    ) -> tuple[Tensor, list[Tensor]]:
+    """``(loss, d loss / d weights)``; zeros where a weight gets no gradient.
+
+    ``create_graph`` (second order): the gradient stays a function of ``weights``. Otherwise the
+    loss runs on detached copies and its graph is freed at once (the gradient is a constant).
+    """
+    if create_graph:
+        loss = loss_fn(list(weights))
+        grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
+    else:
+        probes = [w.detach().requires_grad_(True) for w in weights]
         with torch.enable_grad():
-            outputs, _ = ctx.step_fn(inputs, SECOND_ORDER)
-        pairs = [(o, g) for o, g in zip(outputs, grad_outputs[:-1]) if g is not None and o.requires_grad]
-        wanted = [x for x in inputs if x.requires_grad]
-        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
-                     if pairs and wanted else [None] * len(wanted))
-        return (None, *[next(grads) if x.requires_grad else None for x in inputs])
+            loss = loss_fn(probes)
+            grads = torch.autograd.grad(loss, probes, allow_unused=True)
+    return loss, [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
+
+
+class _RecomputedInnerLoop(torch.autograd.Function):
+    """The whole second-order inner loop, keeping only the inner gradients (``inner.checkpoint``).
+
+    ``apply(loss_fn, update, steps, n, *weights, lrs)`` -> ``(*fast weights, losses)`` with
+    ``lrs`` the ``[max steps, n]`` learned rates and ``losses`` the knowledge loss before each step
+    (no gradient). The forward pass runs the loop without a graph and keeps the inner gradients of
+    steps 1 .. N-1 (detached). The backward pass walks the steps in reverse: it rebuilds the
+    weights and optimizer state before step k by replaying the optimizer arithmetic from the
+    initial weights and the kept gradients (no model passes), recomputes step k's inner gradient
+    with ``create_graph``, applies :meth:`_InnerUpdate.adjoint` and back-propagates the gradient's
+    share through the rebuilt graph (a Hessian-vector product), which is then freed.
+
+    Memory: N - 1 gradient-sized tensors kept, plus one step's graph and one weights-and-state at
+    a time, instead of every step's activations and double-backward graph (or, checkpointing step
+    by step, every step's weights and AdamW moments). Time: one more forward and inner gradient
+    per step, and N (N - 1) / 2 replayed optimizer updates. The outer gradient is the same as
+    without checkpointing: the replay and the recomputation repeat the same operations.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, loss_fn: Callable, update: _InnerUpdate, steps: int, n: int, *inputs: Tensor
+                ) -> tuple[Tensor, ...]:
+        weights, lrs = list(inputs[:n]), inputs[n]
+        state: list[Tensor] = []
+        kept: list[Optional[Tensor]] = []
+        losses = []
+        for k in range(steps):
+            loss, grads = _inner_gradient(loss_fn, weights, create_graph=False)
+            losses.append(loss.detach())
+            if k < steps - 1:
+                kept.append([g.detach() for g in grads])
+            weights, state = update.apply(k + 1, weights, grads, state, lrs[k])
+        ctx.loss_fn, ctx.update, ctx.steps, ctx.n, ctx.kept = loss_fn, update, steps, n, kept
+        ctx.save_for_backward(*inputs)
+        ctx.set_materialize_grads(False)
+        out = torch.stack(losses)
+        ctx.mark_non_differentiable(out)
+        return (*weights, out)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        update, steps, n, kept = ctx.update, ctx.steps, ctx.n, ctx.kept
+        ctx.kept = None
+        saved = ctx.saved_tensors
+        initial, lrs = saved[:n], saved[n]
+        d_lrs = torch.zeros_like(lrs) if ctx.needs_input_grad[-1] else None
+        d_w: list[Optional[Tensor]] = list(grad_outputs[:n])
+        d_s: list[Optional[Tensor]] = []
+        for k in reversed(range(steps)):
+            # Lists owned here and released entry by entry (``release``), so that old and new
+            # weights, states and adjoints never all live at once.
+            weights, state = list(initial), []
+            for j in range(k):
+                weights, state = update.apply(j + 1, weights, kept[j], state, lrs[j], release=True)
+            if k:
+                kept[k - 1] = None  # the earlier steps' replays stop before it
+            with torch.enable_grad():
+                probes = [w.detach().requires_grad_(True) for w in weights]
+                _, grads = _inner_gradient(ctx.loss_fn, probes, create_graph=True)
+            d_direct, d_g, d_s, d_lr = update.adjoint(k + 1, weights, [g.detach() for g in grads], state, lrs[k],
+                                                      d_w, d_s, release=True)
+            del weights, state, d_w
+            if d_lrs is not None and d_lr is not None:
+                d_lrs[k] = d_lr
+            pairs = [(g, dg) for g, dg in zip(grads, d_g) if dg is not None and g.requires_grad]
+            hvp = list(torch.autograd.grad([g for g, _ in pairs], probes, [dg for _, dg in pairs], allow_unused=True)
+                       if pairs else [None] * n)
+            del grads, pairs, d_g, probes
+            for i, (a, b) in enumerate(zip(d_direct, hvp)):
+                d_direct[i] = a if b is None else (b if a is None else a + b)
+                hvp[i] = None
+            del a, b
+            d_w = d_direct
+        wants = ctx.needs_input_grad[4 : 4 + n]
+        return (None, None, None, None, *[d if want else None for d, want in zip(d_w, wants)], d_lrs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -498,64 +763,30 @@ class ReckoningMethod:
 
         ``knowledge_loss`` maps the weight list (shapes as ``weights``: per task, or stacked with a
         leading task dimension) to a scalar: one task's loss or the sum of the tasks' losses.
-        With ``inner.checkpoint`` (second order) each step runs as :class:`_RecomputedInnerStep`:
-        only its inputs are kept and its graph is rebuilt when the outer backward reaches it.
+        Each step is one :class:`_FusedStep` node; with ``inner.checkpoint`` (second order) the
+        whole loop is one :class:`_RecomputedInnerLoop`, which keeps only the inner gradients and
+        rebuilds each step when the outer backward reaches it.
         """
         inner = self.cfg.inner
         lrs_all = self.learning_rates()
+        update = _InnerUpdate(inner.optimizer == "adamw", float(inner.beta1), float(inner.beta2), float(inner.eps),
+                              float(inner.weight_decay))
+        n = len(weights)
+        if bool(inner.checkpoint) and mode == SECOND_ORDER and torch.is_grad_enabled():
+            *fast, losses = _RecomputedInnerLoop.apply(knowledge_loss, update, steps, n, *weights, lrs_all)
+            return list(fast), [float(x) for x in losses]
         if mode == NO_GRAPH:
             lrs_all = lrs_all.detach()
             weights = [w.detach() for w in weights]
-        adamw = inner.optimizer == "adamw"
-        n = len(weights)
-        moments: list[Tensor] = []  # AdamW's exp_avg then exp_avg_sq (empty before the first step)
-        recompute = bool(inner.checkpoint) and mode == SECOND_ORDER and torch.is_grad_enabled()
-        losses: list[float] = []
+        state: list[Tensor] = []  # AdamW's exp_avg then exp_avg_sq (empty before the first step)
+        losses = []
         for k in range(steps):
-            step_fn = self._step_function(knowledge_loss, n, k, adamw)
-            if recompute:
-                out = _RecomputedInnerStep.apply(step_fn, *weights, *moments, lrs_all[k])
-                loss, out = out[-1], list(out[:-1])
-            else:
-                out, loss = step_fn([*weights, *moments, lrs_all[k]], mode)
-            weights, moments = out[:n], out[n:]
+            loss, grads = _inner_gradient(knowledge_loss, weights, create_graph=mode == SECOND_ORDER)
+            with torch.set_grad_enabled(mode != NO_GRAPH and torch.is_grad_enabled()):
+                out = _FusedStep.apply(update, k + 1, n, *weights, *grads, *state, lrs_all[k])
+            weights, state = list(out[:n]), list(out[n:])
             losses.append(float(loss.detach()))
         return weights, losses
-
-    def _step_function(
-        self, knowledge_loss: Callable[[list[Tensor]], Tensor], n: int, k: int, adamw: bool
-    ) -> Callable[[list[Tensor], str], tuple[list[Tensor], Tensor]]:
-        """Inner step ``k`` as a function of ``[*weights, *moments, lrs_k]`` -> (``[*new weights,
-        *new moments]``, knowledge loss before the step); ``moments`` is empty at ``k = 0`` (AdamW
-        starts from zero moments) and always for SGD."""
-        inner = self.cfg.inner
-
-        def step(inputs: list[Tensor], mode: str) -> tuple[list[Tensor], Tensor]:
-            weights, moments, lrs_k = inputs[:n], inputs[n:-1], inputs[-1]
-            if mode == SECOND_ORDER:
-                loss = knowledge_loss(weights)
-                grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
-            else:
-                # First order / evaluation: the inner gradient is a constant of the outer graph, so
-                # the inner forward runs on detached copies and its graph is freed at once.
-                probes = [w.detach().requires_grad_(True) for w in weights]
-                with torch.enable_grad():
-                    loss = knowledge_loss(probes)
-                    grads = torch.autograd.grad(loss, probes, allow_unused=True)
-            grads = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
-            lrs = list(lrs_k.unbind(0))
-            with torch.set_grad_enabled(mode != NO_GRAPH and torch.is_grad_enabled()):
-                if not adamw:
-                    return sgd_step(weights, grads, lrs), loss
-                state = (AdamWState(list(moments[:n]), list(moments[n:]), k) if moments
-                         else AdamWState.zeros_like(weights))
-                new, state = adamw_step(
-                    weights, grads, lrs, state, beta1=inner.beta1, beta2=inner.beta2, eps=inner.eps,
-                    weight_decay=inner.weight_decay,
-                )
-            return [*new, *state.exp_avg, *state.exp_avg_sq], loss
-
-        return step
 
     def _task_loss(self, params: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         """Scalar mean token loss of one task's rows ``[B, L]`` under ``params``.
@@ -629,6 +860,7 @@ class ReckoningMethod:
                 fast, inner_losses = self._adapt(group, n, self.mode)
                 s = group.sequence
                 loss = self._group_losses(fast, True, s.input_ids, s.attention_mask, s.labels).sum()
+            del fast  # the outer graph keeps what it needs, and frees it once its backward has passed
             (loss * loss_scale).backward()
             total += float(loss.detach())
             knowledge += inner_losses[0] if inner_losses else 0.0
@@ -725,6 +957,7 @@ __all__ = [
     "ENGINES",
     "ReckoningMethod",
     "adamw_step",
+    "fused_adamw_step",
     "additive_causal_mask",
     "causal_lm_logits",
     "greedy_generate",

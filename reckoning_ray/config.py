@@ -113,8 +113,8 @@ class InnerConfig:
     # false: second-order (differentiate through the unrolled inner loop); true: first-order.
     first_order: bool = False
     # Memory options of the bilevel step (bench/memory_modes.py measures each).
-    # checkpoint: keep only each inner step's inputs (weights, AdamW moments) and recompute the
-    # step's forward and gradient in the backward pass (second order; about 1.3x the time).
+    # checkpoint: keep only the inner gradients; the backward pass replays the optimizer from them
+    # and recomputes each step's forward and gradient (second order; about 1.5x the time).
     checkpoint: bool = False
     # autocast: "bf16" runs the model's forward passes in bfloat16 (bf16 copies of the weights,
     # under torch.autocast); the weights, the inner-optimizer arithmetic and the learned rates stay

@@ -16,6 +16,7 @@ from reckoning_ray.bilevel import (
     BilevelError,
     ReckoningMethod,
     adamw_step,
+    fused_adamw_step,
     causal_lm_logits,
     position_ids_from_mask,
     sgd_step,
@@ -128,6 +129,56 @@ def test_differentiable_adamw_matches_torch_adamw_step_by_step():
     # sqrt(v_hat + eps^2) vs sqrt(v_hat) + eps: the step differs by about lr * eps / sqrt(v_hat).
     assert 0 < worst < 1e-7
     assert state_exact.step == 6
+
+
+@pytest.mark.parametrize("step", [0, 3])
+def test_fused_adamw_step_equals_the_op_by_op_step_in_values_and_derivatives(step):
+    # The engine's AdamW node has a written-out backward: compare it with autograd through
+    # adamw_step (values and every input's gradient, float64), then gradcheck it.
+    gen = torch.Generator().manual_seed(step)
+    shapes = [(3, 4), (5,), (2, 3, 2)]
+
+    def inputs():
+        w = [torch.randn(s, dtype=torch.float64, generator=gen) for s in shapes]
+        g = [torch.randn(s, dtype=torch.float64, generator=gen) * 10.0 ** -i for i, s in enumerate(shapes)]
+        m = [torch.randn(s, dtype=torch.float64, generator=gen) * 0.1 for s in shapes] if step else []
+        v = [torch.rand(s, dtype=torch.float64, generator=gen) * 0.01 for s in shapes] if step else []
+        lrs = torch.tensor([1e-2, 3e-2, 5e-3], dtype=torch.float64)
+        return [x.requires_grad_(True) for x in (*w, *g, *m, *v, lrs)]
+
+    leaves = inputs()
+    n = len(shapes)
+    # Upstream gradients for every output except the last tensor's moments (None reaches the node).
+    weights_out = [torch.randn(s, dtype=torch.float64, generator=gen) for s in shapes]
+    moments_out = [torch.randn(s, dtype=torch.float64, generator=gen) for s in shapes[:-1]]
+
+    def outer(new_w, state):
+        total = sum((a * b).sum() for a, b in zip(new_w, weights_out))
+        total = total + sum((a * b).sum() for a, b in zip(state.exp_avg[:-1], moments_out))
+        return total + sum((a * b * 0.5).sum() for a, b in zip(state.exp_avg_sq[:-1], moments_out))
+
+    def run(fused):
+        w, g = leaves[:n], leaves[n : 2 * n]
+        m, v, lrs = leaves[2 * n : 3 * n], leaves[3 * n : 4 * n], leaves[-1]
+        state = AdamWState(list(m), list(v), step)
+        if fused:
+            new_w, new_state = fused_adamw_step(w, g, lrs, state)
+        else:
+            new_w, new_state = adamw_step(w, g, list(lrs.unbind(0)), state if step else AdamWState.zeros_like(w))
+        loss = outer(new_w, new_state)
+        return [x.detach() for x in (*new_w, *new_state.exp_avg, *new_state.exp_avg_sq)], torch.autograd.grad(loss, leaves)
+
+    values, grads = run(fused=True)
+    ref_values, ref_grads = run(fused=False)
+    for a, b in zip(values + list(grads), ref_values + list(ref_grads)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+
+    def as_function(*xs):
+        w, g, m, v = xs[:n], xs[n : 2 * n], xs[2 * n : 3 * n], xs[3 * n : 4 * n]
+        new_w, state = fused_adamw_step(list(w), list(g), xs[-1], AdamWState(list(m), list(v), step))
+        return (*new_w, *state.exp_avg, *state.exp_avg_sq)
+
+    assert torch.autograd.gradcheck(as_function, tuple(inputs()), eps=1e-7, atol=1e-6)
 
 
 def test_smooth_adamw_denominator_avoids_nan_second_derivatives():

@@ -341,10 +341,11 @@ class _InnerUpdate:
         b1, b2 = self.beta1, self.beta2
         if not state:  # first step: zero moments, nothing to multiply
             return g * (1.0 - b1), torch.mul(g, g).mul_(1.0 - b2)
-        return torch.lerp(state[i], g, 1.0 - b1), torch.addcmul(state[n + i] * b2, g, g, value=1.0 - b2)
+        return torch.lerp(state[i], g, 1.0 - b1), torch.mul(state[n + i], b2).addcmul_(g, g, value=1.0 - b2)
 
-    def _rsqrt(self, v: Tensor, c2: float) -> Tensor:
-        return (v / c2).add_(self.eps * self.eps).rsqrt_()
+    def _rsqrt_(self, v: Tensor, c2: float) -> Tensor:
+        """``(v / c2 + eps^2)^-1/2`` in ``v``'s own memory."""
+        return v.div_(c2).add_(self.eps * self.eps).rsqrt_()
 
     def apply(self, step: int, weights: Sequence[Tensor], grads: Sequence[Tensor], state: Sequence[Tensor],
               lrs: Tensor, release: bool = False) -> tuple[list[Tensor], list[Tensor]]:
@@ -358,16 +359,19 @@ class _InnerUpdate:
         if not self.adamw:
             new = []
             for i, g in enumerate(grads):
-                new.append(weights[i] - rates[i] * g)
+                new.append(torch.mul(g, -rates[i]).add_(weights[i]))
                 if release:
                     weights[i] = None  # type: ignore[index]
             return new, []
+        # In-place arithmetic on fresh buffers wherever possible: on a CPU, writing a new buffer
+        # costs several times an in-place pass over one in cache.
         c1, c2 = 1.0 - self.beta1**step, 1.0 - self.beta2**step
-        decay, size = (1.0 - lrs * self.weight_decay).unbind(0), (lrs / c1).unbind(0)
+        decay, size = (1.0 - lrs * self.weight_decay).unbind(0), (lrs / -c1).unbind(0)
         new_w, new_m, new_v = [], [], []
         for i, g in enumerate(grads):
             m, v = self._moments(g, state, i, n)
-            new_w.append(torch.mul(weights[i], decay[i]).sub_(self._rsqrt(v, c2).mul_(m).mul_(size[i])))
+            w = torch.div(v, c2).add_(self.eps * self.eps).rsqrt_().mul_(m).mul_(size[i])
+            new_w.append(w.addcmul_(weights[i], decay[i]))
             new_m.append(m)
             new_v.append(v)
             if release:
@@ -414,7 +418,10 @@ class _InnerUpdate:
             return d_w, d_g, d_s, d_lr
         b1, b2, wd = self.beta1, self.beta2, self.weight_decay
         c1, c2 = 1.0 - b1**step, 1.0 - b2**step
-        decay, size = (1.0 - lrs * wd).unbind(0), (lrs / c1).unbind(0)
+        # With t = m' r: G_m' = -(lr / c1) G_w' r, G_v' = (lr / (2 c1 c2)) G_w' r^2 t. Fresh buffers
+        # only for m' (then t), v' (then r), G_w' r and the outputs G_w, G_g.
+        decay = (1.0 - lrs * wd).unbind(0)
+        size, half = (lrs / -c1).unbind(0), (lrs / (2.0 * c1 * c2)).unbind(0)
         for i in range(n):
             gw = d_weights[i]
             gm, gv = (d_state[i], d_state[n + i]) if d_state else (None, None)
@@ -423,21 +430,26 @@ class _InnerUpdate:
                     for items in (weights, state):
                         _release(items, items, i, n)
                 continue
-            w, g = weights[i], grads[i]
-            m, v = self._moments(g, state, i, n)
-            r = self._rsqrt(v, c2)
-            del v
-            dm, dv = gm, gv
-            if gw is not None:
+            g = grads[i]
+            t, r = self._moments(g, state, i, n)
+            r = self._rsqrt_(r, c2)
+            t = t.mul_(r)
+            if gw is None:  # no gradient reaches the new weights: the moments' own gradients only
+                dm = None if gm is None else gm.clone()
+                dv = None if gv is None else gv.clone()
+            else:
                 if need_w[i]:
                     d_w[i] = gw * decay[i]
                 if d_lr is not None:
-                    d_lr[i] = -(wd * torch.vdot(gw.reshape(-1), w.reshape(-1))
-                                + torch.vdot(gw.reshape(-1), (m * r).reshape(-1)) / c1)
-                dd = gw * -size[i]
-                dm = dd * r if dm is None else torch.addcmul(dm, dd, r)
-                dr = dd.mul_(m).mul_(r.pow_(3)).mul_(-0.5 / c2)  # d r / d v' = -r^3 / (2 c2)
-                dv = dr if dv is None else dr.add_(dv)
+                    flat = gw.reshape(-1)
+                    d_lr[i] = -(wd * torch.vdot(flat, weights[i].reshape(-1)) + torch.vdot(flat, t.reshape(-1)) / c1)
+                dv = t.mul_(half[i]).mul_(gw).mul_(r).mul_(r)
+                dm = r.mul_(gw).mul_(size[i])
+                if gm is not None:
+                    dm.add_(gm)
+                if gv is not None:
+                    dv.add_(gv)
+            del t, r
             if need_g[i]:
                 d = None if dm is None else dm * (1.0 - b1)
                 if dv is not None:
@@ -445,10 +457,10 @@ class _InnerUpdate:
                     d = torch.mul(g, dv).mul_(scale) if d is None else d.addcmul_(g, dv, value=scale)
                 d_g[i] = d
             if state:
-                d_s[i] = dm * b1 if need_s[i] and dm is not None else None
-                d_s[n + i] = dv * b2 if need_s[n + i] and dv is not None else None
+                d_s[i] = dm.mul_(b1) if need_s[i] and dm is not None else None
+                d_s[n + i] = dv.mul_(b2) if need_s[n + i] and dv is not None else None
             if release:
-                del w, m, gw, gm, gv, dm, dv
+                del gw, gm, gv, dm, dv
                 for items in (weights, state, d_weights, d_state):
                     _release(items, items, i, n)
         return d_w, d_g, d_s, d_lr

@@ -148,12 +148,13 @@ def test_fused_adamw_step_equals_the_op_by_op_step_in_values_and_derivatives(ste
 
     leaves = inputs()
     n = len(shapes)
-    # Upstream gradients for every output except the last tensor's moments (None reaches the node).
+    # Upstream gradients for every output except the second tensor's new weights and the last
+    # tensor's moments (None reaches the node for those).
     weights_out = [torch.randn(s, dtype=torch.float64, generator=gen) for s in shapes]
     moments_out = [torch.randn(s, dtype=torch.float64, generator=gen) for s in shapes[:-1]]
 
     def outer(new_w, state):
-        total = sum((a * b).sum() for a, b in zip(new_w, weights_out))
+        total = sum((a * b).sum() for i, (a, b) in enumerate(zip(new_w, weights_out)) if i != 1)
         total = total + sum((a * b).sum() for a, b in zip(state.exp_avg[:-1], moments_out))
         return total + sum((a * b * 0.5).sum() for a, b in zip(state.exp_avg_sq[:-1], moments_out))
 
@@ -166,7 +167,9 @@ def test_fused_adamw_step_equals_the_op_by_op_step_in_values_and_derivatives(ste
         else:
             new_w, new_state = adamw_step(w, g, list(lrs.unbind(0)), state if step else AdamWState.zeros_like(w))
         loss = outer(new_w, new_state)
-        return [x.detach() for x in (*new_w, *new_state.exp_avg, *new_state.exp_avg_sq)], torch.autograd.grad(loss, leaves)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        grads = [torch.zeros_like(x) if d is None else d for x, d in zip(leaves, grads)]
+        return [x.detach() for x in (*new_w, *new_state.exp_avg, *new_state.exp_avg_sq)], grads
 
     values, grads = run(fused=True)
     ref_values, ref_grads = run(fused=False)

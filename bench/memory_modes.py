@@ -23,14 +23,18 @@ marked "within tolerance" only below --bf16-tolerance.
 Each (model, tasks, mode) runs in a fresh subprocess: one warm-up outer step whose peak is the
 memory figure (CPU: peak resident size above the size before the step, VmHWM; GPU:
 torch.cuda.max_memory_allocated above the allocation before it), then --repeats timed steps
-(median; CPU: process CPU time with one thread, GPU: wall time after synchronize). Its
-meta-gradient goes to a temporary file for the error column.
+(median; CPU: process CPU time with one thread, GPU: wall time after synchronize; with
+--repeats 0 the measured step's own time). Its meta-gradient goes to a temporary file for the
+error column. On the CPU each process is capped at --cpu-memory-gib of address space, so a mode
+too large for the machine is reported as OOM, as on a GPU, instead of swapping.
 
 Examples::
 
     python bench/memory_modes.py                                # tiny and small model, CPU, a few minutes
     python bench/memory_modes.py --models small --tasks 1,2 --inner-steps 4
     python bench/memory_modes.py --models gpt2 --device cuda --tasks 1,2,8 --inner-steps 4
+    python bench/memory_modes.py --models gpt2 --device cpu --tasks 1,8 --repeats 0 --threads 2 \
+        --modes checkpoint+per-task,higher                      # GPT-2 base shape on a CPU, ~30 min
 """
 
 from __future__ import annotations
@@ -176,23 +180,29 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         zero_grad(impl)
         impl.forward_backward(batch)
 
+    timer = time.perf_counter if cuda or torch.get_num_threads() > 1 else time.process_time
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
         before = current_rss_bytes()
+        limit_cpu_memory(args.cpu_memory_gib)
+    start = timer()
     try:
         step()
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, MemoryError):
+        return {"oom": True}
+    except RuntimeError as exc:  # the CPU allocator past the address-space limit
+        if "allocate" not in str(exc):
+            raise
         return {"oom": True}
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = peak_rss_bytes()
-    timer = time.perf_counter if cuda or torch.get_num_threads() > 1 else time.process_time
-    times = []
+    times = [timer() - start] if args.repeats == 0 else []  # --repeats 0: the measured step's own time
     for _ in range(args.repeats):
         if cuda:
             torch.cuda.synchronize()
@@ -206,6 +216,28 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.save(grads, spec["grad_file"])
     return {"oom": False, "step_peak": float(peak - before), "peak": float(peak),
             "seconds": statistics.median(times), "params": sum(p.numel() for p in setup.model.parameters())}
+
+
+def limit_cpu_memory(gib: float) -> None:
+    """Cap this process's address space at ``gib`` GiB (0: no cap), so that a configuration too
+    large for the machine fails its allocation (reported as OOM) instead of swapping or drawing
+    the kernel's OOM killer onto other processes."""
+    if gib > 0:
+        import resource
+
+        cap = int(gib * GIB)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def available_memory_gib() -> float:
+    """``MemAvailable`` of /proc/meminfo in GiB (0 where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
 
 
 def measure(case: Case, mode: str, args: argparse.Namespace, grad_file: str) -> Optional[dict[str, Any]]:
@@ -242,7 +274,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=64, help="model.max_length (tokens). Default: 64")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda. Default: cuda when available")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per mode (median). Default: 3")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed steps per mode after the measured one (median); 0: the time of the measured "
+                        "step itself (includes first-call overheads; for slow CPU runs). Default: 3")
+    p.add_argument("--cpu-memory-gib", type=float, default=None,
+                   help="address-space cap of each CPU measurement process; a mode that needs more is "
+                        "reported as OOM. 0: none. Default: 90%% of the memory available at start")
     p.add_argument("--tolerance", type=float, default=1e-6,
                    help="largest relative error (float64) of a mode that claims the default's gradient. Default: 1e-6")
     p.add_argument("--bf16-tolerance", type=float, default=0.05,
@@ -253,6 +290,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.repeats < 0:
+        p.error("--repeats must be >= 0")
+    if args.cpu_memory_gib is None:
+        args.cpu_memory_gib = round(0.9 * available_memory_gib(), 1)
     if REFERENCE not in args.modes:
         args.modes = [REFERENCE, *args.modes]
     return args
@@ -331,7 +372,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 params = next((r["params"] for m in per_mode.values() for r in m.values() if r and "params" in r), 0)
                 print(f"## {model} ({params / 1e6:.1f} M weights), second order, {steps} inner "
                       f"{args.optimizer} steps, {args.facts} facts per task; peak = {unit} above the step's start; "
-                      f"time: {clock}, median of {args.repeats}")
+                      f"time: {clock}, "
+                      + (f"median of {args.repeats}" if args.repeats else "of the measured step"))
                 print(format_table(header, rows))
                 if len(task_counts) > 1:
                     budget = args.budget_gib * GIB

@@ -299,6 +299,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def cell_summary(result: Optional[dict[str, Any]]) -> str:
+    """One measured cell as a progress line (the tables follow once a model's cells are done)."""
+    if result is None:
+        return "failed"
+    if result.get("oom"):
+        return "OOM"
+    return f"peak {fmt_mib(result['step_peak'])} MiB, {result['seconds']:.3g} s/step"
+
+
 def tasks_per_budget(rows: dict[int, dict[str, Any]], budget: float) -> str:
     """Tasks that fit in ``budget`` bytes, from the peaks at the fewest and most tasks measured
     (peak = fixed + tasks * per-task, a straight line through the two points)."""
@@ -344,6 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     for mode in args.modes:
                         results[mode] = measure(case, mode, args, str(Path(tmp) / f"{list(MODES).index(mode)}.pt"))
                         per_mode[mode][tasks] = results[mode]
+                        print(f"  {model}, {steps} steps, {tasks} tasks, {mode}: {cell_summary(results[mode])}", flush=True)
                     ref = results.get(REFERENCE)
                     ref_ok = bool(ref and not ref.get("oom"))
                     base_grads = torch.load(Path(tmp) / f"{list(MODES).index(REFERENCE)}.pt") if ref_ok else None

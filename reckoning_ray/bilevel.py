@@ -348,11 +348,14 @@ class _InnerUpdate:
         return v.div_(c2).add_(self.eps * self.eps).rsqrt_()
 
     def apply(self, step: int, weights: Sequence[Tensor], grads: Sequence[Tensor], state: Sequence[Tensor],
-              lrs: Tensor, release: bool = False) -> tuple[list[Tensor], list[Tensor]]:
+              lrs: Tensor, release: bool = False, directions: Optional[list[Tensor]] = None
+              ) -> tuple[list[Tensor], list[Tensor]]:
         """New weights and state (no graph is recorded by the arithmetic itself).
 
         ``release``: ``weights`` and ``state`` are lists owned by the caller; each entry is set to
         None once used, so the old and the new step hold about one tensor's memory together.
+        ``directions``: a list to receive each tensor's update direction ``t`` (AdamW: ``m' r``;
+        SGD: the gradient), all that :meth:`adjoint_constant` needs.
         """
         n = len(weights)
         rates = lrs.unbind(0)
@@ -360,6 +363,8 @@ class _InnerUpdate:
             new = []
             for i, g in enumerate(grads):
                 new.append(torch.mul(g, -rates[i]).add_(weights[i]))
+                if directions is not None:
+                    directions.append(g)
                 if release:
                     weights[i] = None  # type: ignore[index]
             return new, []
@@ -370,8 +375,13 @@ class _InnerUpdate:
         new_w, new_m, new_v = [], [], []
         for i, g in enumerate(grads):
             m, v = self._moments(g, state, i, n)
-            w = torch.div(v, c2).add_(self.eps * self.eps).rsqrt_().mul_(m).mul_(size[i])
-            new_w.append(w.addcmul_(weights[i], decay[i]))
+            t = torch.div(v, c2).add_(self.eps * self.eps).rsqrt_().mul_(m)
+            if directions is not None:
+                directions.append(t)
+                t = t * size[i]
+            else:
+                t.mul_(size[i])
+            new_w.append(t.addcmul_(weights[i], decay[i]))
             new_m.append(m)
             new_v.append(v)
             if release:
@@ -466,6 +476,39 @@ class _InnerUpdate:
         return d_w, d_g, d_s, d_lr
 
 
+    def adjoint_constant(
+        self,
+        step: int,
+        weights: Sequence[Tensor],
+        directions: Sequence[Tensor],
+        lrs: Tensor,
+        d_weights: Sequence[Optional[Tensor]],
+        need_weights: Sequence[bool],
+        need_lrs: bool,
+    ) -> tuple[list[Optional[Tensor]], Optional[Tensor]]:
+        """Gradients reaching (weights, lrs) when the inner gradients and the state are constants
+        (first order): ``w' = w (1 - lr wd) - (lr / c1) t`` (AdamW) or ``w' = w - lr g`` (SGD),
+        ``t`` the ``directions`` of :meth:`apply`."""
+        n = len(weights)
+        wd = self.weight_decay if self.adamw else 0.0
+        k = 1.0 / (1.0 - self.beta1**step) if self.adamw else 1.0
+        decay = (1.0 - lrs * wd).unbind(0)
+        d_w: list[Optional[Tensor]] = [None] * n
+        d_lr = torch.zeros_like(lrs) if need_lrs else None
+        for i, gw in enumerate(d_weights):
+            if gw is None:
+                continue
+            if need_weights[i]:
+                d_w[i] = gw * decay[i] if wd else gw
+            if d_lr is not None:
+                flat = gw.reshape(-1)
+                value = k * torch.vdot(flat, directions[i].reshape(-1))
+                if wd:
+                    value = value + wd * torch.vdot(flat, weights[i].reshape(-1))
+                d_lr[i] = -value
+        return d_w, d_lr
+
+
 def _release(first: list, pairs: list, i: int, n: int) -> None:
     """Set entry ``i`` of ``first`` and entries ``i``, ``n + i`` of ``pairs`` (when present) to None."""
     if i < len(first):
@@ -488,14 +531,30 @@ class _FusedStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, update: _InnerUpdate, step: int, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:
         ctx.update, ctx.step, ctx.n = update, step, n
-        ctx.save_for_backward(*tensors)
         ctx.set_materialize_grads(False)
-        new, state = update.apply(step, tensors[:n], tensors[n : 2 * n], tensors[2 * n : -1], tensors[-1])
+        weights, grads, state, lrs = tensors[:n], tensors[n : 2 * n], tensors[2 * n : -1], tensors[-1]
+        # First order: the gradients and the state are constants, so the new state is one too and
+        # the backward pass needs only the weights and the update directions.
+        ctx.constant = not any(ctx.needs_input_grad[3 + n : -1])
+        if ctx.constant:
+            directions: list[Tensor] = []
+            new, state = update.apply(step, weights, grads, state, lrs, directions=directions)
+            ctx.n_state = len(tensors) - 2 * n - 1
+            ctx.save_for_backward(*weights, *directions, lrs)
+            ctx.mark_non_differentiable(*state)
+            return (*new, *state)
+        ctx.save_for_backward(*tensors)
+        new, state = update.apply(step, weights, grads, state, lrs)
         return (*new, *state)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
         n, saved = ctx.n, ctx.saved_tensors
+        if ctx.constant:
+            needs = ctx.needs_input_grad[3:]
+            d_w, d_lr = ctx.update.adjoint_constant(ctx.step, saved[:n], saved[n : 2 * n], saved[-1],
+                                                    grad_outputs[:n], needs[:n], needs[-1])
+            return (None, None, None, *d_w, *[None] * (n + ctx.n_state), d_lr)
         d_w, d_g, d_s, d_lr = ctx.update.adjoint(
             ctx.step, saved[:n], saved[n : 2 * n], saved[2 * n : -1], saved[-1],
             grad_outputs[:n], grad_outputs[n:], ctx.needs_input_grad[3:],

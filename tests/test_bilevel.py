@@ -131,8 +131,8 @@ def test_differentiable_adamw_matches_torch_adamw_step_by_step():
     assert state_exact.step == 6
 
 
-@pytest.mark.parametrize("step", [0, 3])
-def test_fused_adamw_step_equals_the_op_by_op_step_in_values_and_derivatives(step):
+@pytest.mark.parametrize("step,constant", [(0, False), (3, False), (0, True), (3, True)])
+def test_fused_adamw_step_equals_the_op_by_op_step_in_values_and_derivatives(step, constant):
     # The engine's AdamW node has a written-out backward: compare it with autograd through
     # adamw_step (values and every input's gradient, float64), then gradcheck it.
     gen = torch.Generator().manual_seed(step)
@@ -144,7 +144,8 @@ def test_fused_adamw_step_equals_the_op_by_op_step_in_values_and_derivatives(ste
         m = [torch.randn(s, dtype=torch.float64, generator=gen) * 0.1 for s in shapes] if step else []
         v = [torch.rand(s, dtype=torch.float64, generator=gen) * 0.01 for s in shapes] if step else []
         lrs = torch.tensor([1e-2, 3e-2, 5e-3], dtype=torch.float64)
-        return [x.requires_grad_(True) for x in (*w, *g, *m, *v, lrs)]
+        # constant: first order, where the gradients and moments are constants of the outer graph
+        return [x.requires_grad_(not constant or i < len(w) or x is lrs) for i, x in enumerate((*w, *g, *m, *v, lrs))]
 
     leaves = inputs()
     n = len(shapes)
@@ -167,8 +168,9 @@ def test_fused_adamw_step_equals_the_op_by_op_step_in_values_and_derivatives(ste
         else:
             new_w, new_state = adamw_step(w, g, list(lrs.unbind(0)), state if step else AdamWState.zeros_like(w))
         loss = outer(new_w, new_state)
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        grads = [torch.zeros_like(x) if d is None else d for x, d in zip(leaves, grads)]
+        wanted = [x for x in leaves if x.requires_grad]
+        grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+        grads = [torch.zeros_like(x) if d is None else d for x, d in zip(wanted, grads)]
         return [x.detach() for x in (*new_w, *new_state.exp_avg, *new_state.exp_avg_sq)], grads
 
     values, grads = run(fused=True)
@@ -181,6 +183,10 @@ def test_fused_adamw_step_equals_the_op_by_op_step_in_values_and_derivatives(ste
         new_w, state = fused_adamw_step(list(w), list(g), xs[-1], AdamWState(list(m), list(v), step))
         return (*new_w, *state.exp_avg, *state.exp_avg_sq)
 
+    if constant:  # the new moments are constants too
+        state = fused_adamw_step(leaves[:n], leaves[n : 2 * n], leaves[-1], AdamWState(
+            leaves[2 * n : 3 * n], leaves[3 * n : 4 * n], step))[1]
+        assert not any(x.requires_grad for x in (*state.exp_avg, *state.exp_avg_sq))
     assert torch.autograd.gradcheck(as_function, tuple(inputs()), eps=1e-7, atol=1e-6)
 
 

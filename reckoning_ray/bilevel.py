@@ -475,7 +475,6 @@ class _InnerUpdate:
                     _release(items, items, i, n)
         return d_w, d_g, d_s, d_lr
 
-
     def adjoint_constant(
         self,
         step: int,
@@ -624,7 +623,7 @@ class _RecomputedInnerLoop(torch.autograd.Function):
                 ) -> tuple[Tensor, ...]:
         weights, lrs = list(inputs[:n]), inputs[n]
         state: list[Tensor] = []
-        kept: list[Optional[Tensor]] = []
+        kept: list[Optional[list[Tensor]]] = []  # the inner gradients of steps 1 .. N-1
         losses = []
         for k in range(steps):
             loss, grads = _inner_gradient(loss_fn, weights, create_graph=False)

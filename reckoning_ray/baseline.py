@@ -33,8 +33,10 @@ __all__ = ["InContextMethod", "build_method"]
 class InContextMethod:
     """FT-ICR: fine-tune the model on in-context prompts (knowledge + question) -> target.
 
-    Unlike RECKONING, training uses the model's own dropout (``train()`` puts the module in
-    training mode), as ordinary fine-tuning does; evaluation runs without it.
+    Dropout is ``model.dropout`` (set in the model's config by the loader), as for RECKONING:
+    active in training (``train()``, the default, puts the module in training mode, and
+    ``forward_backward`` runs in the module's current mode), off in evaluation (``evaluate`` runs in
+    eval mode and restores the previous mode).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: DictConfig) -> None:

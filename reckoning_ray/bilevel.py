@@ -45,15 +45,25 @@ Deviations from ``torch.optim.AdamW``, kept on purpose
 
     The inner SGD is plain ``W - lr * g`` (``inner.weight_decay``, betas and eps are AdamW's).
 
-Dropout is off inside the bilevel step (the model stays in ``eval()`` mode): the inner and outer
-passes must see the same function for the second-order gradient to be the derivative of the
-outer loss.
+Dropout (``model.dropout``, GPT-2's resid/embd/attn dropout) follows the authors' code: while
+training, the module is in ``train()`` mode through the inner and the outer loop, and every forward
+pass draws its own masks (each inner step, the outer pass, and under ``vmap`` each task:
+``randomness="different"``); no mask is shared between passes. The meta-gradient is then the exact
+derivative of the outer loss under the sampled masks (the masks are constants of the unrolled
+graph): a stochastic meta-gradient, as in the authors' training.
+``inner.checkpoint`` recomputes the inner steps in the backward pass with the random-number state
+each step had in the forward pass (CPU and accelerator generators, as ``torch.utils.checkpoint``),
+so it redraws the same masks and the meta-gradient is the one without checkpointing. Evaluation
+(``evaluate``, ``fast_weights``, ``knowledge_losses``) runs in ``eval()`` mode, without dropout.
+With ``model.dropout=0`` the module stays in ``eval()`` mode throughout and the step is
+deterministic.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -62,6 +72,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 from torch.func import functional_call, vmap
+from torch.utils.checkpoint import get_device_states, set_device_states
 
 from .config import inner_steps_for
 from .data.encode import IGNORE_INDEX, Encoder, TaskBatch
@@ -599,10 +610,29 @@ def _inner_gradient(loss_fn: Callable[[list[Tensor]], Tensor], weights: Sequence
     return loss, [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
 
 
+def _rng_state(ref: Tensor) -> tuple[Tensor, str, list[int], list[Tensor]]:
+    """The CPU generator's state and that of ``ref``'s accelerator (if any), as
+    ``torch.utils.checkpoint`` keeps them."""
+    devices, states = get_device_states(ref)
+    return torch.get_rng_state(), ref.device.type, devices, states
+
+
+@contextmanager
+def _rng_restored(saved: tuple[Tensor, str, list[int], list[Tensor]]):
+    """Run the block from the random-number state ``saved`` (:func:`_rng_state`); the generators
+    are put back as they were afterwards."""
+    cpu, device_type, devices, states = saved
+    with torch.random.fork_rng(devices=devices, device_type=device_type if devices else "cuda"):
+        torch.set_rng_state(cpu)
+        if devices:
+            set_device_states(devices, states, device_type=device_type)
+        yield
+
+
 class _RecomputedInnerLoop(torch.autograd.Function):
     """The whole second-order inner loop, keeping only the inner gradients (``inner.checkpoint``).
 
-    ``apply(loss_fn, update, steps, n, *weights, lrs)`` -> ``(*fast weights, losses)`` with
+    ``apply(loss_fn, update, steps, n, random, *weights, lrs)`` -> ``(*fast weights, losses)`` with
     ``lrs`` the ``[max steps, n]`` learned rates and ``losses`` the knowledge loss before each step
     (no gradient). The forward pass runs the loop without a graph and keeps the inner gradients of
     steps 1 .. N-1 (detached). The backward pass walks the steps in reverse: it rebuilds the
@@ -616,16 +646,25 @@ class _RecomputedInnerLoop(torch.autograd.Function):
     by step, every step's weights and AdamW moments). Time: one more forward and inner gradient
     per step, and N (N - 1) / 2 replayed optimizer updates. The outer gradient is the same as
     without checkpointing: the replay and the recomputation repeat the same operations.
+
+    ``random``: ``loss_fn`` draws random numbers (dropout in train mode). The random-number state
+    before each step's forward pass (CPU generator and the weights' accelerator, as
+    ``torch.utils.checkpoint`` keeps them) is then kept and restored for that step's
+    recomputation, so it redraws the same masks; the generators are left as the forward pass left
+    them. False (no dropout): nothing is kept.
     """
 
     @staticmethod
-    def forward(ctx: Any, loss_fn: Callable, update: _InnerUpdate, steps: int, n: int, *inputs: Tensor
-                ) -> tuple[Tensor, ...]:
+    def forward(ctx: Any, loss_fn: Callable, update: _InnerUpdate, steps: int, n: int, random: bool,
+                *inputs: Tensor) -> tuple[Tensor, ...]:
         weights, lrs = list(inputs[:n]), inputs[n]
         state: list[Tensor] = []
         kept: list[Optional[list[Tensor]]] = []  # the inner gradients of steps 1 .. N-1
+        ctx.rng = []  # with ``random``: the random-number state before each step's forward pass
         losses = []
         for k in range(steps):
+            if random:
+                ctx.rng.append(_rng_state(weights[0]))
             loss, grads = _inner_gradient(loss_fn, weights, create_graph=False)
             losses.append(loss.detach())
             if k < steps - 1:
@@ -657,7 +696,11 @@ class _RecomputedInnerLoop(torch.autograd.Function):
                 kept[k - 1] = None  # the earlier steps' replays stop before it
             with torch.enable_grad():
                 probes = [w.detach().requires_grad_(True) for w in weights]
-                _, grads = _inner_gradient(ctx.loss_fn, probes, create_graph=True)
+                if ctx.rng:  # dropout: the masks step k drew in the forward pass
+                    with _rng_restored(ctx.rng[k]):
+                        _, grads = _inner_gradient(ctx.loss_fn, probes, create_graph=True)
+                else:
+                    _, grads = _inner_gradient(ctx.loss_fn, probes, create_graph=True)
             d_direct, d_g, d_s, d_lr = update.adjoint(k + 1, weights, [g.detach() for g in grads], state, lrs[k],
                                                       d_w, d_s, release=True)
             del weights, state, d_w
@@ -672,8 +715,9 @@ class _RecomputedInnerLoop(torch.autograd.Function):
                 hvp[i] = None
             del a, b
             d_w = d_direct
-        wants = ctx.needs_input_grad[4 : 4 + n]
-        return (None, None, None, None, *[d if want else None for d, want in zip(d_w, wants)], d_lrs)
+        ctx.rng = None
+        wants = ctx.needs_input_grad[5 : 5 + n]
+        return (None, None, None, None, None, *[d if want else None for d, want in zip(d_w, wants)], d_lrs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -710,8 +754,10 @@ class ReckoningMethod:
             model.set_attn_implementation("eager")
             logger.info("batched engine: attention switched from %s to eager (vmap over tasks)", self.attention)
             self.attention = "eager"
-        # The model runs without dropout in both phases (module docstring).
-        model.eval()
+        # model.dropout > 0: dropout in every training pass, inner and outer, as in the authors' code;
+        # 0: the module stays in eval mode throughout (module docstring).
+        self.dropout = float(getattr(cfg.model, "dropout", 0.0) or 0.0)
+        model.train(self.dropout > 0)
         self.training = True
         self.encoder = _encoder_for(cfg, tokenizer)
         names = self.param_names()
@@ -781,9 +827,10 @@ class ReckoningMethod:
         }
 
     def train(self) -> "ReckoningMethod":
-        """Training phase (the module itself stays in eval mode: no dropout in the bilevel step)."""
+        """Training phase: the module in train mode when ``model.dropout > 0`` (dropout in the inner
+        and outer passes), in eval mode otherwise (no random op in the step at all)."""
         self.training = True
-        self.model.eval()
+        self.model.train(self.dropout > 0)
         return self
 
     def eval(self) -> "ReckoningMethod":
@@ -810,6 +857,11 @@ class ReckoningMethod:
         for i, n in enumerate(steps):
             groups.setdefault(n, []).append(i)
         return list(groups.items())
+
+    def _vmap(self, fn: Callable) -> Callable:
+        """``vmap`` over tasks. In train mode (dropout) each task draws its own masks
+        (``randomness="different"``); in eval mode vmap's default, which refuses random ops."""
+        return vmap(fn, randomness="different") if self.model.training else vmap(fn)
 
     def _passes(self, steps: list[int]) -> list[tuple[int, list[int]]]:
         """The passes of one step: (inner steps, task indices) in order.
@@ -843,7 +895,9 @@ class ReckoningMethod:
                               float(inner.weight_decay))
         n = len(weights)
         if bool(inner.checkpoint) and mode == SECOND_ORDER and torch.is_grad_enabled():
-            *fast, losses = _RecomputedInnerLoop.apply(knowledge_loss, update, steps, n, *weights, lrs_all)
+            # In train mode (dropout) the recomputation must redraw the forward pass's masks.
+            *fast, losses = _RecomputedInnerLoop.apply(knowledge_loss, update, steps, n, self.model.training,
+                                                       *weights, lrs_all)
             return list(fast), [float(x) for x in losses]
         if mode == NO_GRAPH:
             lrs_all = lrs_all.detach()
@@ -883,7 +937,7 @@ class ReckoningMethod:
         T = len(batch)
         stacked = [p.unsqueeze(0).expand(T, *p.shape) for p in base]
         k = batch.knowledge
-        task_losses = vmap(self._task_loss)
+        task_losses = self._vmap(self._task_loss)
 
         def knowledge_loss(weights: list[Tensor]) -> Tensor:
             return task_losses(dict(zip(names, weights)), k.input_ids, k.attention_mask, k.labels).sum()
@@ -913,12 +967,17 @@ class ReckoningMethod:
         of them, in the batched engine; one task in the looped one), so each inner graph is freed
         as soon as it is used.
 
+        Dropout: in the training phase (:meth:`train`, the default) with ``model.dropout > 0`` the
+        module runs in train mode, every forward pass (each inner step, the outer loss) with masks
+        of its own; after :meth:`eval`, or with ``model.dropout=0``, in eval mode (deterministic).
+
         Returns ``{"loss": summed outer loss, "tasks": T, "knowledge_loss": summed inner loss before
         the first inner step}`` (unscaled).
         """
         steps = self.inner_steps(batch)
         total, knowledge, T = 0.0, 0.0, len(batch)
-        self.model.eval()  # no dropout in the bilevel step, whatever was done to the module meanwhile
+        # Set here, whatever was done to the module meanwhile (evaluation leaves it in eval mode).
+        self.model.train(self.training and self.dropout > 0)
         for n, index in self._passes(steps):
             if len(index) == 1:
                 t = index[0]
@@ -939,7 +998,8 @@ class ReckoningMethod:
     # -- evaluation -------------------------------------------------------------------------------
 
     def _fast_weights_for_eval(self, batch: TaskBatch, inner_steps: Optional[int]):
-        """Yield (task indices, sub-batch, fast weights, stacked) per group, without graphs.
+        """Yield (task indices, sub-batch, fast weights, stacked) per group, without graphs, with
+        the module in eval mode (no dropout; :meth:`forward_backward` sets its own mode again).
 
         Batched engine: one group per inner-step count, weights stacked ``[T_g, ...]``; looped
         engine: one task per group, weights of the task alone (``stacked=False``).
@@ -962,7 +1022,7 @@ class ReckoningMethod:
         if input_ids.dim() == 2:
             input_ids, attention_mask, labels = input_ids[:, None], attention_mask[:, None], labels[:, None]
         if stacked:
-            return vmap(self._task_loss)(fast, input_ids, attention_mask, labels)
+            return self._vmap(self._task_loss)(fast, input_ids, attention_mask, labels)
         return torch.stack([self._task_loss(fast, i, m, l) for i, m, l in zip(input_ids, attention_mask, labels)])
 
     def fast_weights(self, batch: TaskBatch, inner_steps: Optional[int] = None) -> list[dict[str, Tensor]]:

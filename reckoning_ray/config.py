@@ -22,6 +22,7 @@ DEFAULT_PRESET = "embedded"
 
 METHODS = ("reckoning", "icr", "icr_no_facts", "icr_random_facts")
 SOURCES = ("generate", "proofwriter", "clutrr", "hf")
+SELECTIONS = ("qdep", "paper")
 FAMILIES = ("proofwriter", "clutrr")
 INNER_OPTIMIZERS = ("adamw", "sgd")
 LR_SPACES = ("linear", "log")
@@ -52,6 +53,12 @@ class ModelConfig:
     dtype: str = "float32"
     # Longest token sequence fed to the model (knowledge sentence, question + answer).
     max_length: int = 128
+    # Dropout probability in [0, 1): GPT-2's resid_pdrop, embd_pdrop and attn_pdrop (other
+    # architectures: their config's dropout / attention_dropout / hidden_dropout where present),
+    # for the embedded model and for hub ids / local directories alike. Active while training, in
+    # RECKONING's inner and outer passes and in FT-ICR fine-tuning; off at evaluation. The paper
+    # presets use GPT-2's 0.1 (as the authors' code); the embedded preset and the gradient tests 0.
+    dropout: float = 0.0
 
 
 @dataclass
@@ -78,7 +85,22 @@ class DataConfig:
     path: Optional[str] = None
     # Keep only tasks with these hop counts; empty keeps all.
     hops: List[int] = field(default_factory=lambda: [0])
-    # Distractor sentences kept per task: -1 keeps all the source has, 0 none, n at most n.
+    # Hop counts of one split (length generalisation, e.g. train_hops=[2,3] test_hops=[2,...,10]);
+    # null uses data.hops, empty keeps all. Generated data is generated with these hop counts.
+    train_hops: Optional[List[int]] = None
+    validation_hops: Optional[List[int]] = None
+    test_hops: Optional[List[int]] = None
+    # Which ProofWriter questions become tasks (data.source=proofwriter; the other sources have no
+    # selection step, so the key is ignored there and the paper presets can share it).
+    # "qdep": every question; Unknown questions get the entity's facts plus the failed rules.
+    # "paper": the RECKONING authors' data: questions whose proof names >= 2 sentences (Unknown:
+    # >= 2 rules in the deepest failure, whose sentences are its facts), True and False resampled
+    # per theory (with replacement) to the theory's Unknown count, and data.distractors drawn with
+    # replacement then de-duplicated (for every file source). hops stays QDep; the paper's
+    # "depth-D" is the release file data.path points at.
+    selection: str = "qdep"
+    # Distractor sentences kept per task: -1 keeps all the source has, 0 none, n at most n
+    # (selection=paper: n draws with replacement, de-duplicated).
     distractors: int = 0
     # Number of tasks per split for generated data; caps for file sources (0 = no cap).
     num_train: int = 2000
@@ -153,7 +175,9 @@ class EvalConfig:
 class TrainConfig:
     # reckoning | icr (fine-tuned in-context) | icr_no_facts (question only) | icr_random_facts
     method: str = "reckoning"
-    # Tasks per micro-batch per worker, and micro-batches accumulated per optimizer step.
+    # Tasks per micro-batch and micro-batches accumulated per optimizer step. Both are global: an
+    # optimizer step consumes batch_size x grad_accum tasks whatever resources.num_workers is (the
+    # workers split each micro-batch, so num_workers must divide batch_size).
     batch_size: int = 2
     grad_accum: int = 2
     epochs: int = 6
@@ -267,11 +291,10 @@ def load_config(preset: Optional[str] = None, overrides: Optional[List[str]] = N
     overrides = list(overrides or [])
     cfg = OmegaConf.structured(Config)
     path = _preset_path(preset or DEFAULT_PRESET)
-    try:
-        preset_cfg = OmegaConf.load(path)
-    except Exception as exc:  # YAML syntax error
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    cfg = _merge(cfg, preset_cfg, f"config file {path}")
+    chain = _preset_chain(path)
+    for link_path, link_cfg in chain:
+        cfg = _merge(cfg, link_cfg, f"config file {link_path}")
+    preset_cfg = chain[-1][1]
     if preset is not None and "preset" not in preset_cfg:
         cfg.preset = Path(preset).stem
     bad = [o for o in overrides if "=" not in o]
@@ -285,6 +308,32 @@ def load_config(preset: Optional[str] = None, overrides: Optional[List[str]] = N
         cfg = _merge(cfg, OmegaConf.from_dotlist(overrides), "command-line override")
     validate(cfg)
     return cfg
+
+
+def _preset_chain(path: Path) -> list[tuple[Path, DictConfig]]:
+    """The preset at ``path`` and the presets it ``extends:`` (a preset name or YAML path), base first.
+
+    ``extends: paper`` at the top of a preset loads ``paper`` first, so a variant states only the
+    keys it changes (e.g. ``paper-distractors`` = ``paper`` + ``data.distractors: 6``).
+    """
+    chain: list[tuple[Path, DictConfig]] = []
+    seen: list[Path] = []
+    while True:
+        if path.resolve() in seen:
+            raise ConfigError(f"config file {path}: 'extends' loops back ({' -> '.join(map(str, seen))})")
+        seen.append(path.resolve())
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # YAML syntax error
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        base = loaded.pop("extends", None) if isinstance(loaded, DictConfig) else None
+        chain.append((path, loaded))
+        if base is None:
+            return chain[::-1]
+        try:
+            path = _preset_path(str(base))
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: extends={base!r}: {exc}") from None
 
 
 def _is_dict_entry(cfg: DictConfig, key: str) -> bool:
@@ -323,6 +372,11 @@ def validate(cfg: DictConfig) -> None:
         _check(c.data[k] >= 0, f"data.{k}", c.data[k], "must be >= 0")
     _check(c.data.num_train >= 1 or c.data.source != "generate", "data.num_train", c.data.num_train, "must be >= 1")
     _check(all(h >= 0 for h in c.data.hops), "data.hops", list(c.data.hops), "hop counts must be >= 0")
+    for k in ("train_hops", "validation_hops", "test_hops"):
+        if c.data[k] is not None:
+            _check(all(h >= 0 for h in c.data[k]), f"data.{k}", list(c.data[k]),
+                   "hop counts must be >= 0 (or null to use data.hops)")
+    _check(c.data.selection in SELECTIONS, "data.selection", c.data.selection, f"choose one of {SELECTIONS}")
     _check(c.data.distractors >= -1, "data.distractors", c.data.distractors, "-1 (all), 0 (none) or a count")
     for k in ("validation_fraction", "test_fraction"):
         _check(0.0 <= c.data[k] < 1.0, f"data.{k}", c.data[k], "must be in [0, 1)")
@@ -370,9 +424,15 @@ def validate(cfg: DictConfig) -> None:
         _check(c.model[k] >= 1, f"model.{k}", c.model[k], "must be >= 1")
     _check(c.model.n_embd % c.model.n_head == 0, "model.n_head", c.model.n_head,
            f"must divide model.n_embd={c.model.n_embd}")
+    _check(0.0 <= c.model.dropout < 1.0, "model.dropout", c.model.dropout,
+           "must be in [0, 1) (0 switches dropout off)")
     _check(c.eval.max_new_tokens >= 1, "eval.max_new_tokens", c.eval.max_new_tokens, "must be >= 1")
     _check(c.tracking.mode in TRACKING_MODES, "tracking.mode", c.tracking.mode, f"choose one of {TRACKING_MODES}")
     _check(c.resources.num_workers >= 1, "resources.num_workers", c.resources.num_workers, "must be >= 1")
+    _check(c.train.batch_size % c.resources.num_workers == 0, "train.batch_size", c.train.batch_size,
+           f"the batch is global (tasks per optimizer step = train.batch_size x train.grad_accum, whatever "
+           f"the number of workers) and resources.num_workers={c.resources.num_workers} workers split each "
+           f"micro-batch: choose a batch size divisible by {c.resources.num_workers} or another worker count")
     _check(c.resources.node_type in NODE_TYPES, "resources.node_type", c.resources.node_type,
            f"choose one of {NODE_TYPES} ('' = any node)")
     _check(c.tune.num_samples >= 1, "tune.num_samples", c.tune.num_samples, "must be >= 1")

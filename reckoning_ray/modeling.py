@@ -10,6 +10,10 @@ Three ways to get them, chosen by ``model.name_or_path``:
   hub. Without network (``HF_HUB_OFFLINE=1`` or the hub unreachable) this fails within seconds
   with a :class:`ModelLoadError` that says to pass a local directory.
 
+``model.dropout`` sets the dropout of every one of them (:func:`dropout_overrides`): GPT-2's
+``resid_pdrop``, ``embd_pdrop`` and ``attn_pdrop``; for other architectures whichever of the common
+dropout attributes their config has. The methods decide when it is active (train() / eval()).
+
 Second-order RECKONING differentiates through the gradient of the inner loss; PyTorch's fused
 scaled-dot-product attention has no double backward on CPU, so
 :func:`set_attention_for_second_order` switches the model to the eager attention path.
@@ -28,6 +32,7 @@ from urllib.parse import urlsplit
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
@@ -48,6 +53,11 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 # Seconds allowed to resolve and reach the hub before declaring it unreachable; without this
 # a hub id offline spends ~25 s in huggingface_hub's retries before failing.
 HUB_PROBE_TIMEOUT_S = 3.0
+# Config attributes that model.dropout sets: GPT-2's three, then the names other causal LMs use
+# (e.g. OPT / Llama / GPT-Neo); only those a config has are set.
+GPT2_DROPOUT_ATTRS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+DROPOUT_ATTRS = GPT2_DROPOUT_ATTRS + ("dropout", "attention_dropout", "hidden_dropout", "resid_dropout",
+                                      "embed_dropout")
 
 _attention_logged = False
 
@@ -88,12 +98,27 @@ def build_tokenizer(corpus: Iterable[str], model_max_length: int = 1024) -> PreT
     )
 
 
+def _dropout_value(model_cfg: Any) -> float:
+    # Configs built before model.dropout existed (no key) mean no dropout.
+    value = float(getattr(model_cfg, "dropout", 0.0) or 0.0)
+    if not 0.0 <= value < 1.0:
+        raise ModelLoadError(f"model.dropout={value!r} is invalid: must be in [0, 1)")
+    return value
+
+
+def dropout_overrides(config: Any, dropout: float) -> dict[str, float]:
+    """``{attribute: dropout}`` for each of :data:`DROPOUT_ATTRS` that ``config`` has."""
+    return {name: dropout for name in DROPOUT_ATTRS if isinstance(getattr(config, name, None), (int, float))}
+
+
 def build_embedded_model(model_cfg: Any, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> GPT2LMHeadModel:
     """Randomly initialised GPT-2 of the configured shape with the tokenizer's vocabulary.
 
-    The global torch RNG is seeded with ``seed`` inside a forked RNG state, so the weights
-    depend on ``seed`` only and the caller's RNG stream is left as it was.
+    Dropout (resid/embd/attn) is ``model_cfg.dropout``. The global torch RNG is seeded with
+    ``seed`` inside a forked RNG state, so the weights depend on ``seed`` only and the caller's
+    RNG stream is left as it was.
     """
+    dropout = _dropout_value(model_cfg)
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=int(model_cfg.n_positions),
@@ -103,6 +128,7 @@ def build_embedded_model(model_cfg: Any, tokenizer: PreTrainedTokenizerFast, see
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **{name: dropout for name in GPT2_DROPOUT_ATTRS},
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -158,15 +184,19 @@ def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     return result["ok"]
 
 
-def _from_pretrained(name: str, local_files_only: bool) -> tuple[PreTrainedModel, Any]:
+def _from_pretrained(name: str, local_files_only: bool, dropout: float) -> tuple[PreTrainedModel, Any]:
     # The dtype is applied afterwards by .to(): from_pretrained's dtype keyword changed name
-    # across transformers releases (torch_dtype -> dtype).
-    model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local_files_only)
+    # across transformers releases (torch_dtype -> dtype). Dropout goes into the config before
+    # the model is built: the modules read it once, at construction.
+    config = AutoConfig.from_pretrained(name, local_files_only=local_files_only)
+    for attribute, value in dropout_overrides(config, dropout).items():
+        setattr(config, attribute, value)
+    model = AutoModelForCausalLM.from_pretrained(name, config=config, local_files_only=local_files_only)
     tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
     return model, tokenizer
 
 
-def _load_pretrained(name: str) -> tuple[PreTrainedModel, Any]:
+def _load_pretrained(name: str, dropout: float) -> tuple[PreTrainedModel, Any]:
     offline_fix = (
         "pass a local directory instead (model.name_or_path=/path/to/dir, written by "
         "save_pretrained or reckoning_ray.modeling.save_model_and_tokenizer), or use "
@@ -186,13 +216,13 @@ def _load_pretrained(name: str) -> tuple[PreTrainedModel, Any]:
                 "written by save_pretrained (config.json, model.safetensors and tokenizer files)"
             )
         try:
-            return _from_pretrained(str(path), local_files_only=True)
+            return _from_pretrained(str(path), local_files_only=True, dropout=dropout)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"model.name_or_path={name!r}: cannot load from {path.resolve()}: {exc}") from exc
 
     # A hub id: the local Hugging Face cache first, the network only when it is there.
     try:
-        return _from_pretrained(name, local_files_only=True)
+        return _from_pretrained(name, local_files_only=True, dropout=dropout)
     except OSError as cache_exc:
         if _hub_offline():
             raise ModelLoadError(
@@ -206,7 +236,7 @@ def _load_pretrained(name: str) -> tuple[PreTrainedModel, Any]:
                 f"reached; {offline_fix}"
             ) from cache_exc
     try:
-        return _from_pretrained(name, local_files_only=False)
+        return _from_pretrained(name, local_files_only=False, dropout=dropout)
     except OSError as exc:
         raise ModelLoadError(f"model.name_or_path={name!r}: cannot load from the hub: {exc}; {offline_fix}") from exc
 
@@ -218,14 +248,14 @@ def load_model_and_tokenizer(
 
     Args:
         model_cfg: the ``model`` group of the config (name_or_path, n_layer, n_embd, n_head,
-            n_positions, dtype).
+            n_positions, dtype, dropout).
         corpus: every text the embedded model will see (``Encoder.corpus(records)``); required
             for ``"embedded"``, ignored otherwise.
         seed: initialisation seed of the embedded model.
 
     Returns:
-        (model, tokenizer): the model in ``model_cfg.dtype``, in eval mode (the caller switches
-        to train());
+        (model, tokenizer): the model in ``model_cfg.dtype`` with ``model_cfg.dropout`` in its
+        config, in eval mode (the caller switches to train());
         the tokenizer with pad, eos and bos ids set (pad = eos for GPT-2).
 
     Raises:
@@ -242,7 +272,7 @@ def load_model_and_tokenizer(
         tokenizer = build_tokenizer(corpus, model_max_length=int(model_cfg.n_positions))
         model = build_embedded_model(model_cfg, tokenizer, seed=seed)
     else:
-        model, tokenizer = _load_pretrained(name)
+        model, tokenizer = _load_pretrained(name, _dropout_value(model_cfg))
         if tokenizer.pad_token is None:
             # GPT-2 ships without a pad token; padded positions are masked out of attention
             # and loss, so reusing eos is safe.

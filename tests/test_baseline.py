@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from one_fact import ONE_FACT
 from reckoning_ray.baseline import InContextMethod, build_method
 from reckoning_ray.bilevel import BilevelError, ReckoningMethod
 from reckoning_ray.config import load_config
@@ -74,19 +75,35 @@ def test_loss_is_the_mean_target_loss_per_task_summed_over_tasks():
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
 
 
-def test_training_mode_uses_dropout_and_evaluation_restores_the_mode():
-    method, batch = build()
+def test_training_mode_uses_model_dropout_and_evaluation_restores_the_mode():
+    method, batch = build("icr", "model.dropout=0.1")
+    assert method.model.config.resid_pdrop == 0.1
     method.train()
     assert method.model.training
-    losses = [method.forward_backward(batch)["loss"] for _ in range(2)]
-    assert losses[0] != losses[1]  # dropout 0.1 of the GPT-2 config
+    losses = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        losses.append(method.forward_backward(batch)["loss"])
+    assert losses[0] == losses[1] != losses[2]  # masks drawn from the seeded generator
     stored = {k: v.clone() for k, v in method.model.state_dict().items()}
+    torch.manual_seed(0)
     first = method.evaluate(batch)
     assert method.model.training  # put back as it was
+    torch.manual_seed(1)
     second = method.evaluate(batch)
-    assert first == second
+    assert first == second  # no dropout in evaluation
     for k, v in method.model.state_dict().items():
         assert torch.equal(v, stored[k]), k
+    # model.dropout=0 (the default): training is deterministic even in train mode.
+    plain, _ = build()
+    plain.train()
+    assert plain.model.training and plain.model.config.attn_pdrop == 0.0
+    losses = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        losses.append(plain.forward_backward(batch)["loss"])
+    assert losses[0] == losses[1]
+    assert plain.evaluate(batch) == first  # same weights; evaluation never used the dropout
 
 
 def test_generation_of_a_left_padded_prompt_equals_the_prompt_alone():
@@ -123,7 +140,7 @@ def test_fine_tuned_in_context_reasoning_learns_generated_tasks():
     """Same setting as RECKONING's end-to-end test: FT-ICR reads the fact in its prompt."""
     from reckoning_ray.data.generate import generate_splits
 
-    cfg = load_config("embedded", ["train.method=icr", "data.num_train=512", "data.num_validation=128"])
+    cfg = load_config("embedded", ["train.method=icr", "data.num_train=512", "data.num_validation=128", *ONE_FACT])
     splits = generate_splits(cfg.data)
     args = dict(method="icr", multi_task=bool(cfg.outer.multi_task), max_length=int(cfg.model.max_length))
     corpus = list(Encoder(None, **args).corpus([r for s in splits.values() for r in s]))

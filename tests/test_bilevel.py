@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from one_fact import ONE_FACT
 from reckoning_ray.bilevel import (
     AdamWState,
     BilevelError,
@@ -496,19 +497,123 @@ def test_left_padded_generation_equals_generation_of_the_task_alone():
         assert math.isclose(alone["answer_loss"][0], together["answer_loss"][t], rel_tol=1e-10)
 
 
-def test_bilevel_step_runs_without_dropout_and_with_eager_attention_for_second_order():
+def test_bilevel_step_runs_without_dropout_at_zero_and_with_eager_attention_for_second_order():
     cfg = make_cfg("model.dtype=float32")
     method, batch = build(cfg)
-    assert method.model.config.resid_pdrop > 0  # the embedded model keeps GPT-2's dropout config
+    assert cfg.model.dropout == 0.0 and method.model.config.resid_pdrop == 0.0
     method.model.train()
     method.train()
-    assert not method.model.training
+    assert not method.model.training  # model.dropout=0: eval mode throughout, no random op
     assert method.attention == "eager"
-    losses = [method.forward_backward(batch)["loss"] for _ in range(2)]
+    losses = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        losses.append(method.forward_backward(batch)["loss"])
+        assert not method.model.training
     assert losses[0] == losses[1]
     # First order keeps the default path when tasks are looped; vmap over tasks needs eager.
     assert build(make_cfg("inner.first_order=true"), engine="looped")[0].attention == "sdpa"
     assert build(make_cfg("inner.first_order=true"), engine="batched")[0].attention == "eager"
+
+
+# ------------------------------------------------------------------------------ dropout
+
+
+def seeded_step(method, batch, seed: int) -> tuple[dict, list[torch.Tensor]]:
+    """One forward_backward from zero gradients under ``torch.manual_seed(seed)``."""
+    zero_grads(method)
+    torch.manual_seed(seed)
+    out = method.forward_backward(batch)
+    return out, grads(method)
+
+
+@pytest.mark.parametrize("engine,first_order", [("batched", False), ("looped", False), ("batched", True)])
+def test_dropout_draws_masks_in_training_per_seed_and_none_in_evaluation(engine, first_order):
+    cfg = make_cfg("model.dropout=0.2", f"inner.first_order={str(first_order).lower()}")
+    method, batch = build(cfg, engine=engine)
+    config = method.model.config
+    assert (config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) == (0.2, 0.2, 0.2)
+    assert method.model.training  # the training phase is the default
+    stored = {k: v.clone() for k, v in method.model.state_dict().items()}
+
+    first, g_first = seeded_step(method, batch, seed=0)
+    assert method.model.training
+    again, g_again = seeded_step(method, batch, seed=0)
+    other, g_other = seeded_step(method, batch, seed=1)
+    # Same seed, same masks: the same numbers; another seed, other masks.
+    assert first == again
+    assert all(torch.equal(a, b) for a, b in zip(g_first, g_again))
+    assert first["loss"] != other["loss"] and first["knowledge_loss"] != other["knowledge_loss"]
+    assert any(not torch.equal(a, b) for a, b in zip(g_first, g_other))
+    for g in g_first + g_other:
+        assert torch.isfinite(g).all()
+    assert float(g_first[-1].abs().sum()) > 0  # the learned rates get a gradient through the masks
+
+    # Evaluation: eval mode, no dropout. Deterministic whatever the seed, and equal to the same
+    # weights built with model.dropout=0 (the initialisation does not depend on the dropout).
+    method.eval()
+    torch.manual_seed(0)
+    ev_a, k_a = method.evaluate(batch), method.knowledge_losses(batch)
+    assert not method.model.training
+    torch.manual_seed(1)
+    ev_b, k_b = method.evaluate(batch), method.knowledge_losses(batch)
+    assert ev_a == ev_b and k_a == k_b
+    no_dropout, _ = build(make_cfg(f"inner.first_order={str(first_order).lower()}"), engine=engine)
+    assert no_dropout.evaluate(batch) == ev_a and no_dropout.knowledge_losses(batch) == k_a
+    for k, v in method.model.state_dict().items():
+        assert torch.equal(v, stored[k]), k
+
+    # Without dropout (the eval phase) forward_backward is the deterministic step of model.dropout=0;
+    # back in the training phase, dropout is on again even though evaluation left eval mode behind.
+    off, g_off = seeded_step(method, batch, seed=0)
+    ref, g_ref = seeded_step(no_dropout, batch, seed=5)
+    assert off == ref and all(torch.equal(a, b) for a, b in zip(g_off, g_ref))
+    method.evaluate(batch)
+    method.train()
+    assert seeded_step(method, batch, seed=0)[0] == first
+
+
+def test_dropout_under_vmap_gives_each_task_its_own_masks():
+    method, batch = build(make_cfg("model.dropout=0.2"))
+    s = batch.select([0, 0, 0]).sequence  # the same task three times, the same weights
+    names, base = method._weights()
+    fast = {n: p.detach().unsqueeze(0).expand(3, *p.shape) for n, p in zip(names, base)}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        losses = method._group_losses(fast, True, s.input_ids, s.attention_mask, s.labels)
+    assert len(set(losses.tolist())) == 3, losses  # randomness="different": a mask per task
+    method.model.eval()
+    with torch.no_grad():
+        losses = method._group_losses(fast, True, s.input_ids, s.attention_mask, s.labels)
+    assert len(set(losses.tolist())) == 1
+
+
+@pytest.mark.parametrize("engine,optimizer", [("batched", "adamw"), ("looped", "adamw"), ("batched", "sgd")])
+def test_checkpoint_with_dropout_redraws_the_forward_masks_and_keeps_the_meta_gradient(engine, optimizer, monkeypatch):
+    # inner.checkpoint recomputes each inner step in the backward pass; it restores the random
+    # state the step had, so the recomputed step sees the same dropout masks.
+    lr = "inner.lr_init=0.05" if optimizer == "adamw" else "inner.lr_init=0.5"
+    options = ["model.dropout=0.2", f"inner.optimizer={optimizer}", lr]
+    reference, batch = build(make_cfg(*options), engine=engine)
+    method, _ = build(make_cfg(*options, "inner.checkpoint=true"), engine=engine)
+    out_r, g_r = seeded_step(reference, batch, seed=3)
+    after_r = torch.rand(4)
+    out_m, g_m = seeded_step(method, batch, seed=3)
+    after_m = torch.rand(4)
+    assert math.isclose(out_r["loss"], out_m["loss"], rel_tol=1e-12)
+    assert math.isclose(out_r["knowledge_loss"], out_m["knowledge_loss"], rel_tol=1e-12)
+    for x, y in zip(g_r, g_m):
+        assert torch.allclose(x, y, rtol=1e-9, atol=1e-12)
+    # The recomputation leaves the generator where the forward passes left it.
+    assert torch.equal(after_r, after_m)
+    # Without the restore the recomputed steps draw other masks: another (wrong) meta-gradient.
+    from contextlib import nullcontext
+
+    from reckoning_ray import bilevel
+
+    monkeypatch.setattr(bilevel, "_rng_restored", lambda saved: nullcontext())
+    _, g_wrong = seeded_step(method, batch, seed=3)
+    assert not all(torch.allclose(x, y, rtol=1e-6, atol=1e-9) for x, y in zip(g_r, g_wrong))
 
 
 def test_parameter_groups_lr_stats_and_log_space():
@@ -550,7 +655,8 @@ def train_briefly(method_name: str, steps: int, seed: int = 0):
     from reckoning_ray.baseline import build_method
     from reckoning_ray.data.generate import generate_splits
 
-    cfg = load_config("embedded", [f"train.method={method_name}", "data.num_train=512", "data.num_validation=128"])
+    cfg = load_config("embedded", [f"train.method={method_name}", "data.num_train=512", "data.num_validation=128",
+                                   *ONE_FACT])
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.inner.steps, cfg.inner.optimizer) == (1, 64, 1, "sgd")
     assert (cfg.inner.lr_init, cfg.outer.lr, cfg.outer.inner_lr_lr, cfg.train.batch_size) == (0.1, 1e-3, 1e-2, 32)
     splits = generate_splits(cfg.data)

@@ -49,8 +49,31 @@ def test_paper_preset_has_the_papers_hyper_parameters():
     assert cfg.train.metric == "val/label_accuracy"
     assert [inner_steps_for(cfg, h) for h in (2, 3, 4, 5, 6)] == [4, 4, 4, 5, 5]
     assert node_type_for(cfg) == "a100"
-    baseline = load_config("paper", [f"data.path={PROOFWRITER}", "train.method=icr"])
-    assert node_type_for(baseline) == "rtx3090"
+    # Table 1: the authors' selection, the proof's facts only, dropout on, one GPU per run
+    assert (cfg.data.selection, cfg.data.distractors, list(cfg.data.hops)) == ("paper", 0, [])
+    assert cfg.model.dropout == 0.1
+    assert (cfg.resources.num_workers, cfg.resources.gpus_per_worker) == (1, 1)
+
+
+def test_paper_variants_extend_the_paper_preset_and_change_only_their_keys():
+    paper = load_config("paper", [f"data.path={PROOFWRITER}"])
+    distractors = load_config("paper-distractors", [f"data.path={PROOFWRITER}"])
+    icr = load_config("paper-icr", [f"data.path={PROOFWRITER}"])
+    assert distractors.preset == "paper-distractors" and distractors.data.distractors == 6
+    assert icr.preset == "paper-icr" and icr.train.method == "icr" and node_type_for(icr) == "rtx3090"
+    # FT-ICR: batch 16, validation once per epoch, lr 3e-5, 6 epochs, dropout 0.1
+    assert (icr.train.batch_size, icr.train.grad_accum, icr.train.validations_per_epoch) == (16, 1, 1)
+    assert (icr.outer.lr, icr.train.epochs, icr.model.dropout) == (3e-5, 6, 0.1)
+    changed = {"preset", "data.distractors", "train.run_name", "tune.name"}
+    flat_paper, flat_variant = flatten(paper), flatten(distractors)
+    assert {k for k in flat_paper if flat_paper[k] != flat_variant[k]} == changed
+
+
+def test_a_preset_that_extends_itself_is_refused(tmp_path):
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"extends: {loop}\n")
+    with pytest.raises(ConfigError, match="extends"):
+        load_config(str(loop))
 
 
 def test_overrides_merge_with_types():
@@ -97,6 +120,9 @@ def test_hop_table_ranges_and_nearest_fallback():
         (["tracking.mode=loud"], ["tracking.mode='loud'", "offline"]),
         (["resources.node_type=v100"], ["resources.node_type='v100'", "a100", "rtx3090"]),
         (["model.n_head=3"], ["model.n_head=3", "must divide"]),
+        (["model.dropout=1.0"], ["model.dropout=1.0", "must be in [0, 1)"]),
+        (["model.dropout=-0.1"], ["model.dropout=-0.1", "must be in [0, 1)"]),
+        (["model.dropout=high"], ["model.dropout", "'high'"]),
         (["epochs"], ["'epochs'", "key=value"]),
     ],
 )
@@ -131,3 +157,22 @@ def test_flatten_gives_dotted_keys():
     assert flat["inner.lr_init"] == 0.1
     assert flat["train.method"] == "reckoning"
     assert all(not isinstance(v, dict) for v in flat.values())
+
+
+def test_data_selection_and_per_split_hops_default_and_validate():
+    cfg = load_config()
+    assert cfg.data.selection == "qdep"
+    assert (cfg.data.train_hops, cfg.data.validation_hops, cfg.data.test_hops) == (None, None, None)
+    cfg = load_config(None, ["data.selection=paper", "data.train_hops=[2,3]", "data.test_hops=[2,3,4,5]"])
+    assert (cfg.data.selection, list(cfg.data.train_hops), list(cfg.data.test_hops)) == ("paper", [2, 3], [2, 3, 4, 5])
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["data.selection=authors"])
+    assert "data.selection='authors' is invalid: choose one of ('qdep', 'paper')" in str(info.value)
+    with pytest.raises(ConfigError, match=r"data.test_hops=\[2, -1\] is invalid: hop counts must be >= 0"):
+        load_config(None, ["data.test_hops=[2,-1]"])
+
+
+def test_model_dropout_defaults_to_zero_and_accepts_values_below_one():
+    assert Config().model.dropout == 0.0
+    assert load_config(None, ["model.dropout=0.0"]).model.dropout == 0.0
+    assert load_config(None, ["model.dropout=0.5"]).model.dropout == 0.5

@@ -126,3 +126,50 @@ def test_module_entry_point_help_and_exit_code(tmp_path):
     assert help_text.returncode == 0
     for phrase in ("generate:clutrr", "hops=0,1,2", "proofwriter:PATH", "tasks by split, by hop count and by label"):
         assert phrase in " ".join(help_text.stdout.split())
+
+
+def test_stats_with_selection_paper_prints_the_tables_before_and_after(capsys):
+    from collections import Counter
+
+    from reckoning_ray.data.sources import read_proofwriter_file
+
+    assert main(["stats", str(PROOFWRITER), "selection=paper"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"BEFORE selection: all questions of {PROOFWRITER} (selection=qdep, no filtering)")
+    before, after = out.split("AFTER selection=paper: ", 1)
+    assert after.startswith(f"tasks in {PROOFWRITER} (proofwriter, selection=paper)")
+    assert row(section(before, "split  "), "total") == ["total", "4,004"]
+    cross = section(before, "tasks by hop count and label (all splits)")
+    assert row(cross, "0") == ["0", "240", "1,005", "240", "1,485"]
+    assert row(cross, "all") == ["all", "1,001", "2,002", "1,001", "4,004"]
+
+    assert row(section(after, "split  "), "total") == ["total", "891"]
+    labels = section(after, "tasks by label")
+    assert [row(labels, label)[-1] for label in ("yes", "no", "none")] == ["297", "297", "297"]
+    cross = section(after, "tasks by hop count and label (all splits)")
+    assert cross.splitlines()[1].split() == ["hops", "no", "none", "yes", "total"]
+    counts = Counter((r["hops"], r["answer"]) for r in read_proofwriter_file(PROOFWRITER, "paper", 0))
+    for hops in range(1, 6):
+        cells = [counts[(hops, a)] for a in ("no", "none", "yes")]
+        assert row(cross, str(hops)) == [str(hops), *map(str, cells), str(sum(cells))]
+    assert [row(cross, str(h))[2] for h in (1, 2, 3, 4, 5)] == ["0", "247", "44", "5", "1"]
+    assert "\n0 " not in cross  # no 0-hop task has a proof of two sentences
+    assert row(section(after, "sentences per task"), "relevant")[2] == "2"  # min facts per task
+
+    # the two splits tables use the same theories per split (the selection only drops tasks)
+    for split in ("train", "validation", "test"):
+        assert int(row(section(after, "split  "), split)[1]) <= int(row(section(before, "split  "), split)[1].replace(",", ""))
+
+
+def test_spec_options_select_and_filter_hops_per_split(capsys):
+    cfg = data_config_from_spec(str(PROOFWRITER), ["selection=paper", "train_hops=2,3", "test_hops=all"])
+    assert (cfg.selection, cfg.train_hops, cfg.validation_hops, cfg.test_hops) == ("paper", [2, 3], None, [])
+    assert main(["stats", str(PROOFWRITER), "selection=best"]) == 2
+    assert "option 'selection=best': cannot use 'best' for selection (choose one of ('qdep', 'paper'))" in \
+        capsys.readouterr().err
+    assert main(["stats", str(CLUTRR), "train_hops=2,3", "validation_hops=2,3", "test_hops=2,3,4,5,6,7,8,9,10"]) == 0
+    out = capsys.readouterr().out
+    assert "BEFORE" not in out  # no selection step to compare
+    hops = section(out, "tasks by hop count")
+    assert row(hops, "4")[1:3] == ["0", "0"] and row(hops, "10")[1:3] == ["0", "0"]
+    assert int(row(hops, "10")[3]) > 0 and int(row(hops, "2")[1]) > 0

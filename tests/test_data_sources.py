@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -13,6 +15,7 @@ from reckoning_ray.config import DataConfig, load_config
 from reckoning_ray.data.sources import (
     DataFormatError,
     _parse_proof,
+    filter_splits,
     load_hf,
     load_splits,
     proofwriter_theory_id,
@@ -20,6 +23,7 @@ from reckoning_ray.data.sources import (
     read_clutrr_file,
     read_proofwriter,
     read_proofwriter_file,
+    read_records,
     to_dataset,
 )
 
@@ -344,12 +348,233 @@ def test_load_splits_accepts_a_dictconfig_and_generates_the_embedded_preset():
     cfg = load_config("embedded")
     dd = load_splits(cfg.data)
     assert {s: len(d) for s, d in dd.items()} == {"train": 1024, "validation": 128, "test": 128}
-    assert set(dd["train"]["hops"]) == {0}
-    assert set(dd["train"]["answer"]) == {"yes", "no"}
-    assert all(len(k) == 1 for k in dd["train"]["knowledge"])
+    # the paper in miniature: 2-hop theories, a distractor each, the three open-world labels
+    assert set(dd["train"]["hops"]) == {2}
+    assert set(dd["train"]["answer"]) == {"yes", "no", "none"}
+    assert all(len(d) == 1 for d in dd["train"]["distractors"])
+    assert all(len(f) >= 2 for f in dd["train"]["facts"])
 
     clutrr = load_config("paper", [f"data.path={CLUTRR}", "data.source=clutrr", "data.family=clutrr",
                                    "data.hops=[2,3]"])
     dd = load_splits(clutrr.data)
     assert set(dd["train"]["hops"]) | set(dd["validation"]["hops"]) | set(dd["test"]["hops"]) == {2, 3}
     assert sum(len(d) for d in dd.values()) == 38 + 105
+
+
+# --------------------------------------------------------------------------------------------- selection=paper
+# The expected task set is computed here from the raw JSON with its own small proof reader (a
+# bracket stack, not the reader's parser), then compared with read_proofwriter_file(selection=paper).
+
+
+def _alternatives(proofs: str) -> list[str]:
+    """``"[(A OR B)]"`` -> ``["A", "B"]``: split the outer list at the ORs outside any bracket."""
+    body = proofs.strip()[2:-2]
+    parts, level, start = [], 0, 0
+    for i, ch in enumerate(body):
+        if ch == "(":
+            level += 1
+        elif ch == ")":
+            level -= 1
+        elif level == 0 and body.startswith(" OR ", i):
+            parts.append(body[start:i])
+            start = i + 4
+    return parts + [body[start:]]
+
+
+def _depth(alternative: str) -> int:
+    """Longest chain of rule applications: each bracket is one step deeper if it holds a '->'."""
+    stack = [[0, 0]]  # [deepest child, 1 if this bracket applies a rule]
+    for tok in re.findall(r"\(|\)|->", alternative):
+        if tok == "(":
+            stack.append([0, 0])
+        elif tok == "->":
+            stack[-1][1] = 1
+        else:
+            deepest, rule = stack.pop()
+            stack[-1][0] = max(stack[-1][0], deepest + rule)
+    return stack[0][0]
+
+
+def _independent_paper_selection(seed: int):
+    """Per theory: (kept yes qids, kept no qids, kept none qids) in question order, the sentence
+    sets that qualify each kept question's facts, and the documented per-theory resampling."""
+    theories = {}
+    for line in PROOFWRITER.read_text(encoding="utf-8").splitlines():
+        t = json.loads(line)
+        sentences, mapping = t["sentences"], t["mappings"]
+        kept = {"yes": [], "no": [], "none": []}
+        facts = {}
+        for qid, q in t["questions"].items():
+            if q["answer"] == "Unknown":
+                failure = q["proofs"].split("failure", 1)[1]
+                rules = set(re.findall(r"rule\d+", failure))
+                if len(rules) >= 2:
+                    kept["none"].append(qid)
+                    facts[qid] = [{sentences[mapping[r]].strip() for r in rules}]
+            else:
+                at_depth = [a for a in _alternatives(q["proofs"]) if _depth(a) == q["QDep"]]
+                sets = [{sentences[mapping[i]].strip() for i in re.findall(r"(?:triple|rule)\d+", a)} for a in at_depth]
+                smallest = min(len(s) for s in sets)
+                if smallest >= 2:
+                    kept["yes" if q["answer"] else "no"].append(qid)
+                    facts[qid] = [s for s in sets if len(s) == smallest]
+        # the documented balance: one Random per theory, yes then no, choices(k = #none)
+        rng = random.Random(f"paper:{seed}:{t['id']}")
+        n = len(kept["none"])
+        drawn = {"none": list(kept["none"])}
+        for label in ("yes", "no"):
+            drawn[label] = rng.choices(kept[label], k=n) if kept[label] and n else []
+        theories[t["id"]] = {"kept": kept, "facts": facts, "drawn": drawn,
+                             "hops": {qid: q["QDep"] for qid, q in t["questions"].items()}}
+    return theories
+
+
+@pytest.fixture(scope="module")
+def paper_records():
+    return read_proofwriter_file(PROOFWRITER, selection="paper", seed=0)
+
+
+@pytest.fixture(scope="module")
+def paper_expected():
+    return _independent_paper_selection(seed=0)
+
+
+def _qid(record) -> str:
+    return re.sub(r"-r\d+$", "", record["id"]).rsplit("-", 1)[1]
+
+
+def test_paper_selection_counts_match_an_independent_reading(paper_records, paper_expected):
+    expected_labels, expected_hops = Counter(), Counter()
+    for theory in paper_expected.values():
+        for label, qids in theory["drawn"].items():
+            expected_labels[label] += len(qids)
+            expected_hops.update((theory["hops"][q], label) for q in qids)
+    assert Counter(r["answer"] for r in paper_records) == expected_labels
+    assert Counter((r["hops"], r["answer"]) for r in paper_records) == expected_hops
+    # the numbers themselves (shared/data NatLang dev): 297 Unknown questions have >= 2 failed rules
+    assert expected_labels == {"yes": 297, "no": 297, "none": 297}
+    assert {h: expected_hops[(h, "none")] for h in range(6)} == {0: 0, 1: 0, 2: 247, 3: 44, 4: 5, 5: 1}
+    assert sum(expected_hops[(0, label)] for label in ("yes", "no", "none")) == 0  # a fact alone is 1 sentence
+    kept_unknown = sum(len(t["kept"]["none"]) for t in paper_expected.values())
+    assert kept_unknown == 297
+    assert sum(bool(t["kept"]["none"]) for t in paper_expected.values()) == 165
+
+
+def test_paper_selection_balances_each_theory_and_keeps_the_proof_facts(paper_records, paper_expected):
+    ids = [r["id"] for r in paper_records]
+    assert len(ids) == len(set(ids))
+    per_theory = Counter((proofwriter_theory_id(r), r["answer"]) for r in paper_records)
+    for tid, theory in paper_expected.items():
+        n = len(theory["kept"]["none"])
+        assert [per_theory[(tid, label)] for label in ("yes", "no", "none")] == \
+            [n if theory["kept"]["yes"] else 0, n if theory["kept"]["no"] else 0, n], tid
+        got = sorted(_qid(r) for r in paper_records if proofwriter_theory_id(r) == tid)
+        assert got == sorted(q for qids in theory["drawn"].values() for q in qids), tid
+    seen = Counter()
+    for r in paper_records:
+        theory, qid = paper_expected[proofwriter_theory_id(r)], _qid(r)
+        # first copy keeps the release id, repeats are numbered -r1, -r2, ... in order
+        key = (proofwriter_theory_id(r), qid)
+        assert r["id"] == f"{key[0]}-{qid}" + (f"-r{seen[key]}" if seen[key] else "")
+        seen[key] += 1
+        assert r["hops"] == theory["hops"][qid]
+        assert len(r["facts"]) >= 2
+        assert set(r["facts"]) in theory["facts"][qid] and len(r["facts"]) == len(set(r["facts"]))
+        if r["answer"] == "none":
+            # exactly the sentences of the failed rules, never the entity's facts
+            assert len(theory["facts"][qid]) == 1
+    assert max(seen.values()) > 1  # some questions are drawn more than once
+
+
+def test_paper_selection_is_deterministic_and_seeded(paper_records):
+    again = read_proofwriter_file(PROOFWRITER, selection="paper", seed=0)
+    assert again == paper_records
+    other = read_proofwriter_file(PROOFWRITER, selection="paper", seed=1)
+    assert [r["id"] for r in other] != [r["id"] for r in paper_records]
+    assert Counter(r["answer"] for r in other) == Counter(r["answer"] for r in paper_records)
+    unknown = [r for r in paper_records if r["answer"] == "none"]
+    assert [r for r in other if r["answer"] == "none"] == unknown  # only yes / no are resampled
+    # qdep is the default and ignores the seed
+    assert read_proofwriter_file(PROOFWRITER, selection="qdep", seed=5) == read_proofwriter_file(PROOFWRITER)
+    with pytest.raises(ValueError, match=r"data.selection='proof' is invalid: choose one of \('qdep', 'paper'\)"):
+        read_proofwriter_file(PROOFWRITER, selection="proof")
+
+
+def test_paper_selection_keeps_every_theory_in_its_qdep_split():
+    qdep = read_proofwriter(PROOFWRITER, 0.1, 0.1, seed=0)
+    paper = read_proofwriter(PROOFWRITER, 0.1, 0.1, seed=0, selection="paper")
+    where = {proofwriter_theory_id(r): s for s, recs in qdep.items() for r in recs}
+    for split, records in paper.items():
+        assert records and all(where[proofwriter_theory_id(r)] == split for r in records)
+        assert len({r["id"] for r in records}) == len(records)
+    assert sum(len(v) for v in paper.values()) == 891
+
+
+def test_paper_distractors_are_drawn_with_replacement_and_deduplicated():
+    read = {}
+
+    def splits(selection, distractors):
+        cfg = DataConfig(source="proofwriter", path=str(PROOFWRITER), hops=[], selection=selection,
+                         distractors=distractors, num_train=0, num_validation=0, num_test=0, seed=3)
+        if selection not in read:
+            read[selection] = read_records(cfg)
+        return filter_splits(read[selection], cfg)  # load_splits without the Arrow round trip
+
+    full = by_id(read_proofwriter_file(PROOFWRITER, selection="paper", seed=3))
+    drawn = [r for s in splits("paper", 6).values() for r in s]
+    assert len(drawn) == 891
+    distinct = Counter()
+    for r in drawn:
+        source = full[r["id"]]
+        assert r["facts"] == source["facts"] and set(r["facts"]) <= set(r["knowledge"])
+        assert set(r["distractors"]) <= set(source["distractors"]) and 1 <= len(r["distractors"]) <= 6
+        # the documented draw: 6 choices with replacement from Random(f"{seed}:{id}"), de-duplicated
+        expected = set(random.Random(f"3:{r['id']}").choices(source["distractors"], k=6))
+        assert set(r["distractors"]) == expected
+        assert r["knowledge"] == [k for k in source["knowledge"] if k in set(r["facts"]) | expected]
+        distinct[len(r["distractors"]) < min(6, len(source["distractors"]))] += 1
+    assert distinct[True] > distinct[False]  # repeats in the draw: usually fewer than 6 distinct
+    none = [r for s in splits("paper", 0).values() for r in s]
+    assert all(r["knowledge"] == r["facts"] and not r["distractors"] for r in none)
+    everything = [r for s in splits("paper", -1).values() for r in s]
+    assert all(r["knowledge"] == full[r["id"]]["knowledge"] for r in everything)
+    # qdep keeps its draw without replacement: exactly min(6, available) distinct distractors
+    qdep = [r for s in splits("qdep", 6).values() for r in s]
+    originals = by_id(read_proofwriter_file(PROOFWRITER))
+    assert all(len(r["distractors"]) == min(6, len(originals[r["id"]]["distractors"])) for r in qdep)
+
+
+# --------------------------------------------------------------------------------------------- per-split hops
+
+
+def test_per_split_hops_on_the_clutrr_file_train_short_test_long():
+    overrides = ["data.source=clutrr", "data.family=clutrr", f"data.path={CLUTRR}", "data.hops=[]",
+                 "data.train_hops=[2,3]", "data.validation_hops=[2,3]", "data.test_hops=[2,3,4,5,6,7,8,9,10]",
+                 "data.num_train=0", "data.num_validation=0", "data.num_test=0", "data.distractors=-1"]
+    cfg = load_config(None, overrides)
+    dd = load_splits(cfg.data)
+    raw = read_clutrr(CLUTRR, cfg.data.validation_fraction, cfg.data.test_fraction, cfg.data.seed)
+    assert set(dd["train"]["hops"]) == set(dd["validation"]["hops"]) == {2, 3}
+    assert set(dd["test"]["hops"]) == set(range(2, 11))
+    for split in ("train", "validation"):
+        assert len(dd[split]) == sum(r["hops"] in (2, 3) for r in raw[split])
+    assert len(dd["test"]) == len(raw["test"]) == 115
+
+    with pytest.raises(ValueError, match=r"split 'test' is empty after filtering by data.test_hops=\[1\]: .* "
+                                         r"set data.test_hops to some of them"):
+        load_splits(load_config(None, overrides + ["data.test_hops=[1]"]).data)
+    # a split without its own key falls back to data.hops
+    dd = load_splits(load_config(None, overrides + ["data.hops=[4]", "data.validation_hops=null"]).data)
+    assert set(dd["validation"]["hops"]) == {4}
+
+
+def test_per_split_hops_generate_each_split_with_its_hop_counts():
+    from reckoning_ray.data.generate import generate_splits
+
+    common = dict(family="clutrr", num_train=40, num_validation=8, num_test=18, distractors=1, seed=4)
+    dd = load_splits(DataConfig(hops=[2, 3], test_hops=[2, 3, 4], **common))
+    assert Counter(dd["test"]["hops"]) == {2: 6, 3: 6, 4: 6}
+    assert set(dd["train"]["hops"]) == {2, 3}
+    same = generate_splits(DataConfig(hops=[2, 3], **common))
+    assert dd["train"].to_list() == same["train"] and dd["validation"].to_list() == same["validation"]
+    assert dd["test"].to_list() == generate_splits(DataConfig(hops=[2, 3, 4], **common))["test"]

@@ -90,8 +90,41 @@ def test_embedded_build_is_deterministic_and_leaves_the_global_rng_alone():
     cfg = model_a.config
     assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_positions, cfg.vocab_size) == (1, 16, 2, 64, len(tok_a))
     assert (cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id) == (0, 1, 1)
-    assert cfg.resid_pdrop == 0.1 and cfg.attn_pdrop == 0.1  # dropout at the GPT-2 default
+    assert (cfg.resid_pdrop, cfg.embd_pdrop, cfg.attn_pdrop) == (0.0, 0.0, 0.0)  # model.dropout's default
     assert model_a.generation_config.pad_token_id == 0 and model_a.generation_config.eos_token_id == 1
+
+
+def dropout_probabilities(model) -> set[float]:
+    return {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+
+
+def test_dropout_key_sets_the_embedded_model_and_a_loaded_directory(tmp_path):
+    model, tok = load_model_and_tokenizer(model_cfg(dropout=0.15, dtype="float64"), corpus(), seed=0)
+    c = model.config
+    assert (c.resid_pdrop, c.embd_pdrop, c.attn_pdrop) == (0.15, 0.15, 0.15)
+    assert dropout_probabilities(model) == {0.15}  # embedding, attention, residual and MLP dropout
+    assert not model.training  # the methods switch modes
+    # Same weights as without dropout: dropout does not change the initialisation.
+    plain, _ = load_model_and_tokenizer(model_cfg(dtype="float64"), corpus(), seed=0)
+    assert dropout_probabilities(plain) == {0.0}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+    # A directory (or hub id) keeps its weights and takes model.dropout, whatever its config.json says;
+    # the modules are built with it (they read the probability once, at construction).
+    save_model_and_tokenizer(model, tok, tmp_path / "ckpt")
+    for value in (0.0, 0.3):
+        loaded, _ = load_model_and_tokenizer(model_cfg(name_or_path=str(tmp_path / "ckpt"), dropout=value))
+        c = loaded.config
+        assert (c.resid_pdrop, c.embd_pdrop, c.attn_pdrop) == (value, value, value)
+        assert dropout_probabilities(loaded) == {value}
+
+
+def test_dropout_overrides_set_only_the_attributes_a_config_has():
+    from transformers import GPT2Config, LlamaConfig
+
+    assert modeling.dropout_overrides(GPT2Config(), 0.1) == {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}
+    assert modeling.dropout_overrides(LlamaConfig(), 0.1) == {"attention_dropout": 0.1}
+    with pytest.raises(ModelLoadError, match=r"model.dropout=1.0.*\[0, 1\)"):
+        load_model_and_tokenizer(model_cfg(dropout=1.0), corpus())
 
 
 def test_tokenizer_ids_follow_counts_then_words():

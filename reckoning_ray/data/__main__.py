@@ -1,6 +1,8 @@
 """``python -m reckoning_ray.data``: inspect data sources and write generated datasets.
 
     python -m reckoning_ray.data stats /path/to/meta-dev.jsonl
+    python -m reckoning_ray.data stats /path/to/meta-dev.jsonl selection=paper   # before / after
+    python -m reckoning_ray.data stats clutrr:/path/to/test.csv train_hops=2,3 test_hops=2,3,4,5
     python -m reckoning_ray.data stats generate:clutrr hops=2,3 n=500 distractors=2 seed=1
     python -m reckoning_ray.data generate generate:proofwriter hops=0 n=1024 --out data/onefact
 
@@ -11,13 +13,14 @@ was expected.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from reckoning_ray.config import DataConfig
+from reckoning_ray.config import SELECTIONS, DataConfig
 from reckoning_ray.data.sources import SPLITS, DataFormatError, filter_splits, read_records, to_dataset
 
 SPEC_HELP = """\
@@ -32,6 +35,12 @@ SOURCE is one of
 
 followed by any number of KEY=VALUE options (they fill reckoning_ray.config.DataConfig):
   hops=0,1,2      hop counts to keep / generate (default: all)
+  train_hops=2,3  validation_hops=2,3  test_hops=2,3,4,5,6
+                  hop counts of one split (default: hops=); train on short, test on long chains
+  selection=qdep  which ProofWriter questions become tasks: qdep (all) or paper (the RECKONING
+                  authors' data: proofs of >= 2 sentences, True/False resampled per theory to
+                  the Unknown count, distractors drawn with replacement); stats prints the
+                  tables before and after the selection
   n=2000          training tasks (generated) or cap (files; 0 = all); also train=
   val=256         validation tasks / cap; also validation=
   test=256        test tasks / cap
@@ -43,6 +52,9 @@ followed by any number of KEY=VALUE options (they fill reckoning_ray.config.Data
 
 Examples
   python -m reckoning_ray.data stats ../shared/data/proofwriter-owa-natlang-dev.jsonl
+  python -m reckoning_ray.data stats ../shared/data/proofwriter-owa-natlang-dev.jsonl selection=paper
+  python -m reckoning_ray.data stats ../shared/data/clutrr-gen_train23_test2to10-test.csv \
+      train_hops=2,3 validation_hops=2,3 test_hops=2,3,4,5,6,7,8,9,10
   python -m reckoning_ray.data stats generate:clutrr hops=2,3 n=500 distractors=2 seed=1
   python -m reckoning_ray.data generate generate:proofwriter hops=0 n=1024 --out data/onefact
   python -m reckoning_ray.train embedded data.source=hf data.path=data/onefact
@@ -57,8 +69,10 @@ _KEYS = {
     "num_entities": "generator.num_entities", "attributes": "generator.num_attributes",
     "num_attributes": "generator.num_attributes", "rules": "generator.num_rules",
     "num_rules": "generator.num_rules", "holdout": "generator.holdout_pairs",
-    "holdout_pairs": "generator.holdout_pairs",
+    "holdout_pairs": "generator.holdout_pairs", "selection": "selection",
+    "train_hops": "train_hops", "validation_hops": "validation_hops", "test_hops": "test_hops",
 }
+_HOP_KEYS = ("hops", "train_hops", "validation_hops", "test_hops")
 
 
 class SpecError(ValueError):
@@ -85,8 +99,12 @@ def _guess_kind(path: Path) -> str:
 
 
 def _parse_value(key: str, text: str, current: Any) -> Any:
-    if key == "hops":
+    if key in _HOP_KEYS:
         return [] if text in ("", "all") else [int(v) for v in text.split(",")]
+    if key == "selection":
+        if text not in SELECTIONS:
+            raise ValueError
+        return text
     if key == "generator.labels":
         return [v.strip() for v in text.split(",") if v.strip()]
     if isinstance(current, bool):
@@ -125,7 +143,8 @@ def data_config_from_spec(source: str, options: Sequence[str]) -> DataConfig:
         try:
             setattr(owner, name, _parse_value(target, value, getattr(owner, name)))
         except ValueError:
-            raise SpecError(f"option {option!r}: cannot use {value!r} for {key}") from None
+            choices = f" (choose one of {SELECTIONS})" if target == "selection" else ""
+            raise SpecError(f"option {option!r}: cannot use {value!r} for {key}{choices}") from None
     return cfg
 
 
@@ -176,6 +195,8 @@ def format_stats(splits: dict[str, list[dict[str, Any]]], title: str) -> str:
 def _describe(cfg: DataConfig, source: str) -> str:
     if cfg.source == "generate":
         return (f"{source} (seed {cfg.seed}, hops {list(cfg.hops) or 'all'}, distractors {cfg.distractors})")
+    if cfg.selection != "qdep" and cfg.source == "proofwriter":
+        return f"{cfg.path} ({cfg.source}, selection={cfg.selection})"
     return f"{cfg.path} ({cfg.source})"
 
 
@@ -214,6 +235,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = data_config_from_spec(args.source, args.options)
         splits = filter_splits(read_records(cfg), cfg)
         if args.command == "stats":
+            if cfg.selection == "paper" and cfg.source == "proofwriter":
+                # The reading every question gets (selection=qdep), unfiltered, next to the
+                # paper's selection with the options applied: compare with the paper's data.
+                before = read_records(dataclasses.replace(cfg, selection="qdep"))
+                print(format_stats(before, f"BEFORE selection: all questions of {cfg.path} "
+                                           f"(selection=qdep, no filtering)"))
+                print()
+                print(format_stats(splits, f"AFTER selection=paper: tasks in {_describe(cfg, args.source)}"))
+                return 0
             print(format_stats(splits, f"tasks in {_describe(cfg, args.source)}"))
             return 0
         out = Path(args.out)

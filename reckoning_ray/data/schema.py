@@ -85,18 +85,28 @@ def validate_record(record: dict[str, Any]) -> None:
         raise ValueError(f"record {rid!r}: hops must be >= 0, got {record['hops']}")
 
 
-def without_distractors(record: dict[str, Any], keep: int = 0, seed: int = 0) -> dict[str, Any]:
+def without_distractors(record: dict[str, Any], keep: int = 0, seed: int = 0, replace: bool = False) -> dict[str, Any]:
     """Return a copy whose knowledge keeps the relevant facts and at most ``keep`` distractors.
 
-    The kept distractors are chosen deterministically from ``seed`` and the record id; the
-    knowledge keeps its original order.
+    ``replace=False`` (data.selection=qdep): ``keep`` distinct distractors sampled without
+    replacement (all of them when the record has no more than ``keep``). ``replace=True``
+    (data.selection=paper, the RECKONING authors' distractor setting): ``keep`` draws *with*
+    replacement, then de-duplicated, so between 1 and ``keep`` distinct distractors remain when
+    the record has any. ``keep < 0`` keeps every distractor, ``keep == 0`` none. The draw is
+    deterministic from ``seed`` and the record id; the knowledge keeps its original order.
     """
     import random
 
-    if keep < 0 or keep >= len(record["distractors"]):
+    distractors = record["distractors"]
+    if keep < 0 or (not replace and keep >= len(distractors)):
         return dict(record)
     rng = random.Random(f"{seed}:{record['id']}")
-    kept = set(rng.sample(record["distractors"], keep)) if keep else set()
+    if not keep or not distractors:
+        kept: set[str] = set()
+    elif replace:
+        kept = set(rng.choices(distractors, k=keep))
+    else:
+        kept = set(rng.sample(distractors, keep))
     fact_set = set(record["facts"])
     knowledge = [k for k in record["knowledge"] if k in fact_set or k in kept]
     out = dict(record)

@@ -5,7 +5,9 @@ Sources
 -------
 - ProofWriter (Tafjord et al. 2021), open-world release: ``meta-{train,dev,test}.jsonl`` (one
   theory per line, several questions per theory). Answers true / false / "Unknown" become the
-  labels yes / no / none; ``hops`` is the question's ``QDep``.
+  labels yes / no / none; ``hops`` is the question's ``QDep``. ``selection="qdep"`` keeps every
+  question; ``selection="paper"`` rebuilds the RECKONING authors' task set (see
+  ``read_proofwriter_file``).
 - CLUTRR (Sinha et al. 2019) CSV files as written by pandas (one story per row).
 - HF ``datasets``: a DatasetDict saved with ``save_to_disk`` (or a hub id, online only) whose
   rows already follow the schema.
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 from urllib.parse import urlparse
 
+from reckoning_ray.config import SELECTIONS
 from reckoning_ray.data.schema import FIELDS, make_record, validate_record, without_distractors
 
 SPLITS = ("train", "validation", "test")
@@ -79,6 +82,8 @@ class DataFormatError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 _PW_ANSWERS = {True: "yes", False: "no", "Unknown": "none"}
+# Suffix of the repeats that selection="paper" resamples: ``<theory>-Q3``, ``<theory>-Q3-r1``, ...
+_REPEAT_SUFFIX = re.compile(r"-r\d+$")
 _PROOF_TOKEN = re.compile(r"\(|\)|->|\bOR\b|\bNAF\b|(?:triple|rule)\d+|\S+")
 _QUOTED = re.compile(r'"([^"]*)"')
 
@@ -160,8 +165,22 @@ def _attribute_of(representation: str) -> str:
     return items[2] if len(items) >= 3 else ""
 
 
-def _proofwriter_theory(theory: Mapping[str, Any], path: Path, line: int) -> list[Record]:
-    """Records for every question of one ProofWriter theory (one JSONL line)."""
+def _failed_rules(proofs: str) -> list[str]:
+    """Distinct rule ids of an Unknown question's deepest failed proof attempt, in order:
+    ``"[@2: Bob is round.[CWA. Example of deepest failure = (rule3 <- rule5 <- FAIL)]]"`` ->
+    ``["rule3", "rule5"]``; ``[]`` when no failure (or no rule) is recorded."""
+    if "failure" not in proofs:
+        return []
+    return list(dict.fromkeys(re.findall(r"rule\d+", proofs.split("failure", 1)[1])))
+
+
+def _proofwriter_theory(theory: Mapping[str, Any], path: Path, line: int, selection: str = "qdep",
+                        seed: int = 0) -> list[Record]:
+    """Records for the questions of one ProofWriter theory (one JSONL line).
+
+    ``selection="qdep"``: every question. ``selection="paper"``: the questions whose proof names
+    >= 2 sentences, balanced per theory (see ``read_proofwriter_file``).
+    """
 
     def fail(expected: str) -> DataFormatError:
         return DataFormatError(path, line, f"theory {theory.get('id', '?')!r}: {expected}")
@@ -228,6 +247,15 @@ def _proofwriter_theory(theory: Mapping[str, Any], path: Path, line: int) -> lis
             # proof of that depth that uses the fewest sentences.
             at_depth = [ids for depth, ids in alternatives if depth == hops] or [alternatives[0][1]]
             facts = min((sentence_texts(ids, f"question {qid!r} proof") for ids in at_depth), key=len)
+            if selection == "paper" and len(facts) < 2:
+                continue
+        elif selection == "paper":
+            # The authors' Unknown tasks: a deepest failed proof attempt that names >= 2 rules;
+            # its relevant facts are exactly those rules' sentences.
+            failed = _failed_rules(q["proofs"])
+            if len(failed) < 2:
+                continue
+            facts = sentence_texts(failed, f"question {qid!r} deepest failure")
         else:
             # An Unknown question has no proof. Its relevant knowledge is taken to be what a
             # reasoner must inspect to see that nothing follows: the sentences stating facts
@@ -261,17 +289,80 @@ def _proofwriter_theory(theory: Mapping[str, Any], path: Path, line: int) -> lis
                 hops=hops,
             )
         )
+    if selection == "paper":
+        records = _balance_labels(records, str(theory["id"]), seed)
     return records
 
 
-def read_proofwriter_file(path: str | os.PathLike) -> list[Record]:
-    """All questions of a ProofWriter ``meta-*.jsonl`` file as records (file order).
+def _balance_labels(records: list[Record], theory_id: str, seed: int) -> list[Record]:
+    """The authors' per-theory label balance: the kept yes and no questions of one theory are each
+    resampled WITH replacement to the number of its kept none (Unknown) questions.
+
+    Deterministic: one ``random.Random(f"paper:{seed}:{theory_id}")`` draws the yes questions, then
+    the no questions (``rng.choices`` over the theory's question order). The result is in question
+    order with repeats next to each other; the first copy keeps its id, repeats get ``-r1``,
+    ``-r2``, ... (``AttNonegNatLang-OWA-146-Q3-r1``), so ids stay unique within a split. A theory
+    with no kept Unknown question contributes nothing; a label with no kept question in a theory
+    stays absent from that theory (its Unknown questions are kept all the same).
+    """
+    unknown = [i for i, r in enumerate(records) if r["answer"] == "none"]
+    if not unknown:
+        return []
+    rng = random.Random(f"paper:{seed}:{theory_id}")
+    chosen = list(unknown)
+    for label in ("yes", "no"):
+        pool = [i for i, r in enumerate(records) if r["answer"] == label]
+        if pool:
+            chosen += rng.choices(pool, k=len(unknown))
+    out: list[Record] = []
+    copies: Counter[int] = Counter()
+    for i in sorted(chosen):
+        record = {k: list(v) if isinstance(v, list) else v for k, v in records[i].items()}
+        if copies[i]:
+            record["id"] = f"{record['id']}-r{copies[i]}"
+        copies[i] += 1
+        out.append(record)
+    return out
+
+
+def _check_selection(selection: str) -> None:
+    if selection not in SELECTIONS:
+        raise ValueError(f"data.selection={selection!r} is invalid: choose one of {SELECTIONS}")
+
+
+def read_proofwriter_file(path: str | os.PathLike, selection: str = "qdep", seed: int = 0) -> list[Record]:
+    """The questions of a ProofWriter ``meta-*.jsonl`` file as records (file order).
 
     Record ids are ``<theory id>-<question id>`` (e.g. ``AttNonegNatLang-OWA-146-Q3``).
-    Raises DataFormatError naming the file, the line and what was expected.
+
+    ``selection="qdep"`` (default): every question; yes / no facts are the sentences of the proof
+    of depth QDep that uses the fewest sentences; none (Unknown) facts are the entity's facts plus
+    the rules of the deepest failed proof attempt.
+
+    ``selection="paper"``: the RECKONING authors' ProofWriter data (their notebook):
+    - yes / no questions whose proof (the one above) names >= 2 distinct theory sentences, with
+      those sentences as facts;
+    - none questions whose deepest-failure record (``... deepest failure = (rule3 <- rule5 <-
+      FAIL)``) names >= 2 rules; their facts are exactly those rules' sentences;
+    - per theory, yes and no resampled with replacement to the theory's none count, seeded by
+      ``seed`` and the theory id (``_balance_labels``; repeats get ids ``...-Q3-r1``, ...).
+    ``hops`` stays the question's QDep in both: the paper's "depth-D" data set is the release file
+    (``OWA/depth-D/meta-*.jsonl``) the path points at, not a filter on questions.
+
+    Raises DataFormatError naming the file, the line and what was expected, ValueError for an
+    unknown ``selection``.
     """
+    return _read_proofwriter_theories(path, selection, seed)[0]
+
+
+def _read_proofwriter_theories(path: str | os.PathLike, selection: str = "qdep",
+                               seed: int = 0) -> tuple[list[Record], list[str]]:
+    """``read_proofwriter_file``'s records and the ids of all the file's theories (also those
+    that ``selection`` leaves without a question)."""
+    _check_selection(selection)
     path = Path(path)
     records: list[Record] = []
+    theory_ids: list[str] = []
     with open(path, encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
@@ -284,15 +375,21 @@ def read_proofwriter_file(path: str | os.PathLike) -> list[Record]:
                 ) from None
             if not isinstance(theory, dict):
                 raise DataFormatError(path, line_no, f"expected a JSON object (one theory per line), got {type(theory).__name__}")
-            records.extend(_proofwriter_theory(theory, path, line_no))
-    if not records:
+            records.extend(_proofwriter_theory(theory, path, line_no, selection, seed))
+            theory_ids.append(str(theory["id"]))
+    if not theory_ids:
         raise DataFormatError(path, None, "expected at least one theory line, the file has none")
-    return records
+    if not records:
+        kept = " that data.selection=paper keeps" if selection == "paper" else ""
+        raise DataFormatError(path, None, f"expected at least one question{kept}; "
+                                          f"the file's {len(theory_ids)} theories have none")
+    return records, theory_ids
 
 
 def proofwriter_theory_id(record: Mapping[str, Any]) -> str:
-    """The theory a ProofWriter record belongs to (its id without the ``-Q<n>`` suffix)."""
-    return str(record["id"]).rsplit("-", 1)[0]
+    """The theory a ProofWriter record belongs to (its id without the ``-Q<n>`` and any ``-r<k>``
+    repeat suffix)."""
+    return _REPEAT_SUFFIX.sub("", str(record["id"])).rsplit("-", 1)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,15 +521,18 @@ def split_by_group(
     validation_fraction: float,
     test_fraction: float,
     seed: int,
+    groups: Optional[Iterable[str]] = None,
 ) -> Splits:
     """Split one file's records into train / validation / test with no group in two splits.
 
     Groups (e.g. theories) are shuffled with ``seed`` (sorted first, so the result does not depend
     on file order); the first ``round(validation_fraction * groups)`` go to validation, the next
     ``round(test_fraction * groups)`` to test, the rest to train. A positive fraction always gets at
-    least one group. Records keep their file order within a split.
+    least one group. Records keep their file order within a split. ``groups``: all the file's
+    groups, also those with no record left (ProofWriter selection=paper), so that a selection
+    sends each theory to the same split as selection=qdep does; default: the records' groups.
     """
-    groups = sorted({group_of(r) for r in records})
+    groups = sorted({group_of(r) for r in records} | set(groups or ()))
     random.Random(f"split:{seed}").shuffle(groups)
 
     def count(fraction: float) -> int:
@@ -486,11 +586,18 @@ def _read_source(
 
 
 def read_proofwriter(path: str | os.PathLike, validation_fraction: float = 0.1, test_fraction: float = 0.1,
-                     seed: int = 0) -> Splits:
+                     seed: int = 0, selection: str = "qdep") -> Splits:
     """ProofWriter splits from a directory (meta-train/meta-dev/meta-test.jsonl or train/dev/test.jsonl)
-    or from one file split by theory."""
-    return _read_source(path, read_proofwriter_file, PROOFWRITER_SPLIT_FILES, proofwriter_theory_id,
-                        validation_fraction, test_fraction, seed, "ProofWriter")
+    or from one file split by theory; ``selection`` as in ``read_proofwriter_file`` (``seed`` also
+    seeds its resampling). A single file is split over all its theories, so each theory lands in
+    the same split under every selection."""
+    _check_selection(selection)
+    file = Path(os.path.expanduser(str(path)))
+    if file.is_file():
+        records, theories = _read_proofwriter_theories(file, selection, seed)
+        return split_by_group(records, proofwriter_theory_id, validation_fraction, test_fraction, seed, theories)
+    return _read_source(path, lambda p: read_proofwriter_file(p, selection, seed), PROOFWRITER_SPLIT_FILES,
+                        proofwriter_theory_id, validation_fraction, test_fraction, seed, "ProofWriter")
 
 
 def read_clutrr(path: str | os.PathLike, validation_fraction: float = 0.1, test_fraction: float = 0.1,
@@ -609,17 +716,58 @@ def to_dataset(records: Sequence[Record]) -> "datasets.Dataset":  # noqa: F821
     return datasets.Dataset.from_list([{k: r[k] for k in FIELDS} for r in records], features=features)
 
 
+# The per-split hop keys (length generalisation); null falls back to data.hops.
+SPLIT_HOPS_KEYS = {"train": "train_hops", "validation": "validation_hops", "test": "test_hops"}
+
+
+def split_hops(data_cfg: Any, split: str) -> tuple[str, list[int]]:
+    """``(key, hop counts)`` that select ``split``'s tasks: ``("data.test_hops", [2, ..., 10])`` when
+    data.test_hops is set, else ``("data.hops", data.hops)``. An empty list keeps every hop count."""
+    name = SPLIT_HOPS_KEYS[split]
+    value = getattr(data_cfg, name, None)
+    if value is None:
+        return "data.hops", [int(h) for h in data_cfg.hops]
+    return f"data.{name}", [int(h) for h in value]
+
+
+class _Override:
+    """A read-only view of a data config with some keys replaced (for ``generate_splits``)."""
+
+    def __init__(self, base: Any, **values: Any):
+        self._base, self._values = base, values
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__["_values"]
+        return values[name] if name in values else getattr(self.__dict__["_base"], name)
+
+
 def read_records(data_cfg: Any) -> Splits:
-    """The unfiltered records of ``data.source`` as ``{split: [record, ...]}``."""
+    """The unfiltered records of ``data.source`` as ``{split: [record, ...]}``.
+
+    Generated data is generated with each split's hop counts (``split_hops``): splits that share
+    hop counts come from one ``generate_splits`` call, a split with its own from a call that asks
+    for that split only (each split's tasks depend on its seed, size and hop counts alone).
+    """
     source = data_cfg.source
     if source == "generate":
         from reckoning_ray.data.generate import generate_splits
 
-        return generate_splits(data_cfg)
+        by_hops: dict[tuple[int, ...], list[str]] = {}
+        for split in SPLITS:
+            by_hops.setdefault(tuple(split_hops(data_cfg, split)[1]), []).append(split)
+        if len(by_hops) == 1 and list(by_hops) == [tuple(int(h) for h in data_cfg.hops)]:
+            return generate_splits(data_cfg)
+        out: Splits = {}
+        for hops, names in by_hops.items():
+            others = {f"num_{s}": 0 for s in SPLITS if s not in names}
+            generated = generate_splits(_Override(data_cfg, hops=list(hops), **others))
+            out.update({s: generated[s] for s in names})
+        return {s: out[s] for s in SPLITS}
     if source in ("proofwriter", "clutrr", "hf") and not data_cfg.path:
         raise ValueError(f"data.source={source} needs data.path=<file or directory>")
     if source == "proofwriter":
-        return read_proofwriter(data_cfg.path, data_cfg.validation_fraction, data_cfg.test_fraction, data_cfg.seed)
+        return read_proofwriter(data_cfg.path, data_cfg.validation_fraction, data_cfg.test_fraction, data_cfg.seed,
+                                getattr(data_cfg, "selection", "qdep"))
     if source == "clutrr":
         return read_clutrr(data_cfg.path, data_cfg.validation_fraction, data_cfg.test_fraction, data_cfg.seed)
     if source == "hf":
@@ -637,25 +785,31 @@ def _cap(records: list[Record], limit: int, seed: int, split: str) -> list[Recor
 
 
 def filter_splits(splits: Splits, data_cfg: Any) -> Splits:
-    """Apply data.hops (empty = all), data.distractors (-1 = all) and the num_* caps.
+    """Apply each split's hop counts (data.<split>_hops, else data.hops; empty = all),
+    data.distractors (-1 = all) and the num_* caps.
 
     Generated data already has the requested hop counts, distractors and sizes, so only file and
-    hf sources are filtered for distractors and capped. A task without relevant facts keeps at
-    least one distractor, so no task is left with empty knowledge. Raises ValueError when a split ends up
-    empty, naming data.hops and the hop counts the source has.
+    hf sources are filtered for distractors and capped. Under data.selection=paper the distractors
+    are data.distractors draws with replacement, de-duplicated (the authors' setting); under qdep
+    that many distinct ones. A task without relevant facts keeps at least one distractor, so no task
+    is left with empty knowledge. Raises ValueError when a split ends up empty, naming the hop key
+    that emptied it (data.hops or data.<split>_hops) and the hop counts the source has.
     """
-    hops = {int(h) for h in data_cfg.hops}
     caps = {"train": data_cfg.num_train, "validation": data_cfg.num_validation, "test": data_cfg.num_test}
     generated = data_cfg.source == "generate"
+    replace = getattr(data_cfg, "selection", "qdep") == "paper"
     out: Splits = {}
     for split in SPLITS:
+        key, hop_list = split_hops(data_cfg, split)
+        hops = set(hop_list)
         records = splits.get(split, [])
         kept = [r for r in records if not hops or r["hops"] in hops]
         if not generated:
             if data_cfg.distractors >= 0:
                 # A task with no relevant facts (a few ProofWriter "Unknown" questions) keeps at
                 # least one distractor: RECKONING needs some knowledge to encode.
-                kept = [without_distractors(r, keep=max(data_cfg.distractors, 0 if r["facts"] else 1), seed=data_cfg.seed)
+                kept = [without_distractors(r, keep=max(data_cfg.distractors, 0 if r["facts"] else 1),
+                                            seed=data_cfg.seed, replace=replace)
                         for r in kept]
             kept = _cap(kept, int(caps[split]), data_cfg.seed, split)
         if not kept:
@@ -663,8 +817,8 @@ def filter_splits(splits: Splits, data_cfg: Any) -> Splits:
             where = f"data.source={data_cfg.source}" + (f" data.path={data_cfg.path}" if data_cfg.path else "")
             if records:
                 raise ValueError(
-                    f"split {split!r} is empty after filtering by data.hops={sorted(hops)}: {where} has hop "
-                    f"counts {available} in that split; set data.hops to some of them (or [] for all)"
+                    f"split {split!r} is empty after filtering by {key}={sorted(hops)}: {where} has hop "
+                    f"counts {available} in that split; set {key} to some of them (or [] for all)"
                 )
             if generated:
                 raise ValueError(f"split {split!r} of generated data has no tasks: set data.num_{split} >= 1")
@@ -676,9 +830,10 @@ def filter_splits(splits: Splits, data_cfg: Any) -> Splits:
 def load_splits(data_cfg: Any) -> "datasets.DatasetDict":  # noqa: F821
     """train / validation / test ``datasets.DatasetDict`` for ``data`` (a DictConfig or DataConfig).
 
-    Dispatches on data.source (generate | proofwriter | clutrr | hf), then filters hop counts
-    (data.hops; empty keeps all), distractors (data.distractors; -1 keeps all) and caps file
-    sources at data.num_* (> 0). Rows follow ``reckoning_ray.data.schema``.
+    Dispatches on data.source (generate | proofwriter | clutrr | hf; ProofWriter files read with
+    data.selection), then filters hop counts (data.train_hops / validation_hops / test_hops, or
+    data.hops for a split without its own; empty keeps all), distractors (data.distractors; -1
+    keeps all) and caps file sources at data.num_* (> 0). Rows follow ``reckoning_ray.data.schema``.
     """
     import datasets
 

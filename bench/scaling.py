@@ -13,8 +13,8 @@ wraps three functions in every worker process and records how long each call too
                                              the slower worker is reported apart from the
                                              all-reduce itself
 
-The global batch stays the preset's: with n workers each takes ``train.batch_size / n`` tasks per
-step, so every worker count runs the same optimizer steps on the same tasks and must train the same
+The global batch stays the preset's (``train.batch_size`` is global): with n workers each takes
+``train.batch_size / n`` tasks of every micro-batch, so every worker count runs the same optimizer steps on the same tasks and must train the same
 model (the gradients are SUM-all-reduced). Before printing any speed-up the script checks that:
 every validation round's ``val/answer_loss`` and ``train/loss`` must agree with the one-worker
 run's within ``--tolerance`` (relative), else it prints the differences and exits with status 2.
@@ -195,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = timings_root / f"workers-{n}"
         out.mkdir(parents=True, exist_ok=True)
         cfg = load_config(args.preset, [
-            *args.overrides, f"resources.num_workers={n}", f"train.batch_size={global_batch // n}",
+            *args.overrides, f"resources.num_workers={n}",
             f"train.epochs={args.epochs}",
             f"train.output_dir={root / 'runs'}", f"train.run_name=scaling-{n}-workers", "tracking.mode=disabled",
             "train.patience=0",

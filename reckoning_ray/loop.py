@@ -2,10 +2,12 @@
 checkpoints, resume. It does not know whether it runs under Ray: data-parallel communication and
 reporting come in through :class:`Hooks`.
 
-Batches and reduction. ``train.batch_size`` tasks per micro-batch per worker; one optimizer step
-consumes ``batch_size * grad_accum * world_size`` tasks (the *global step*). Every epoch is a seeded
-permutation of the training tasks cut into global steps; worker ``r`` takes its own contiguous share
-of each micro-batch. The outer loss is summed over tasks and scaled by ``1 / tasks in the global
+Batches and reduction. The batch is a global quantity: one optimizer step consumes
+``train.batch_size * train.grad_accum`` tasks (the *global step*) whatever the number of workers, so
+adding workers changes the speed, never the experiment. Every epoch is a seeded permutation of the
+training tasks cut into global steps of ``grad_accum`` micro-batches of ``batch_size`` tasks; worker
+``r`` of ``n`` takes its own contiguous share of each micro-batch (``batch_size / n`` tasks; the
+config check requires ``n`` to divide ``batch_size``). The outer loss is summed over tasks and scaled by ``1 / tasks in the global
 step``, the gradients are SUM-all-reduced, so any number of workers computes the gradient of the
 same global mean loss (an uneven last step simply gives some workers fewer or no tasks).
 """
@@ -64,8 +66,8 @@ class Progress:
     stopped_early: bool = False
 
 
-def steps_per_epoch(num_tasks: int, cfg: DictConfig, world_size: int) -> int:
-    per_step = cfg.train.batch_size * cfg.train.grad_accum * world_size
+def steps_per_epoch(num_tasks: int, cfg: DictConfig) -> int:
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
     return max(1, math.ceil(num_tasks / per_step))
 
 
@@ -87,9 +89,10 @@ def shard(items: Sequence[int], rank: int, world_size: int) -> list[int]:
     return list(items[start : start + base + (1 if rank < extra else 0)])
 
 
-def global_step_tasks(order: list[int], step: int, cfg: DictConfig, world_size: int) -> list[list[int]]:
-    """Micro-batches of task indices of global step ``step``: list over micro-steps of the global batch."""
-    per_micro = cfg.train.batch_size * world_size
+def global_step_tasks(order: list[int], step: int, cfg: DictConfig) -> list[list[int]]:
+    """Micro-batches of task indices of global step ``step`` (``grad_accum`` lists of at most
+    ``batch_size`` tasks, shared by all workers)."""
+    per_micro = cfg.train.batch_size
     per_step = per_micro * cfg.train.grad_accum
     chunk = order[step * per_step : (step + 1) * per_step]
     return [chunk[i : i + per_micro] for i in range(0, len(chunk), per_micro)]
@@ -165,14 +168,18 @@ def _method_extra_state(method: Any) -> dict[str, torch.Tensor]:
     return {"inner_lrs": lrs.detach().clone()} if lrs is not None else {}
 
 
-def restore_method(method: Any, path: Path) -> dict[str, Any]:
-    """Load a checkpoint's weights and learned rates into ``method`` in place; return its state."""
-    from transformers import AutoModelForCausalLM
+def restore_method(method: Any, path: Path, weights: bool = True) -> dict[str, Any]:
+    """Load a checkpoint's weights and learned rates into ``method`` in place; return its state.
 
+    ``weights=False``: only the learned rates (the model was already built from ``path/model``).
+    """
     path = Path(path)
-    model = method.model
-    loaded = AutoModelForCausalLM.from_pretrained(path / CHECKPOINT_MODEL, dtype=model.dtype)
-    model.load_state_dict(loaded.state_dict(), strict=False)
+    if weights:
+        from transformers import AutoModelForCausalLM
+
+        model = method.model
+        loaded = AutoModelForCausalLM.from_pretrained(path / CHECKPOINT_MODEL, dtype=model.dtype)
+        model.load_state_dict(loaded.state_dict(), strict=False)
     state = load_checkpoint_state(path)
     lrs = state["method_state"].get("inner_lrs")
     if lrs is not None:
@@ -210,8 +217,7 @@ class Loop:
         self.run_dir = Path(run_dir)
         self.hooks = hooks or Hooks()
         self.is_main = self.hooks.rank == 0
-        world = self.hooks.world_size
-        self.steps_per_epoch = steps_per_epoch(len(train_records), cfg, world)
+        self.steps_per_epoch = steps_per_epoch(len(train_records), cfg)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
@@ -251,7 +257,7 @@ class Loop:
     # -- one optimizer step -------------------------------------------------------------------
     def _train_step(self, order: list[int], step: int) -> dict[str, float]:
         cfg, hooks = self.cfg, self.hooks
-        micro_batches = global_step_tasks(order, step, cfg, hooks.world_size)
+        micro_batches = global_step_tasks(order, step, cfg)
         n_global = sum(len(m) for m in micro_batches)
         self.method.train()
         self.optimizer.zero_grad(set_to_none=False)
@@ -280,28 +286,10 @@ class Loop:
     # -- validation -----------------------------------------------------------------------------
     def evaluate(self, records: list[dict], prefix: str = "val") -> dict[str, float]:
         """Sharded evaluation; sums are all-reduced so every rank returns the global metrics."""
-        cfg, hooks = self.cfg, self.hooks
+        cfg = self.cfg
         if cfg.eval.max_tasks:
             records = records[: cfg.eval.max_tasks]
-        mine = shard(list(range(len(records))), hooks.rank, hooks.world_size)
-        self.method.eval()
-        outputs: dict[str, list] = {}
-        bs = max(cfg.train.batch_size, 1)
-        for i in range(0, len(mine), bs):
-            batch = self.encoder.collate([records[j] for j in mine[i : i + bs]]).to(hooks.device)
-            out = self.method.evaluate(batch)
-            for k, v in out.items():
-                outputs.setdefault(k, []).extend(v)
-        all_hops = sorted({int(r["hops"]) for r in records})
-        # per hop: count, correct, answer loss sum, recall sum
-        sums = torch.zeros(len(all_hops), 4, dtype=torch.float64)
-        for h, correct, loss, recall in zip(outputs.get("hops", []), outputs.get("label_correct", []),
-                                            outputs.get("answer_loss", []), outputs.get("recall", [])):
-            row = all_hops.index(int(h))
-            sums[row] += torch.tensor([1.0, float(correct), float(loss), float(recall)], dtype=torch.float64)
-        if hooks.all_reduce is not None and hooks.world_size > 1:
-            hooks.all_reduce(sums)
-        return summarize_sums(sums, all_hops, prefix)
+        return evaluate_records(self.method, self.encoder, records, cfg, prefix, self.hooks)
 
     def _validate(self, epoch_float: float, train_stats: dict[str, float]) -> bool:
         """Validate, checkpoint, report; return True when early stopping says stop."""
@@ -413,16 +401,52 @@ class Loop:
         return summary
 
 
-def summarize_sums(sums: torch.Tensor, hops: list[int], prefix: str) -> dict[str, float]:
-    """Metrics from per-hop sums [H, 4] = (count, correct, answer-loss sum, recall sum)."""
+def evaluate_records(method: Any, encoder: Any, records: list[dict], cfg: DictConfig, prefix: str,
+                     hooks: Optional[Hooks] = None) -> dict[str, float]:
+    """Metrics of ``method`` on ``records``: label accuracy overall and per hop, answer loss and,
+    when the run trains the multi-task target (``outer.multi_task``), knowledge recall.
+
+    Each rank of ``hooks`` evaluates its shard (micro-batches of ``train.batch_size`` tasks); the
+    per-hop sums are SUM-all-reduced, so every rank returns the metrics of all ``records``. The
+    keys are ``<prefix>/label_accuracy``, ``<prefix>/label_accuracy/hops_<k>``,
+    ``<prefix>/answer_loss``, ``<prefix>/recall`` (multi-task only) and ``<prefix>/tasks``.
+    """
+    hooks = hooks or Hooks()
+    mine = shard(list(range(len(records))), hooks.rank, hooks.world_size)
+    method.eval()
+    outputs: dict[str, list] = {}
+    bs = max(int(cfg.train.batch_size), 1)
+    for i in range(0, len(mine), bs):
+        batch = encoder.collate([records[j] for j in mine[i : i + bs]]).to(hooks.device)
+        for k, v in method.evaluate(batch).items():
+            outputs.setdefault(k, []).extend(v)
+    all_hops = sorted({int(r["hops"]) for r in records})
+    # per hop: count, correct, answer loss sum, recall sum
+    sums = torch.zeros(len(all_hops), 4, dtype=torch.float64)
+    for h, correct, loss, recall in zip(outputs.get("hops", []), outputs.get("label_correct", []),
+                                        outputs.get("answer_loss", []), outputs.get("recall", [])):
+        row = all_hops.index(int(h))
+        sums[row] += torch.tensor([1.0, float(correct), float(loss), float(recall)], dtype=torch.float64)
+    if hooks.all_reduce is not None and hooks.world_size > 1:
+        hooks.all_reduce(sums)
+    return summarize_sums(sums, all_hops, prefix, recall=bool(cfg.outer.multi_task))
+
+
+def summarize_sums(sums: torch.Tensor, hops: list[int], prefix: str, recall: bool = True) -> dict[str, float]:
+    """Metrics from per-hop sums [H, 4] = (count, correct, answer-loss sum, recall sum).
+
+    ``recall=False``: the run generates no facts (label-only target), so recall is left out
+    rather than reported as 0.
+    """
     total = sums.sum(0)
     n = max(float(total[0]), 1.0)
     out = {
         f"{prefix}/label_accuracy": float(total[1]) / n,
         f"{prefix}/answer_loss": float(total[2]) / n,
-        f"{prefix}/recall": float(total[3]) / n,
         f"{prefix}/tasks": float(total[0]),
     }
+    if recall:
+        out[f"{prefix}/recall"] = float(total[3]) / n
     for h, row in zip(hops, sums):
         if row[0] > 0:
             out[f"{prefix}/label_accuracy/hops_{h}"] = float(row[1] / row[0])
@@ -435,6 +459,7 @@ __all__ = [
     "Progress",
     "allreduce_gradients",
     "epoch_order",
+    "evaluate_records",
     "load_checkpoint_state",
     "save_checkpoint",
     "shard",

@@ -26,17 +26,25 @@ from .tracking import run_names
 
 EPILOG = """\
 presets (reckoning_ray/conf/*.yaml): {presets}
-  embedded  the default: 1-layer GPT-2 built offline, generated one-fact tasks, CPU, minutes
-  paper     GPT-2 base on ProofWriter / CLUTRR files with the paper's hyper-parameters (GPU)
+  embedded           the default: small GPT-2 built offline, generated multi-hop tasks, CPU, minutes
+  paper              Table 1: GPT-2 base, ProofWriter / CLUTRR files, the paper's hyper-parameters (GPU)
+  paper-distractors  Section 4.2: the same with 6 drawn distractors per question
+  paper-icr          the fine-tuned in-context baseline (FT-ICR): batch 16, validation once per epoch
+  PAPER.md lists every Table 1 / Section 4.2 cell as a command.
 
 overrides are key=value pairs of the typed config, e.g.
   python -m reckoning_ray.train embedded train.epochs=2 inner.lr_init=0.05
-  python -m reckoning_ray.train paper data.path=/data/proofwriter/depth-3 resources.num_workers=8
+  python -m reckoning_ray.train paper data.path=/data/proofwriter/depth-3
   python -m reckoning_ray.train --config runs/tune/embedded-sweep/best_config.yaml
 
-outputs go to <train.output_dir>/<train.run_name>/: config.yaml, metrics.jsonl, summary.json,
-best/ and last/ checkpoints (model/ via save_pretrained + state.pt), and W&B run files under wandb/
-(offline unless tracking.mode=online). Rerunning with the same run name resumes.
+the batch is global: an optimizer step takes train.batch_size x train.grad_accum tasks whatever
+resources.num_workers is (the workers split each micro-batch).
+
+outputs go to <train.output_dir>/<train.run_name>/: config.yaml, metrics.jsonl, summary.json (best
+validation metrics, and "test": the test split's metrics of the best checkpoint), best/ and last/
+checkpoints (model/ via save_pretrained + state.pt), and W&B run files under wandb/ (offline unless
+tracking.mode=online). Rerunning with the same run name resumes.
+Evaluate a run's checkpoint again: python -m reckoning_ray.evaluate <run dir>
 Set RAY_ADDRESS to join an existing Ray cluster instead of starting a local one.
 """
 
@@ -174,6 +182,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loop = Loop(cfg, method, tokenizer, encoder, splits["train"], splits["validation"], run_dir, hooks)
     try:
         summary = loop.fit()
+        if rank == 0 and config.get("test", True):
+            # the reported number: the best checkpoint (chosen on validation) on the test split
+            from .evaluate import format_metrics, test_run
+
+            test = test_run(run_dir, "best", tracker=tracker, device=device)
+            print(f"[test] best checkpoint: {format_metrics(test)}", flush=True)
     except BaseException:
         if tracker is not None:
             tracker.finish(exit_code=1)
@@ -298,12 +312,15 @@ def autoscaler_node_resources() -> list[dict[str, float]]:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, group: str, wandb_run_id: str, callbacks: Optional[list] = None,
-                  node_type: Optional[str] = None, storage_path: Optional[str] = None, track: bool = True):
+                  node_type: Optional[str] = None, storage_path: Optional[str] = None, track: bool = True,
+                  test: bool = True):
     """A ``TorchTrainer`` for one training run named ``run_dir.name``.
 
     Ray stores its checkpoints under ``storage_path`` (a local dir or a URI such as s3://...;
     default ``run_dir``'s parent, so Ray's checkpoints and the loop's files share one directory).
     ``track``: rank 0 writes the W&B run (a Tune sweep writes it from its driver instead).
+    ``test``: rank 0 evaluates the best checkpoint on the test split at the end (a Tune sweep
+    evaluates its trials after the sweep instead: ASHA may stop a trial before its end).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -318,7 +335,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, group: str, wandb_run_id: str,
         train_loop_per_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "run_dir": str(run_dir),
                            "run_name": run_dir.name, "group": group, "wandb_id": wandb_run_id,
-                           "track": track},
+                           "track": track, "test": test},
         torch_config=TorchConfig(backend="nccl" if cfg.resources.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg, node_type),
         run_config=RunConfig(
@@ -366,6 +383,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"best {summary['metric']}: {summary['best_metric']} at step {summary['best_step']}; "
           f"best checkpoint: {summary['best_checkpoint']}")
+    if "test" in summary:
+        from .evaluate import format_metrics
+
+        print(f"test (best checkpoint): {format_metrics({k: v for k, v in summary['test'].items() if '/' in k})}")
     return summary
 
 

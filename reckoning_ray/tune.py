@@ -161,7 +161,7 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     # W&B is written by the sweep's driver (TrackingCallback), not by the trial's workers
     trainer = build_trainer(cfg, run_dir, group=ids.group, wandb_run_id=ids.run_id,
                             callbacks=[TuneReportCallback()], node_type=node,
-                            storage_path=config["trials_storage"], track=False)
+                            storage_path=config["trials_storage"], track=False, test=False)
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -409,12 +409,15 @@ def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]])
     if not scored:
         raise RuntimeError(f"no trial of sweep {cfg.tune.name} reported {metric}")
     best = (max if mode == "max" else min)(scored, key=lambda r: r["best"])
+    test_trials(cfg, scored, root / "trials")
     keys = list(space)
-    header = ["trial", *keys, metric, "best val acc", "rounds", "status"]
+    header = ["trial", *keys, metric, "best val acc", "test acc", "test recall", "rounds", "status"]
     lines = [header]
     for r in rows:
+        test = r.get("test") or {}
         lines.append([r["trial"], *[_fmt(r.get(k)) for k in keys], _fmt(r["best"]),
-                      _fmt(r.get("label_accuracy")), str(r["rounds"]), r["status"]])
+                      _fmt(r.get("label_accuracy")), _fmt(test.get("test/label_accuracy")),
+                      _fmt(test.get("test/recall")), str(r["rounds"]), r["status"]])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     table = "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines)
     best_cfg = trial_config(OmegaConf.to_container(cfg, resolve=True), best["_config"])
@@ -427,10 +430,49 @@ def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]])
     local_best = root / "trials" / best["trial"] / "best"
     best_ckpt = str(local_best) if local_best.exists() else str(best.get("checkpoint"))
     out = {"table": table, "best_trial": best["trial"], "best_value": best["best"],
-           "best_config": str(best_cfg_path), "best_checkpoint": best_ckpt,
+           "best_test": best.get("test"), "best_config": str(best_cfg_path), "best_checkpoint": best_ckpt,
            "trials": [{k: v for k, v in r.items() if k != "_config"} for r in rows]}
     (root / "sweep_summary.json").write_text(json.dumps(out, indent=2, default=str))
     return out
+
+
+def test_trials(cfg: DictConfig, rows: list[dict[str, Any]], trials_dir: Path) -> None:
+    """Evaluate every trial's best checkpoint (chosen on validation) on the test split and record it.
+
+    Trials are tested after the sweep, not at their end, because ASHA stops a trial by ending its
+    workers. Each evaluation is a Ray task with one training worker's resources (a GPU when the
+    trials use one); the metrics go to ``row["test"]``, the trial's ``summary.json`` and its W&B
+    summary. A trial tested before (a resumed sweep) keeps its recorded result. A trial whose
+    ``best/`` directory is not on this machine is left untested and says so.
+    """
+    import ray
+
+    from .evaluate import evaluate_checkpoint, record_test
+
+    res = cfg.resources
+    options: dict[str, Any] = {"num_cpus": float(res.cpus_per_worker)}
+    if res.use_gpu:
+        options["num_gpus"] = float(res.gpus_per_worker)
+    remote = ray.remote(evaluate_checkpoint).options(**options)
+    pending = {}
+    for row in rows:
+        run_dir = trials_dir / row["trial"]
+        summary_file = run_dir / "summary.json"
+        recorded = json.loads(summary_file.read_text()).get("test") if summary_file.exists() else None
+        if recorded:
+            row["test"] = recorded
+        elif (run_dir / "best" / "state.pt").exists() and (run_dir / "config.yaml").exists():
+            trial_cfg = load_config(str(run_dir / "config.yaml"))
+            pending[row["trial"]] = remote.remote(trial_cfg, str(run_dir / "best"), "test")
+        else:
+            print(f"note: trial {row['trial']}: no best checkpoint under {run_dir} on this machine; not tested")
+    if pending:
+        print(f"testing the best checkpoints of {len(pending)} trial(s) on the test split")
+    for trial, ref in pending.items():
+        metrics = ray.get(ref)
+        record_test(trials_dir / trial, metrics, "best")
+        row = next(r for r in rows if r["trial"] == trial)
+        row["test"] = dict(metrics, checkpoint="best")
 
 
 def trial_history(result: Any, run_dir: Path) -> Any:
@@ -473,7 +515,8 @@ def run(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     results = tuner.fit()
     out = summarize(cfg, results, space)
     print("\n" + out["table"])
-    print(f"\nbest trial {out['best_trial']}: {cfg.tune.metric} = {out['best_value']:.4f}")
+    print(f"\nbest trial {out['best_trial']}: {cfg.tune.metric} = {out['best_value']:.4f}"
+          + (f"; test label_accuracy {out['best_test']['test/label_accuracy']:.3f}" if out.get("best_test") else ""))
     print(f"best config: {out['best_config']}  (python -m reckoning_ray.train --config {out['best_config']})")
     print(f"best checkpoint: {out['best_checkpoint']}")
     print(f"sweep took {time.time() - t0:.0f}s")

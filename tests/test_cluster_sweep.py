@@ -23,6 +23,7 @@ from typing import Any, Dict, List
 import pytest
 import yaml
 
+from one_fact import ONE_FACT
 from reckoning_ray import cluster as rc
 from reckoning_ray.config import AUTO_NODE_TYPE
 from reckoning_ray.train import AUTOSCALER_CONFIG_ENV
@@ -54,6 +55,7 @@ def _sweep_command(space: Path, storage: Path) -> List[str]:
         f"tune.storage_path={storage}", f"tune.name={SWEEP}",
         "data.num_train=64", "data.num_validation=32", "train.epochs=1", "train.patience=0",
         "tracking.mode=disabled", "tune.grace_period=1", "tune.max_rounds=2",
+        *ONE_FACT,  # placement is under test, not learning
     ]
 
 

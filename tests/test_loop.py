@@ -51,8 +51,8 @@ def test_shards_cover_every_task_once_even_when_uneven():
 def test_last_global_step_keeps_the_remainder():
     cfg = load_config(None, SMALL + ["train.batch_size=4", "train.grad_accum=2"])
     order = list(range(10))
-    assert global_step_tasks(order, 0, cfg, world_size=1) == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert global_step_tasks(order, 1, cfg, world_size=1) == [[8, 9]]
+    assert global_step_tasks(order, 0, cfg) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert global_step_tasks(order, 1, cfg) == [[8, 9]]
 
 
 def test_bucketed_allreduce_sums_every_gradient_once():
@@ -128,3 +128,19 @@ def _stop_at(step: int):
             raise _Stop()
 
     return hook
+
+
+def test_recall_is_absent_without_the_multi_task_target_and_present_with_it(tmp_path):
+    label_only = make_loop(tmp_path, ["outer.multi_task=false", "train.epochs=1"], "label-only")
+    metrics = label_only.evaluate(label_only.val_records)
+    assert "val/recall" not in metrics and "val/label_accuracy" in metrics
+    multi = make_loop(tmp_path, ["outer.multi_task=true", "train.epochs=1"], "multi")
+    assert 0.0 <= multi.evaluate(multi.val_records)["val/recall"] <= 1.0
+
+
+def test_the_global_batch_is_split_by_the_workers(tmp_path):
+    # batch_size x grad_accum tasks per step whatever the worker count; each worker takes its share
+    cfg = load_config(None, SMALL + ["train.batch_size=4", "train.grad_accum=2", "resources.num_workers=2"])
+    micro = global_step_tasks(list(range(16)), 0, cfg)
+    assert micro == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [shard(m, r, 2) for m in micro for r in range(2)] == [[0, 1], [2, 3], [4, 5], [6, 7]]

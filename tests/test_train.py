@@ -66,13 +66,57 @@ def test_one_run_leaves_its_files_and_two_validations(reference):
     assert [r["step"] for r in rows] == [6, 12]
     assert summary["validations"] == 2
     assert "val/label_accuracy/hops_0" in summary["best_validation"]
+    # the reported number: the best checkpoint on the test split (8 tasks)
+    test = json.loads((run_dir / "summary.json").read_text())["test"]
+    assert test["test/tasks"] == 8 and test["checkpoint"] == "best"
+    assert "test/label_accuracy/hops_0" in test
 
 
-def test_two_workers_with_half_the_batch_match_one_worker(reference):
+def test_evaluate_command_reproduces_the_recorded_test_metrics(reference, capsys):
+    from reckoning_ray.evaluate import main as evaluate_main
+
+    out, _ = reference
+    run_dir = out / "one-worker"
+    recorded = json.loads((run_dir / "summary.json").read_text())["test"]
+    assert evaluate_main([str(run_dir)]) == 0
+    assert f"test label_accuracy {recorded['test/label_accuracy']:.3f}" in capsys.readouterr().out
+    again = json.loads((run_dir / "summary.json").read_text())["test"]
+    assert again["test/answer_loss"] == pytest.approx(recorded["test/answer_loss"], rel=1e-12)
+    assert evaluate_main([str(out / "no-such-run")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+PROOFWRITER = Path(__file__).resolve().parents[2] / "shared" / "data" / "proofwriter-owa-natlang-dev.jsonl"
+TINY_PAPER = [
+    f"data.path={PROOFWRITER}", "model.name_or_path=embedded", "model.n_positions=512", "model.dtype=float32",
+    "resources.use_gpu=false", "resources.cpus_per_worker=1", "resources.max_failures=0",
+    "train.max_steps=2", "data.num_train=32", "data.num_validation=16", "data.num_test=16",
+    "eval.max_new_tokens=12", "tracking.mode=offline",
+]
+
+
+@pytest.mark.parametrize("preset", ["paper", "paper-distractors", "paper-icr"])
+def test_each_paper_preset_ends_with_test_metrics_per_hop(ray_local, tmp_path, preset):
+    from reckoning_ray.tracking import read_offline_run_merged
+
+    cfg = load_config(preset, TINY_PAPER + [f"train.output_dir={tmp_path}"])
+    summary = run(cfg)
+    test = summary["test"]
+    hops = sorted(int(k.rsplit("_", 1)[1]) for k in test if k.startswith("test/label_accuracy/hops_"))
+    assert hops and min(hops) >= 1  # the paper's selection keeps proofs of >= 2 sentences: no 0-hop
+    assert test["test/tasks"] == 16 and "test/recall" in test  # multi-task: recall is computed
+    wandb_summary = read_offline_run_merged(tmp_path / preset, preset)["summary"]
+    assert wandb_summary["test/label_accuracy"] == test["test/label_accuracy"]
+    assert wandb_summary["test/label_accuracy/hops_" + str(hops[0])] == test["test/label_accuracy/hops_" + str(hops[0])]
+
+
+def test_two_workers_split_the_same_global_batch_and_match_one_worker(reference):
     out, _ = reference
     cfg = load_config(None, BASE + [f"train.output_dir={out}", "train.run_name=two-workers",
-                                    "train.batch_size=2", "resources.num_workers=2"])
+                                    "resources.num_workers=2"])
+    assert cfg.train.batch_size * cfg.train.grad_accum == 4  # the same tasks per step as one worker
     run(cfg)
+    assert [r["step"] for r in metrics(out / "two-workers")] == [6, 12]  # the same number of steps
     assert_same(final_state(out / "two-workers"), final_state(out / "one-worker"), rtol=1e-9, atol=1e-11)
     a, b = metrics(out / "one-worker"), metrics(out / "two-workers")
     for ra, rb in zip(a, b):
@@ -114,6 +158,12 @@ def test_cli_help_and_bad_override():
                                text=True, env=env, check=True).stdout
     assert "embedded" in help_text and "paper" in help_text and "key=value" in help_text
     assert main(["embedded", "train.epochs=0"]) == 2
+
+
+def test_a_batch_the_workers_cannot_split_is_a_config_error(capsys):
+    assert main(["train.batch_size=3", "resources.num_workers=2"]) == 2
+    err = capsys.readouterr().err
+    assert "train.batch_size=3 is invalid" in err and "resources.num_workers=2" in err
 
 
 def test_bad_override_fails_before_any_work(capsys):

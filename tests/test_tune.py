@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from one_fact import ONE_FACT
 from reckoning_ray.config import ConfigError, load_config
 from reckoning_ray.tracking import read_offline_run_merged
 from reckoning_ray.tune import load_space
@@ -28,7 +29,7 @@ def test_shipped_spaces_load():
     cfg = load_config()
     assert set(load_space("embedded", cfg)) == {"inner.steps", "inner.lr_init", "outer.lr"}
     assert load_space("default", cfg)["inner.lr_init"] == ("loguniform", [1e-5, 1e-4])
-    assert load_space("paper", cfg)["train.method"] == ("grid", ["reckoning", "icr"])
+    assert load_space("paper", cfg)["inner.steps"] == ("grid", [4, 5])
 
 
 @pytest.mark.parametrize(
@@ -69,8 +70,8 @@ def test_placement_reports_impossible_requests_at_once(capsys):
         cfg = load_config(None, ["resources.cpus_per_worker=4"])
         with pytest.raises(ConfigError, match=r"resources.cpus_per_worker=4.0 is more than any node"):
             placement(cfg, {})
-        cfg = load_config(None, ["resources.num_workers=3"])
-        with pytest.raises(ConfigError, match=r"one trial needs 3 worker\(s\).*lower resources.num_workers"):
+        cfg = load_config(None, ["resources.num_workers=4"])
+        with pytest.raises(ConfigError, match=r"one trial needs 4 worker\(s\).*lower resources.num_workers"):
             placement(cfg, {})
         cfg = load_config(None, ["resources.use_gpu=true"])
         with pytest.raises(ConfigError, match=r"resources.use_gpu=true but no node"):
@@ -97,7 +98,7 @@ def sweep_command(storage: Path, space: str) -> list[str]:
         f"tune.storage_path={storage}", "tune.name=test-sweep", "tune.num_samples=1", "tune.max_concurrent=2",
         "tune.grace_period=1", "tune.reduction_factor=2", "tune.max_rounds=4",
         "data.num_train=128", "data.num_validation=64", "train.epochs=2", "train.patience=0",
-        "tracking.mode=offline",
+        "tracking.mode=offline", *ONE_FACT, "tune.metric=val/answer_loss", "tune.mode=min",
     ]
 
 
@@ -138,7 +139,7 @@ def test_sweep_with_asha_wandb_resume_and_best_config(tmp_path):
     assert "ASHA stop" in statuses and "completed" in statuses, statuses
     for r in rows:  # ASHA-stopped trials ran fewer validation rounds than the 4 planned
         assert (r["rounds"] < 4) == (r["status"] == "ASHA stop")
-    assert "trial" in resumed.stdout and "best config:" in resumed.stdout
+    assert "trial" in resumed.stdout and "best config:" in resumed.stdout and "test acc" in resumed.stdout
 
     # W&B: an offline run per trial whose history holds every validation and whose config is the trial's
     for r in rows:
@@ -152,6 +153,12 @@ def test_sweep_with_asha_wandb_resume_and_best_config(tmp_path):
         for h in history:
             assert h["val/answer_loss"] == pytest.approx(on_disk[h["round"] - 1]["val/answer_loss"])
         assert run["group"] == "test-sweep"
+        # every trial, ASHA-stopped ones included, is tested with its best checkpoint after the sweep
+        test = json.loads((trials / r["trial"] / "summary.json").read_text())["test"]
+        assert r["test"]["test/label_accuracy"] == test["test/label_accuracy"]
+        assert 0.0 <= test["test/label_accuracy"] <= 1.0 and test["test/tasks"] > 0
+        assert any(k.startswith("test/label_accuracy/hops_") for k in test)
+        assert run["summary"]["test/label_accuracy"] == test["test/label_accuracy"]
         assert run["config"]["inner.lr_init"] == pytest.approx(r["inner.lr_init"])
         assert run["config"]["outer.lr"] == pytest.approx(r["outer.lr"])
 

@@ -1,0 +1,147 @@
+"""Test-split evaluation of a trained run: the number a paper reports.
+
+    python -m reckoning_ray.evaluate RUN_DIR [--checkpoint best|last] [--split test|validation]
+
+Validation only selects (early stopping, the best checkpoint, ASHA); the reported result is the
+test accuracy of the checkpoint chosen on validation. Every training run ends with this
+evaluation of its ``best/`` checkpoint (``reckoning_ray.train``), a sweep runs it for every trial
+(``reckoning_ray.tune``; a trial that ASHA stopped is evaluated after the sweep), and this command
+runs it on demand. The metrics are label accuracy overall and per hop, answer loss and, for runs
+trained on the multi-task target, knowledge recall (``test/...`` keys). They are written to the
+run's ``summary.json`` (key ``"test"``) and to the run's W&B summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+
+SPLITS = ("test", "validation")
+
+
+def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, split: str = "test",
+                        device: Optional[Any] = None) -> dict[str, float]:
+    """Metrics of the checkpoint directory ``checkpoint`` (``model/`` + ``state.pt``, as the
+    training loop writes them) on ``split`` of ``cfg``'s data, in this process.
+
+    The data is read with the run's own ``data`` config, so the split is the one the run was
+    trained beside. Keys: ``<split prefix>/label_accuracy``, ``.../hops_<k>``, ``answer_loss``,
+    ``recall`` (multi-task runs only), ``tasks``; the prefix is ``test`` or ``val``.
+    """
+    import torch
+
+    from .loop import evaluate_records, restore_method
+    from .train import prepare
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "model").is_dir() or not (checkpoint / "state.pt").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a checkpoint directory (expected model/ and state.pt)")
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is invalid: choose one of {SPLITS}")
+    method, _, encoder, splits = prepare(cfg, checkpoint / "model")
+    restore_method(method, checkpoint, weights=False)  # prepare built the model from checkpoint/model
+    if device is not None:
+        method.model.to(device)
+        if hasattr(method, "inner_lrs"):
+            method.inner_lrs.data = method.inner_lrs.data.to(device)
+    prefix = "test" if split == "test" else "val"
+    with torch.random.fork_rng():  # evaluation draws no randomness, but leave the caller's RNG alone
+        return evaluate_records(method, encoder, splits[split], cfg, prefix)
+
+
+def record_test(run_dir: str | Path, metrics: dict[str, float], checkpoint: str, tracker: Any = None) -> dict:
+    """Write test ``metrics`` into ``run_dir/summary.json`` (key ``"test"``) and the run's W&B
+    summary; returns the updated summary.
+
+    ``tracker``: the run's open :class:`~reckoning_ray.tracking.Tracker`, or None to resume the
+    run's W&B run (same run id, offline unless configured online) just long enough to write it.
+    """
+    from .config import load_config
+    from .tracking import Tracker, run_names
+
+    run_dir = Path(run_dir)
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary["test"] = dict(metrics, checkpoint=checkpoint)
+    path.write_text(json.dumps(summary, indent=2))
+    values = dict(metrics, **{"test/checkpoint": checkpoint})
+    if tracker is not None:
+        tracker.summary(values)
+    else:
+        cfg = load_config(str(run_dir / "config.yaml"))
+        ids = run_names(cfg)
+        resumed = Tracker.start(cfg.tracking, run_id=ids.run_id, run_name=ids.run_name, group=ids.group,
+                                config={}, dir=run_dir)
+        resumed.summary(values)
+        resumed.finish()
+    return summary
+
+
+def test_run(run_dir: str | Path, checkpoint: str = "best", tracker: Any = None,
+             device: Optional[Any] = None) -> dict[str, float]:
+    """Evaluate ``run_dir/<checkpoint>`` on the test split with the run's saved config, record the
+    metrics (:func:`record_test`) and return them."""
+    from .config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); pass "
+                                f"<train.output_dir>/<train.run_name> or a sweep's trials/<trial id>")
+    cfg = load_config(str(run_dir / "config.yaml"))
+    metrics = evaluate_checkpoint(cfg, run_dir / checkpoint, "test", device=device)
+    record_test(run_dir, metrics, checkpoint, tracker=tracker)
+    return metrics
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """One line: overall accuracy, per hop, recall, answer loss."""
+    prefix = next(iter(metrics)).split("/", 1)[0]
+    per_hop = " ".join(f"h{k.rsplit('_', 1)[1]}={v:.3f}" for k, v in metrics.items()
+                       if k.startswith(f"{prefix}/label_accuracy/hops_"))
+    recall = f" recall {metrics[prefix + '/recall']:.3f}" if f"{prefix}/recall" in metrics else ""
+    return (f"{prefix} label_accuracy {metrics[prefix + '/label_accuracy']:.3f} ({per_hop}){recall} "
+            f"answer_loss {metrics[prefix + '/answer_loss']:.4f} on {int(metrics[prefix + '/tasks'])} tasks")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m reckoning_ray.evaluate",
+        description="Evaluate a trained run's checkpoint on the test split (label accuracy overall and per "
+                    "hop, recall) and record it in the run's summary.json and W&B summary.",
+        epilog="RUN_DIR is a training run's directory (<train.output_dir>/<train.run_name>) or a sweep "
+               "trial's (runs/tune/<tune.name>/trials/<trial id>). The data is the run's own "
+               "(its config.yaml); --split validation re-checks the selection split without recording.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding config.yaml and best/")
+    parser.add_argument("--checkpoint", default="best", choices=("best", "last"),
+                        help="which checkpoint of the run (default: best, the one chosen on validation)")
+    parser.add_argument("--split", default="test", choices=SPLITS, help="split to evaluate (default: test)")
+    args = parser.parse_args(argv)
+    from .config import ConfigError, load_config
+    from .data import DataFormatError
+
+    run_dir = Path(args.run_dir)
+    try:
+        if args.split == "test":
+            metrics = test_run(run_dir, args.checkpoint)
+        else:
+            if not (run_dir / "config.yaml").is_file():
+                raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+            metrics = evaluate_checkpoint(load_config(str(run_dir / "config.yaml")), run_dir / args.checkpoint,
+                                          args.split)
+    except (ConfigError, DataFormatError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{run_dir / args.checkpoint}: {format_metrics(metrics)}")
+    if args.split == "test":
+        print(f"recorded in {run_dir / 'summary.json'} (key \"test\") and the run's W&B summary")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

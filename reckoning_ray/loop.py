@@ -18,14 +18,17 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from .config import save_config
 
@@ -52,6 +55,8 @@ class Hooks:
     log: Callable[[str], None] = print
     # Called after every optimizer step with the global step (fault injection, profiling).
     on_step: Optional[Callable[[int], None]] = None
+    # A progress bar of the run's optimizer steps on stderr (rank 0 only): tasks/s, ETA, train loss.
+    progress: bool = True
 
 
 @dataclass
@@ -64,6 +69,79 @@ class Progress:
     best_step: int = -1
     bad_validations: int = 0  # validations since the best one
     stopped_early: bool = False
+
+
+class _LineStream:
+    """A file for tqdm where every redraw is a line of its own.
+
+    On a terminal tqdm redraws one line with carriage returns; written to a file or a Ray worker's
+    log, those redraws pile up in one line that Ray cuts anywhere (and whose "\r" wipes its
+    "(RayTrainWorker pid=...)" prefix), so here each redraw becomes a whole line instead.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:  # tqdm's clears and its closing newline write nothing visible
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class ProgressBar:
+    """Rank 0's bar over the run's optimizer steps: steps done / total, elapsed < ETA (wall clock,
+    validations included), tasks/s of the optimizer steps (all workers; validations left out) and
+    the last step's train loss.
+
+    On a terminal it redraws in place at most every 0.5 s; anywhere else (Ray workers' logs, files)
+    it prints at most one line every 30 s, plus one at the start and one at the end.
+    """
+
+    def __init__(self, total: int, initial: int, desc: str, file: Any = None) -> None:
+        file = file if file is not None else sys.stderr
+        self.tty = bool(getattr(file, "isatty", lambda: False)())
+        # miniters=1 turns off tqdm's dynamic miniters, so its monitor thread never redraws between
+        # updates (it would every maxinterval = 10 s) and mininterval alone sets the pace
+        # tqdm's own step rate (wall clock, validations included) is left out so that the line
+        # shows one speed, tasks/s; the ETA still uses it
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", miniters=1,
+                        mininterval=0.5 if self.tty else 30.0, maxinterval=30.0,
+                        file=file if self.tty else _LineStream(file), dynamic_ncols=self.tty,
+                        ascii=not self.tty, leave=True,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps "
+                                   "[{elapsed}<{remaining}{postfix}]")
+        self.tasks = 0
+        self.seconds = 0.0
+
+    def step(self, tasks: int, seconds: float, loss: float) -> None:
+        """One optimizer step of ``tasks`` tasks (all workers) that took ``seconds``; cheap: most
+        calls do not redraw."""
+        self.tasks += tasks
+        self.seconds += seconds
+        self.bar.set_postfix_str(f"{self.tasks / max(self.seconds, 1e-9):.1f} tasks/s, loss {loss:.4f}",
+                                 refresh=False)
+        self.bar.update(1)
+
+    def describe(self, desc: str) -> None:
+        self.bar.set_description_str(desc, refresh=False)
+
+    @contextmanager
+    def around_print(self) -> Iterator[None]:
+        """Print other lines inside this block: on a terminal the bar steps aside and is redrawn
+        below them (elsewhere its lines are whole lines already)."""
+        if self.tty:
+            self.bar.clear()
+        try:
+            yield
+        finally:
+            if self.tty:
+                self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def steps_per_epoch(num_tasks: int, cfg: DictConfig) -> int:
@@ -236,13 +314,20 @@ class Loop:
         self.progress = Progress()
         self.history: list[dict] = []
         self.mode = metric_mode(cfg.train.metric)
+        self._bar: Optional[ProgressBar] = None  # during fit() on rank 0 with hooks.progress
+        self._step_tasks = 0  # tasks (all workers) of the last optimizer step
         if self.hooks.resume_from is not None:
             self._resume(Path(self.hooks.resume_from))
 
     # -- logging ---------------------------------------------------------------------------
     def log(self, message: str) -> None:
-        if self.is_main:
+        if not self.is_main:
+            return
+        if self._bar is None:
             self.hooks.log(message)
+        else:
+            with self._bar.around_print():
+                self.hooks.log(message)
 
     # -- resume ----------------------------------------------------------------------------
     def _resume(self, path: Path) -> None:
@@ -259,6 +344,7 @@ class Loop:
         cfg, hooks = self.cfg, self.hooks
         micro_batches = global_step_tasks(order, step, cfg)
         n_global = sum(len(m) for m in micro_batches)
+        self._step_tasks = n_global
         self.method.train()
         self.optimizer.zero_grad(set_to_none=False)
         loss_sum, n_local = 0.0, 0
@@ -355,15 +441,37 @@ class Loop:
             # that lost it (a Tune trial restored from an interrupted sweep) still sees it
             self.log(f"run already finished at step {p.global_step}; reporting its last validation again")
             self.hooks.report(dict(self.history[-1], replayed=True), None)
+        if self.is_main and self.hooks.progress and not done:
+            # starts at the resumed step, so its count and ETA are the run's, not this process's
+            self._bar = ProgressBar(self.total_steps, p.global_step, self._epoch_desc())
+        try:
+            self._epochs(done)
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+        return self._summary()
+
+    def _epoch_desc(self) -> str:
+        # the run name tells apart the bars of a sweep's trials, whose workers share one console
+        return f"{self.run_dir.name} epoch {min(self.progress.epoch + 1, self.cfg.train.epochs)}/{self.cfg.train.epochs}"
+
+    def _epochs(self, done: bool) -> None:
+        cfg, p = self.cfg, self.progress
         last_stats: dict[str, float] = {}
         while not done and p.epoch < cfg.train.epochs:
             order = epoch_order(len(self.train_records), cfg.train.seed, p.epoch)
             t_epoch, losses = time.time(), []
+            if self._bar is not None:
+                self._bar.describe(self._epoch_desc())
             while p.step_in_epoch < self.steps_per_epoch:
+                t_step = time.perf_counter()
                 last_stats = self._train_step(order, p.step_in_epoch)
                 losses.append(last_stats["train/loss"])
                 p.step_in_epoch += 1
                 p.global_step += 1
+                if self._bar is not None:
+                    self._bar.step(self._step_tasks, time.perf_counter() - t_step, last_stats["train/loss"])
                 if self.hooks.on_step is not None:
                     self.hooks.on_step(p.global_step)
                 at_end = p.step_in_epoch == self.steps_per_epoch
@@ -381,7 +489,6 @@ class Loop:
                         break
             if not done:
                 self.log(f"epoch {p.epoch} took {time.time() - t_epoch:.1f}s")
-        return self._summary()
 
     def _summary(self) -> dict[str, Any]:
         p = self.progress
@@ -457,6 +564,7 @@ __all__ = [
     "Hooks",
     "Loop",
     "Progress",
+    "ProgressBar",
     "allreduce_gradients",
     "epoch_order",
     "evaluate_records",

@@ -12,15 +12,16 @@ the last checkpoint, and a crashed worker is restarted from it (``resources.max_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, available_presets, flatten, load_config, node_type_for
+from .config import Config, ConfigError, available_presets, flatten, load_config, node_type_for, to_yaml
 from .loop import metric_mode
 from .tracking import run_names
 
@@ -36,6 +37,7 @@ overrides are key=value pairs of the typed config, e.g.
   python -m reckoning_ray.train embedded train.epochs=2 inner.lr_init=0.05
   python -m reckoning_ray.train paper data.path=/data/proofwriter/depth-3
   python -m reckoning_ray.train --config runs/tune/embedded-sweep/best_config.yaml
+  python -m reckoning_ray.train paper train.epochs=2 --print-config   (check a config, run nothing)
 
 the batch is global: an optimizer step takes train.batch_size x train.grad_accum tasks whatever
 resources.num_workers is (the workers split each micro-batch).
@@ -49,16 +51,42 @@ Set RAY_ADDRESS to join an existing Ray cluster instead of starting a local one.
 """
 
 
+def config_groups_help() -> str:
+    """The ``--help`` block naming each config group and the dataclass documenting its keys, read
+    from :class:`Config`'s fields so that it follows the schema."""
+
+    def groups(cls: type, prefix: str) -> list[tuple[str, str]]:
+        rows = []
+        for f in dataclasses.fields(cls):
+            kind = get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(kind):
+                rows.append((f"{prefix}{f.name}.*", kind.__name__))
+                rows.extend(groups(kind, f"{prefix}{f.name}."))
+        return rows
+
+    rows = groups(Config, "")
+    width = max(len(key) for key, _ in rows) + 2
+    return "\n".join(
+        ["config groups: each key's type, default and meaning are documented in reckoning_ray/config.py, in"
+         " the dataclass of its group:"]
+        + [f"  {key:<{width}}{name}" for key, name in rows]
+    ) + "\n"
+
+
 def parse_args(argv: Optional[list[str]], prog: str, description: str, epilog: str,
                extra: Optional[Callable[[argparse.ArgumentParser], Any]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog=prog, description=description, epilog=epilog.format(presets=", ".join(available_presets())),
+        prog=prog, description=description,
+        epilog=epilog.format(presets=", ".join(available_presets())) + "\n" + config_groups_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("preset", nargs="?", default=None,
                         help="preset name or YAML config path (default: embedded)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     parser.add_argument("--config", default=None, help="a saved config YAML (e.g. best_config.yaml)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (preset or --config, then overrides, validated) as "
+                             "YAML and exit, starting nothing; the output is a valid --config file")
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
@@ -72,11 +100,22 @@ def parse_args(argv: Optional[list[str]], prog: str, description: str, epilog: s
     return args
 
 
-def run_command(args: argparse.Namespace, job: Callable[[DictConfig], Any]) -> int:
+def run_command(args: argparse.Namespace, job: Callable[[DictConfig], Any],
+                check: Optional[Callable[[DictConfig], Any]] = None) -> int:
     """Load the config of ``args``, print it, run ``job(cfg)``; exit status 2 with the message of
-    any :class:`ConfigError` (bad key, value or file, before or during the run), else 0."""
+    any :class:`ConfigError` (bad key, value or file, before or during the run), else 0.
+
+    ``--print-config``: load and validate the config the same way, run ``check(cfg)`` (the
+    command's own checks that need no work, e.g. a sweep's search space), print the resolved YAML
+    and return 0 without running ``job``.
+    """
     try:
         cfg = load_config(args.preset, args.overrides)
+        if getattr(args, "print_config", False):
+            if check is not None:
+                check(cfg)
+            print(to_yaml(cfg), end="")
+            return 0
         print(OmegaConf.to_yaml(cfg))
         job(cfg)
     except ConfigError as exc:

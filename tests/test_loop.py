@@ -1,6 +1,10 @@
 """The framework-free loop: validation schedule, early stopping, checkpoints and exact resume."""
 
+import io
 import json
+import re
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,10 +27,11 @@ SMALL = [
 ]
 
 
-def make_loop(tmp_path: Path, overrides: list[str], name: str = "run", resume_from=None) -> Loop:
+def make_loop(tmp_path: Path, overrides: list[str], name: str = "run", resume_from=None, progress: bool = False,
+              log=lambda m: None) -> Loop:
     cfg = load_config(None, SMALL + overrides)
     method, tokenizer, encoder, splits = prepare(cfg)
-    hooks = Hooks(log=lambda m: None, resume_from=resume_from)
+    hooks = Hooks(log=log, resume_from=resume_from, progress=progress)
     return Loop(cfg, method, tokenizer, encoder, splits["train"], splits["validation"], tmp_path / name, hooks)
 
 
@@ -144,3 +149,77 @@ def test_the_global_batch_is_split_by_the_workers(tmp_path):
     micro = global_step_tasks(list(range(16)), 0, cfg)
     assert micro == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert [shard(m, r, 2) for m in micro for r in range(2)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+# -- the progress bar --------------------------------------------------------------------------------
+# SMALL with one epoch: 96 tasks, 16 per step -> 6 optimizer steps, validations after steps 3 and 6.
+ONE_EPOCH = ["train.epochs=1", "eval.max_new_tokens=4"]
+
+
+def bar_lines(text: str) -> list[str]:
+    return [line for line in text.split("\n") if "run epoch" in line]  # (splitlines would split at "\r")
+
+
+def test_progress_bar_off_prints_nothing_and_on_resume_starts_at_the_resumed_step(tmp_path, capsys):
+    part = make_loop(tmp_path, ONE_EPOCH)  # progress=False
+    part.hooks.on_step = _stop_at(4)  # killed after the checkpoint of the validation at step 3
+    with pytest.raises(_Stop):
+        part.fit()
+    err = capsys.readouterr().err
+    # (transformers' own "Writing model shards" bars may be there: the Ray worker switches those off)
+    assert not bar_lines(err) and "tasks/s" not in err
+
+    resumed = make_loop(tmp_path, ONE_EPOCH, resume_from=tmp_path / "run" / "last", progress=True)
+    resumed.fit()
+    lines = bar_lines(capsys.readouterr().err)
+    assert re.search(r"\| 3/6 steps \[", lines[0]), lines  # the run's position, not this process's
+    assert re.search(r"\| 6/6 steps \[", lines[-1]), lines
+
+
+def test_progress_bar_counts_optimizer_steps_to_the_total_with_tasks_per_second(tmp_path, capsys):
+    loop = make_loop(tmp_path, ONE_EPOCH, progress=True)
+    step_seconds = []
+    train_step = loop._train_step
+
+    def timed_step(*args):
+        t = time.perf_counter()
+        out = train_step(*args)
+        step_seconds.append(time.perf_counter() - t)
+        return out
+
+    loop._train_step = timed_step
+    t0 = time.perf_counter()
+    loop.fit()
+    elapsed = time.perf_counter() - t0
+    lines = bar_lines(capsys.readouterr().err)  # pytest's capture is not a terminal, like Ray's logs
+    assert re.search(r"\| 0/6 steps \[", lines[0]) and re.search(r"\| 6/6 steps \[", lines[-1]), lines
+    assert "100%" in lines[-1]
+    rate = float(re.search(r"([0-9.]+) tasks/s", lines[-1]).group(1))
+    # 96 tasks over the time of the 6 optimizer steps only (not the set-up and the validations)
+    assert len(step_seconds) == 6
+    assert rate == pytest.approx(96 / sum(step_seconds), rel=0.05), (rate, step_seconds, elapsed)
+    assert re.search(r"loss [0-9]+\.[0-9]{4}", lines[-1])
+    # off a terminal: whole lines only, at most one every 30 s besides the first and the last
+    assert all("\r" not in line for line in lines)
+    assert len(lines) <= 2 + elapsed // 30, lines
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_the_bar_steps_aside_for_the_validation_lines(tmp_path, monkeypatch):
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    loop = make_loop(tmp_path, ONE_EPOCH, progress=True, log=lambda m: term.write(m + "\n"))
+    loop.fit()
+    text = term.getvalue()
+    segments = [s for s in text.split("\n") if "[validate" in s]
+    assert len(segments) == 2
+    for segment in segments:
+        before, line = segment.split("\r")[-2:]
+        assert line.startswith("[validate"), segment  # not glued to the end of a bar
+        assert before.strip() == "", segment  # the bar was blanked out first
+    redraws = [c for c in text.replace("\n", "\r").split("\r") if c.strip()]
+    assert re.search(r"\| 6/6 steps \[", redraws[-1]), redraws[-1]  # redrawn below, and finished

@@ -60,6 +60,9 @@ FLUSH_WAIT_S = 10.0
 _ENV_MODES = {"offline": "offline", "dryrun": "offline", "online": "online", "run": "online",
               "disabled": "disabled"}
 _DEFAULT_BASE_URL = "https://api.wandb.ai"
+# Whether a larger value of each validation metric is better (config.METRICS): the run summary
+# keeps the best value of the tracked metric (define_metric summary "max" or "min").
+METRIC_MODES = {"val/label_accuracy": "max", "val/answer_loss": "min"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +241,8 @@ class Tracker:
 
     @classmethod
     def start(cls, cfg_tracking: Any, run_id: str, run_name: str, group: str,
-              config: Mapping[str, Any], dir: str | os.PathLike) -> "Tracker":
+              config: Mapping[str, Any], dir: str | os.PathLike, sweep_id: Optional[str] = None,
+              best: Optional[Mapping[str, str]] = None) -> "Tracker":
         """Start (or resume) the W&B run ``run_id``; files go under ``<dir>/wandb/``.
 
         ``cfg_tracking``: the ``tracking`` config group (project, entity, mode, group);
@@ -246,6 +250,10 @@ class Tracker:
         config (``config.flatten``), scrubbed of secrets before it is saved. Starting the same
         ``run_id`` again resumes the run (W&B ``resume="allow"``). A disabled mode returns a
         no-op tracker without touching ``dir``; a failing start returns one after a warning.
+        ``sweep_id``: the W&B sweep the run belongs to (``wandb.Settings(sweep_id=...)``; an
+        offline run keeps it and ``wandb sync`` sends it). ``best``: ``{metric: "min"|"max"}``
+        whose run summary holds the best logged value instead of the last; default: the config's
+        ``train.metric`` (the direction from ``METRIC_MODES``), when ``config`` has it.
         """
         mode = resolve_mode(cfg_tracking.mode)
         if mode == "disabled":
@@ -253,8 +261,12 @@ class Tracker:
         directory = Path(dir).expanduser().resolve()
         group = cfg_tracking.group or group
         safe_config = scrub(dict(config))
+        if best is None:
+            metric = config.get("train.metric")
+            best = {metric: METRIC_MODES[metric]} if metric in METRIC_MODES else {}
+        extras = {"sweep_id": sweep_id, "best": dict(best)}
         try:
-            run = cls._init(cfg_tracking, mode, run_id, run_name, group, safe_config, directory)
+            run = cls._init(cfg_tracking, mode, run_id, run_name, group, safe_config, directory, **extras)
         except Exception as exc:
             if mode != "online":
                 log.warning("W&B: could not start run %r (%s: %s); training continues without "
@@ -265,12 +277,12 @@ class Tracker:
             log.warning("W&B: online start of run %r failed (%s: %s); logging offline instead. "
                         "Upload later with `wandb sync %s`.", run_id, type(exc).__name__, exc,
                         directory / "wandb")
-            return cls._start_offline(cfg_tracking, run_id, run_name, group, safe_config, directory)
+            return cls._start_offline(cfg_tracking, run_id, run_name, group, safe_config, directory, **extras)
         return cls(run, mode)
 
     @classmethod
     def _start_offline(cls, cfg_tracking: Any, run_id: str, run_name: str, group: str,
-                       config: dict[str, Any], directory: Path) -> "Tracker":
+                       config: dict[str, Any], directory: Path, **extras: Any) -> "Tracker":
         try:
             import wandb
 
@@ -278,7 +290,7 @@ class Tracker:
             # then refuses the same run id ("run ID ... is in use"): restart the service first.
             # This also ends other W&B runs of this process; a training worker has none.
             wandb.teardown()
-            run = cls._init(cfg_tracking, "offline", run_id, run_name, group, config, directory)
+            run = cls._init(cfg_tracking, "offline", run_id, run_name, group, config, directory, **extras)
         except Exception as exc:
             log.warning("W&B: could not start run %r offline either (%s: %s); training continues "
                         "without W&B tracking.", run_id, type(exc).__name__, exc)
@@ -287,7 +299,8 @@ class Tracker:
 
     @staticmethod
     def _init(cfg_tracking: Any, mode: str, run_id: str, run_name: str, group: str,
-              config: dict[str, Any], directory: Path) -> Any:
+              config: dict[str, Any], directory: Path, sweep_id: Optional[str] = None,
+              best: Optional[Mapping[str, str]] = None) -> Any:
         import wandb
 
         directory.mkdir(parents=True, exist_ok=True)
@@ -297,8 +310,10 @@ class Tracker:
             finish_timeout=FINISH_TIMEOUT_S,
             # Ray already captures worker output; W&B's console capture would wrap it again.
             console="off",
+            # the setting, not the WANDB_SWEEP_ID variable (which gives the run a random id)
+            **({"sweep_id": sweep_id} if sweep_id else {}),
         )
-        return wandb.init(
+        run = wandb.init(
             project=cfg_tracking.project,
             entity=cfg_tracking.entity or None,
             id=safe_run_id(run_id),
@@ -312,6 +327,13 @@ class Tracker:
             reinit="create_new",
             settings=settings,
         )
+        for metric, summary in (best or {}).items():
+            try:
+                run.define_metric(metric, summary=summary)
+            except Exception as exc:  # the run is still good: its summary keeps the last value
+                log.warning("W&B: define_metric(%r, summary=%r) failed (%s: %s)", metric, summary,
+                            type(exc).__name__, exc)
+        return run
 
     @property
     def active(self) -> bool:
@@ -513,7 +535,8 @@ def _del_path(tree: dict[str, Any], path: list[str]) -> None:
 def read_offline_run(path: str | os.PathLike) -> dict[str, Any]:
     """Read one ``.wandb`` file into plain Python.
 
-    Returns ``{"path", "run_id", "project", "entity", "group", "name", "start_time" (Unix
+    Returns ``{"path", "run_id", "project", "entity", "group", "name", "sweep_id" (the W&B sweep
+    the run belongs to, ``wandb.Settings(sweep_id=...)``), "start_time" (Unix
     seconds), "resume" (True when the run asks ``wandb sync`` to append to an existing run of
     the same id, as ``Tracker`` runs do), "config" (dict), "history" (one dict per logged
     step, with "_step" and W&B's "_runtime"/"_timestamp" in seconds; nested logged dicts stay
@@ -522,7 +545,8 @@ def read_offline_run(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     run: dict[str, Any] = {"path": path, "run_id": None, "project": None, "entity": None,
-                           "group": None, "name": None, "start_time": None, "resume": False,
+                           "group": None, "name": None, "sweep_id": None, "start_time": None,
+                           "resume": False,
                            "config": {},
                            "history": [], "summary": {}, "exit_code": None}
     config, summary = run["config"], run["summary"]
@@ -531,7 +555,7 @@ def read_offline_run(path: str | os.PathLike) -> dict[str, Any]:
         if kind == "run":
             r = record.run
             for key, value in (("run_id", r.run_id), ("project", r.project), ("entity", r.entity),
-                               ("group", r.run_group), ("name", r.display_name)):
+                               ("group", r.run_group), ("name", r.display_name), ("sweep_id", r.sweep_id)):
                 if value:
                     run[key] = value
             run["resume"] = r.resume
@@ -586,10 +610,10 @@ def read_offline_run_merged(root: str | os.PathLike, run_id: str) -> dict[str, A
     if not runs:
         raise FileNotFoundError(f"no .wandb file of run {run_id!r} under {root}")
     runs.sort(key=lambda r: (r["start_time"] or 0.0, str(r["path"])))
-    merged: dict[str, Any] = {"paths": [r["path"] for r in runs], "history": [], "config": {},
-                              "summary": {}}
+    merged: dict[str, Any] = {"paths": [r["path"] for r in runs], "sweep_id": None, "history": [],
+                              "config": {}, "summary": {}}
     for r in runs:
-        for key in ("run_id", "project", "entity", "group", "name", "resume"):
+        for key in ("run_id", "project", "entity", "group", "name", "sweep_id", "resume"):
             if r[key] is not None:
                 merged[key] = r[key]
         merged["exit_code"] = r["exit_code"]

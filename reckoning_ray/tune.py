@@ -1,11 +1,13 @@
 """Ray Tune sweep with ASHA over RECKONING's inner-loop settings: the project's main job.
 
     python -m reckoning_ray.tune [preset | --config FILE] [space=<name or path>] [key=value ...] [--resume]
+    python -m reckoning_ray.tune publish SWEEP_DIR [--dry-run]
 
 Each trial is a function that builds and fits a ``TorchTrainer`` (``reckoning_ray.train``) with
 Ray's ``TuneReportCallback``: the current Train + Tune pattern. Trials are named by their trial
 id, so a resumed sweep finds its runs; every trial logs to W&B (run id = trial id, group = sweep
-name) from its rank-0 worker, offline unless ``tracking.mode=online``.
+name) from the sweep's driver, offline unless ``tracking.mode=online``. The sweep is also a W&B
+sweep (``reckoning_ray.wandb_sweep``): created at the start when online, or afterwards by ``publish``.
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ from typing import Any, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from ray.tune import Callback
-from ray.tune.schedulers import ASHAScheduler
+# Ray folds log lines that differ only in numbers into one "[repeated Nx across cluster]" line,
+# which hides trials' validation lines from the sweep's console; it reads this at import.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+from ray.tune import Callback  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 
 from .config import ConfigError, load_config, node_type_for, save_config, validate
 from .tracking import run_names
@@ -44,8 +50,8 @@ ASHA stops weak trials early, using validation rounds (tune.max_rounds) as time;
 tune.metric (tune.mode). At the end the sweep prints a table of trials and writes
 <tune.storage_path>/<tune.name>/best_config.yaml, re-runnable with
   python -m reckoning_ray.train --config <that file>
-W&B: runs are written offline under each trial's directory; publish them with
-  wandb sync <tune.storage_path>/<tune.name>/trials/*/wandb/offline-run-*
+W&B: runs are written offline under each trial's directory; upload them as one W&B sweep with
+  python -m reckoning_ray.tune publish <tune.storage_path>/<tune.name> [--dry-run]
 --resume continues an interrupted sweep (finished trials stay finished).
 """
 
@@ -207,6 +213,9 @@ class ResumableASHA(ASHAScheduler):
 class TrackingCallback(Callback):
     """W&B for every trial, from the sweep's driver process.
 
+    Each run's summary keeps the best value of ``tune.metric`` (and ``train.metric``); when the
+    sweep directory records a W&B sweep (``wandb_sweep.json``), every run joins it.
+
     A trial that ASHA stops is killed together with its training workers, and a W&B writer in a
     killed worker loses its run file; the driver outlives every trial, so each trial's run is
     started, fed and finished here (run id = trial id, group = sweep name, config = the trial's
@@ -226,7 +235,7 @@ class TrackingCallback(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from .config import flatten
-        from .tracking import Tracker, read_offline_run_merged
+        from .tracking import METRIC_MODES, Tracker, read_offline_run_merged
 
         trial_id = trial.trial_id
         cfg = trial_config(self.base, dict(trial.config))
@@ -238,10 +247,19 @@ class TrackingCallback(Callback):
             self.logged[trial_id] = {int(h["_step"]) for h in earlier if "_step" in h}
         except (FileNotFoundError, ValueError):
             self.logged[trial_id] = set()
+        # the run summary keeps the best value of the metric ASHA ranks by (and of train.metric)
+        best = {cfg.train.metric: METRIC_MODES[cfg.train.metric], cfg.tune.metric: cfg.tune.mode}
         self.trackers[trial_id] = Tracker.start(
             cfg.tracking, run_id=ids.run_id, run_name=ids.run_name, group=ids.group, config=flatten(cfg),
-            dir=run_dir)
+            dir=run_dir, sweep_id=self._sweep_id(cfg), best=best)
         self._backfill(trial_id)
+
+    def _sweep_id(self, cfg: DictConfig) -> Optional[str]:
+        # The W&B sweep recorded in the sweep directory (created at the start of an online sweep,
+        # or by an earlier publish): read at every trial start, so it holds after --resume too.
+        from .wandb_sweep import sweep_id_for
+
+        return sweep_id_for(Path(self.trials_local).parent, cfg.tracking)
 
     def _log(self, trial_id: str, result: dict) -> None:
         tracker = self.trackers.get(trial_id)
@@ -375,8 +393,37 @@ def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: boo
     )
 
 
+def trial_outcome(last: Optional[dict], error: bool, max_rounds: int) -> tuple[str, int]:
+    """A trial's status and validation rounds, as Ray Tune recorded them.
+
+    ``last``: the last result Tune received for the trial (``Result.metrics``: the loop's
+    ``round``, ``rounds_planned``, ``stopped_early``); ``error``: the trial failed. Rounds are
+    the rounds Tune saw, the time ASHA judged (``round``); a trial that ASHA stopped may still
+    have finished one more validation in its workers before they were ended (it is in
+    ``metrics.jsonl`` and W&B), but Tune and ASHA never saw it, so it neither counts as a round
+    nor makes the trial ``completed``. Status: ``error``; ``patience stop`` (the loop stopped
+    early); ``completed`` (reached its planned rounds or ``tune.max_rounds``, where ASHA stops
+    every trial); else ``ASHA stop``.
+    """
+    last = last or {}
+    rounds = int(last.get("round") or 0)
+    if error:
+        return "error", rounds
+    if bool(last.get("stopped_early", False)):
+        return "patience stop", rounds
+    planned = int(last.get("rounds_planned") or max_rounds)
+    if rounds >= min(planned, max_rounds):
+        return "completed", rounds
+    return "ASHA stop", rounds
+
+
 def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]]) -> dict[str, Any]:
-    """Table of trials, best_config.yaml and the best checkpoint's path."""
+    """Table of trials, best_config.yaml and the best checkpoint's path.
+
+    Each trial's best value comes from its whole validation history (``trial_history``); its
+    status and rounds from Tune's record (``trial_outcome``). Both go into the trial's W&B run
+    summary (``trial/status``, ``trial/rounds``) with its test metrics (``record_trials``).
+    """
     root = local_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
     metric, mode = cfg.tune.metric, cfg.tune.mode
@@ -385,20 +432,13 @@ def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]])
         trial_id = Path(result.path).name
         history = trial_history(result, root / "trials" / trial_id)
         if history is None or metric not in history:
-            rows.append({"trial": trial_id, "best": None, "rounds": 0, "status": "error" if result.error else "no result"})
+            rows.append({"trial": trial_id, "best": None, "rounds": 0, "status": "error" if result.error else "no result",
+                         "_config": result.config})
             continue
         values = history[metric].dropna()
         best = float(values.max() if mode == "max" else values.min())
-        last = history.iloc[-1]
-        rounds = int(last["round"])
-        if result.error:
-            status = "error"
-        elif bool(last.get("stopped_early", False)):
-            status = "patience stop"
-        elif rounds >= int(last["rounds_planned"]) or rounds >= cfg.tune.max_rounds:
-            status = "completed"
-        else:
-            status = "ASHA stop"
+        tune_last = result.metrics if result.metrics and "round" in result.metrics else history.iloc[-1].to_dict()
+        status, rounds = trial_outcome(tune_last, bool(result.error), cfg.tune.max_rounds)
         at_best = history.loc[values.idxmax() if mode == "max" else values.idxmin()]
         checkpoint = at_best.get("checkpoint_path") if "checkpoint_path" in history else None
         params = dict(result.config)
@@ -409,7 +449,15 @@ def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]])
     if not scored:
         raise RuntimeError(f"no trial of sweep {cfg.tune.name} reported {metric}")
     best = (max if mode == "max" else min)(scored, key=lambda r: r["best"])
-    test_trials(cfg, scored, root / "trials")
+    # An interrupted sweep (Ctrl-C) leaves trials unfinished whose workers may still hold the
+    # CPUs: it is tested when `--resume` has finished it, not now.
+    finished = getattr(results, "num_terminated", len(rows)) + getattr(results, "num_errors", 0) >= len(rows)
+    if finished:
+        tested = test_trials(cfg, scored, root / "trials")
+        record_trials(cfg, rows, root / "trials", tested)
+    else:
+        print("note: the sweep was interrupted; its trials are tested on the test split when "
+              "`--resume` has finished it")
     keys = list(space)
     header = ["trial", *keys, metric, "best val acc", "test acc", "test recall", "rounds", "status"]
     lines = [header]
@@ -436,18 +484,18 @@ def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]])
     return out
 
 
-def test_trials(cfg: DictConfig, rows: list[dict[str, Any]], trials_dir: Path) -> None:
-    """Evaluate every trial's best checkpoint (chosen on validation) on the test split and record it.
+def test_trials(cfg: DictConfig, rows: list[dict[str, Any]], trials_dir: Path) -> dict[str, dict[str, float]]:
+    """Evaluate every trial's best checkpoint (chosen on validation) on the test split.
 
     Trials are tested after the sweep, not at their end, because ASHA stops a trial by ending its
     workers. Each evaluation is a Ray task with one training worker's resources (a GPU when the
-    trials use one); the metrics go to ``row["test"]``, the trial's ``summary.json`` and its W&B
-    summary. A trial tested before (a resumed sweep) keeps its recorded result. A trial whose
-    ``best/`` directory is not on this machine is left untested and says so.
+    trials use one); the metrics go to ``row["test"]`` and are returned ``{trial: metrics}`` for
+    ``record_trials`` to write. A trial tested before (a resumed sweep) keeps its recorded result.
+    A trial whose ``best/`` directory is not on this machine is left untested and says so.
     """
     import ray
 
-    from .evaluate import evaluate_checkpoint, record_test
+    from .evaluate import evaluate_checkpoint
 
     res = cfg.resources
     options: dict[str, Any] = {"num_cpus": float(res.cpus_per_worker)}
@@ -468,11 +516,45 @@ def test_trials(cfg: DictConfig, rows: list[dict[str, Any]], trials_dir: Path) -
             print(f"note: trial {row['trial']}: no best checkpoint under {run_dir} on this machine; not tested")
     if pending:
         print(f"testing the best checkpoints of {len(pending)} trial(s) on the test split")
+    tested = {}
     for trial, ref in pending.items():
-        metrics = ray.get(ref)
-        record_test(trials_dir / trial, metrics, "best")
+        tested[trial] = ray.get(ref)
         row = next(r for r in rows if r["trial"] == trial)
-        row["test"] = dict(metrics, checkpoint="best")
+        row["test"] = dict(tested[trial], checkpoint="best")
+    return tested
+
+
+def record_trials(cfg: DictConfig, rows: list[dict[str, Any]], trials_dir: Path,
+                  tested: dict[str, dict[str, float]]) -> None:
+    """Write each trial's outcome into its W&B run: ``trial/status`` and ``trial/rounds`` (the
+    sweep table's columns) and, for the trials just tested, the test metrics (``record_test``:
+    also the trial's ``summary.json``). The run is resumed once per trial, from the driver, and
+    only when something changed (a resumed sweep's finished trials are left alone).
+    """
+    from .evaluate import record_test
+    from .tracking import Tracker, read_offline_run_merged
+    from .wandb_sweep import sweep_id_for
+
+    for row in rows:
+        trial = row["trial"]
+        run_dir = trials_dir / trial
+        outcome = {"trial/status": row["status"], "trial/rounds": int(row["rounds"])}
+        trial_cfg = trial_config(OmegaConf.to_container(cfg, resolve=True), row.get("_config") or {})
+        trial_cfg.train.run_name = trial
+        ids = run_names(trial_cfg, trial_id=trial)
+        if trial not in tested:
+            try:
+                summary = read_offline_run_merged(run_dir, ids.run_id)["summary"]
+                if all(summary.get(k) == v for k, v in outcome.items()):
+                    continue
+            except (FileNotFoundError, ValueError):
+                pass  # no offline run here (online or disabled): write it
+        tracker = Tracker.start(trial_cfg.tracking, run_id=ids.run_id, run_name=ids.run_name, group=ids.group,
+                                config={}, dir=run_dir, sweep_id=sweep_id_for(trials_dir.parent, trial_cfg.tracking))
+        tracker.summary(outcome)
+        if trial in tested:
+            record_test(run_dir, tested[trial], "best", tracker=tracker)
+        tracker.finish()
 
 
 def trial_history(result: Any, run_dir: Path) -> Any:
@@ -498,6 +580,25 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def start_wandb_sweep(cfg: DictConfig, space: dict[str, tuple[str, list]], fresh: bool) -> Optional[str]:
+    """The sweep as a W&B sweep: its translated config in ``<sweep dir>/wandb_sweep.yaml`` (a fresh
+    sweep writes it and forgets an earlier sweep's W&B id) and, when W&B runs online, the W&B
+    sweep itself, created now so that the trials' runs join it live. Returns its id or None;
+    never fails the sweep (an unreachable W&B is a warning; ``publish`` attaches the runs later).
+    """
+    from .tracking import resolve_mode
+    from .wandb_sweep import read_sweep_file, start_online_sweep, sweep_config_of, sweep_description, write_sweep_file
+
+    root = local_dir(cfg)
+    config = None if fresh else read_sweep_file(root)
+    if config is None:
+        config = sweep_config_of(cfg, space, sweep_description(cfg.tune.name))
+        write_sweep_file(root, config)
+    if resolve_mode(cfg.tracking.mode) != "online":
+        return None
+    return start_online_sweep(cfg, root, config)
+
+
 def run(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     from .train import init_ray
 
@@ -509,6 +610,7 @@ def run(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     if not resume:
         save_config(cfg, saved)
         (local_dir(cfg) / "asha_state.pkl").unlink(missing_ok=True)  # rungs of an earlier sweep
+    start_wandb_sweep(cfg, space, fresh=not resume)
     init_ray()
     t0 = time.time()
     tuner = build_tuner(cfg, space, resume=resume)
@@ -525,12 +627,17 @@ def run(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["publish"]:
+        from .wandb_sweep import publish_main
+
+        return publish_main(argv[1:])
     # space=<name> is short for tune.space=<name>
     argv = [f"tune.{a}" if a.startswith("space=") else a for a in argv]
     names = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
     args = parse_args(
         argv, "python -m reckoning_ray.tune",
-        "Sweep RECKONING's inner-loop settings with Ray Tune + ASHA (the project's main job).",
+        "Sweep RECKONING's inner-loop settings with Ray Tune + ASHA (the project's main job). "
+        "`python -m reckoning_ray.tune publish SWEEP_DIR [--dry-run]` uploads a sweep to W&B.",
         EPILOG.replace("{spaces}", names),
         extra=lambda p: p.add_argument("--resume", action="store_true",
                                        help="continue the interrupted sweep tune.storage_path/tune.name"),

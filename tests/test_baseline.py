@@ -123,7 +123,7 @@ def test_build_method_dispatches_on_train_method():
         assert isinstance(method, InContextMethod) and batch.knowledge is None
         assert method.lr_stats() == {}
         (group,) = method.parameter_groups()
-        assert group["lr"] == 1e-3 and group["params"] == method.meta_parameters()
+        assert group["lr"] == float(method.cfg.outer.lr) and group["params"] == method.meta_parameters()
     reckoning, batch = build("reckoning")
     assert isinstance(reckoning, ReckoningMethod) and batch.knowledge is not None
     cfg = load_config("embedded")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from one_fact import ONE_FACT
 from reckoning_ray.config import load_config
 from reckoning_ray.train import main, run
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.slow
 BASE = [
     "data.num_train=48", "data.num_validation=16", "data.num_test=8",
     "train.batch_size=4", "train.grad_accum=1", "train.epochs=1", "train.patience=0",
-    "model.dtype=float64", "tracking.mode=disabled", "resources.max_failures=0",
+    "model.dtype=float64", "tracking.mode=disabled", "resources.max_failures=0", *ONE_FACT,
 ]
 
 

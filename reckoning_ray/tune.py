@@ -642,7 +642,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         extra=lambda p: p.add_argument("--resume", action="store_true",
                                        help="continue the interrupted sweep tune.storage_path/tune.name"),
     )
-    return run_command(args, lambda cfg: run(cfg, resume=args.resume))
+    return run_command(args, lambda cfg: run(cfg, resume=args.resume),
+                       check=lambda cfg: load_space(cfg.tune.space, cfg))  # --print-config checks the space too
 
 
 if __name__ == "__main__":

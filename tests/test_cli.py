@@ -83,3 +83,8 @@ def test_help_names_every_config_group_and_the_dataclass_documenting_it(command,
     for group, dataclass_name in expected.items():
         assert rows.get(f"{group}.*") == dataclass_name, (group, rows)
         assert hasattr(config_module, dataclass_name)
+
+
+def test_tune_print_config_checks_the_search_space(capsys):
+    assert tune_main(["--print-config", "space=no-such-space"]) == 2
+    assert "tune.space='no-such-space' is not a search space" in capsys.readouterr().err

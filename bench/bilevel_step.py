@@ -1,17 +1,19 @@
-"""Tasks per second and peak memory of one RECKONING outer step: the project's engine against
+"""Tasks per second and peak memory of one RECKONING outer step: the project's two engines against
 `higher` and TorchOpt.
 
 One outer step = for every task of the batch, ``inner_steps`` differentiable optimizer steps on the
 task's knowledge (learned per-tensor rates), the answer loss with the fast weights, and the backward
 pass into the initial weights and the learned rates. Implementations compared:
 
-    batched    reckoning_ray.bilevel.ReckoningMethod(engine="batched"): all tasks in one vmapped pass
-    looped     reckoning_ray.bilevel.ReckoningMethod(engine="looped"): task by task
+    fused      reckoning_ray.bilevel.ReckoningMethod, inner.engine=fused (the default): fused optimizer
+               nodes, all tasks in one vmapped pass
+    reference  reckoning_ray.bilevel.ReckoningMethod, inner.engine=reference: the plain functional
+               inner loop, task by task, op by op (reckoning_ray/bilevel/reference.py)
     higher     higher 0.2.1, innerloop_ctx per task (bench/references.py)
     torchopt   TorchOpt 0.7.3 functional optimizers + torch.func.functional_call, per task
 
 Before timing anything, every implementation's meta-gradient (on the weights and on the learned
-rates) is compared in float64 with the looped engine's, for every inner optimizer / order / number
+rates) is compared in float64 with the reference engine's, for every inner optimizer / order / number
 of inner steps that will be timed. If any differs by more than ``--tolerance`` (relative L2 per
 tensor), the benchmark prints the errors and exits with status 2 without printing a ratio.
 
@@ -32,7 +34,7 @@ Examples::
     python bench/bilevel_step.py --models small --big-batch 1,2,8 --big-inner-steps 1,4,5,8
     python bench/bilevel_step.py --models gpt2 --device cuda --big-batch 1,2,8 --big-inner-steps 4
     python bench/bilevel_step.py --check-only                      # the gradient agreement only
-    python bench/bilevel_step.py --profile batched --models tiny --batch 8 --inner-steps 4
+    python bench/bilevel_step.py --profile fused --models tiny --batch 8 --inner-steps 4
 """
 
 from __future__ import annotations
@@ -67,11 +69,13 @@ from common import (  # noqa: E402
     format_table,
     peak_rss_bytes,
     print_header,
+    reckoning_method,
     synthetic_records,
 )
 
-IMPLS = ("batched", "looped", "higher", "torchopt")
-ENGINE_IMPLS = ("batched", "looped")
+IMPLS = ("fused", "reference", "higher", "torchopt")
+ENGINE_IMPLS = ("fused", "reference")  # inner.engine
+REFERENCE = "reference"  # what every meta-gradient is checked against
 ORDERS = ("second", "first")
 OPTIMIZERS = ("adamw", "sgd")
 # Inner learning rates: timing uses the presets' values (paper AdamW 3e-5, embedded SGD 0.1); the
@@ -111,9 +115,7 @@ def make_impl(name: str, setup: Any, lrs: torch.Tensor) -> Any:
     """An object with ``forward_backward(batch)`` and ``meta_parameters()`` (weights, then the
     learned rates ``[steps, tensors]``), its learned rates set to ``lrs``."""
     if name in ENGINE_IMPLS:
-        from reckoning_ray.bilevel import ReckoningMethod
-
-        method = ReckoningMethod(setup.model, setup.tokenizer, setup.cfg, engine=name)
+        method = reckoning_method(setup, engine=name)
         with torch.no_grad():
             method.inner_lrs.copy_(lrs)
         return method
@@ -132,7 +134,7 @@ def initial_lrs(setup: Any, lr: float, seed: int = 0) -> torch.Tensor:
 
 
 def reset_attention(setup: Any) -> None:
-    """Back to the model's default attention path; second-order engines switch it to eager."""
+    """Back to the model's default attention path; second order and the fused engine switch it to eager."""
     setup.model.set_attn_implementation("sdpa")
 
 
@@ -181,7 +183,7 @@ def check_gradients(
     tolerance: float,
     factories: Optional[dict[str, Callable[[Any, torch.Tensor], Any]]] = None,
 ) -> list[list[Any]]:
-    """Meta-gradients of ``impls`` against the looped engine, tiny model, float64, two tasks.
+    """Meta-gradients of ``impls`` against the reference engine, tiny model, float64, two tasks.
 
     Returns table rows ``[optimizer, order, steps, impl, weight error, lr error]``; raises
     :class:`Disagreement` (after filling the rows) when an error exceeds ``tolerance``.
@@ -213,13 +215,13 @@ def _check_gradients(
     def build(name: str) -> Any:
         return factories[name](setup, lrs) if name in factories else make_impl(name, setup, lrs)
 
-    # Build every implementation first: a second-order engine switches the model to eager
-    # attention, and all of them must then run the same attention path.
-    built = {name: build(name) for name in dict.fromkeys(["looped", *impls])}
-    reference = meta_gradients(built["looped"], batch)
+    # Build every implementation first: second order and the fused engine switch the model to
+    # eager attention, and all of them must then run the same attention path.
+    built = {name: build(name) for name in dict.fromkeys([REFERENCE, *impls])}
+    reference = meta_gradients(built[REFERENCE], batch)
     rows, failed = [], []
     for name in impls:
-        if name == "looped":
+        if name == REFERENCE:
             continue
         grads = meta_gradients(built[name], batch)
         weight_err = max(relative_error(g, r) for g, r in zip(grads[:-1], reference[:-1]))
@@ -229,7 +231,7 @@ def _check_gradients(
             failed.append(f"{name} ({optimizer}, {order} order, {inner_steps} inner steps): weights "
                           f"{weight_err:.2e}, learned rates {lr_err:.2e}")
     if not all(torch.isfinite(g).all() for g in reference):
-        failed.append(f"looped engine ({optimizer}, {order} order): non-finite meta-gradient")
+        failed.append(f"reference engine ({optimizer}, {order} order): non-finite meta-gradient")
     if failed:
         raise Disagreement("; ".join(failed), rows)
     return rows
@@ -249,11 +251,11 @@ def run_checks(args: argparse.Namespace, factories: Optional[dict] = None) -> No
         message, partial = exc.args
         print(format_table(["optimizer", "order", "steps", "impl", "weights rel. err", "lrs rel. err"],
                            rows + partial))
-        print(f"\nREFUSED: meta-gradients disagree with the looped engine beyond {args.tolerance:g} "
+        print(f"\nREFUSED: meta-gradients disagree with the reference engine beyond {args.tolerance:g} "
               f"(relative L2 per tensor, float64): {message}. No timing is printed: a speed ratio "
               "between implementations that compute different things means nothing.", file=sys.stderr)
         raise SystemExit(EXIT_DISAGREE)
-    print(f"## gradient agreement (float64, tiny model, 2 tasks, against the looped engine; "
+    print(f"## gradient agreement (float64, tiny model, 2 tasks, against the reference engine; "
           f"tolerance {args.tolerance:g}; {time.perf_counter() - started:.1f} s)")
     print(format_table(["optimizer", "order", "steps", "impl", "weights rel. err", "lrs rel. err"], rows))
     print(flush=True)
@@ -464,7 +466,7 @@ def main(argv: Optional[Sequence[str]] = None, factories: Optional[dict] = None)
         print("MEMORY " + json.dumps(memory_worker(spec)), flush=True)
         return 0
 
-    print_header("RECKONING outer step: project engine vs higher vs TorchOpt")
+    print_header("RECKONING outer step: the project's engines (fused, reference) vs higher vs TorchOpt")
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     run_checks(args, factories)
     if args.check_only:
@@ -493,10 +495,10 @@ def main(argv: Optional[Sequence[str]] = None, factories: Optional[dict] = None)
     print()
     print(format_table(header, speed_rows))
     goal = [c for c in all_cases if c.model == "tiny" and c.order == "second" and c.tasks >= 8]
-    if {"batched", "higher"} <= set(args.impls):
+    if {"fused", "higher"} <= set(args.impls):
         for case in goal:
-            speedup = results[case]["higher"] / results[case]["batched"]
-            print(f"goal: batched engine >= 3x the tasks/s of higher (tiny model, second order, batch >= 8): "
+            speedup = results[case]["higher"] / results[case]["fused"]
+            print(f"goal: fused engine >= 3x the tasks/s of higher (tiny model, second order, batch >= 8): "
                   f"{case.optimizer}, {case.inner_steps} inner steps, batch {case.tasks}: {speedup:.2f}x "
                   f"{'met' if speedup >= 3 else 'NOT met'}")
     print(flush=True)

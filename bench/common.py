@@ -12,6 +12,7 @@ the tensors have exactly the shapes training uses.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import random
@@ -207,6 +208,21 @@ def build_setup(
         model = GPT2LMHeadModel(config)
     model = model.to(DTYPES[dtype]).eval()
     return Setup(cfg, model, tokenizer)
+
+
+def reckoning_method(setup: Setup, engine: Optional[str] = None) -> Any:
+    """``ReckoningMethod`` on ``setup``'s model, with its config's inner / outer / eval groups;
+    ``engine`` ("fused" or "reference") replaces ``inner.engine``."""
+    from reckoning_ray.bilevel import ReckoningMethod
+    from reckoning_ray.config import group
+
+    inner = group(setup.cfg, "inner")
+    if engine is not None:
+        inner = dataclasses.replace(inner, engine=engine)
+    encoder = Encoder(setup.tokenizer, method="reckoning", multi_task=bool(setup.cfg.outer.multi_task),
+                      max_length=int(setup.cfg.model.max_length))
+    return ReckoningMethod(setup.model, setup.tokenizer, encoder, inner, group(setup.cfg, "outer"),
+                           group(setup.cfg, "eval"), float(setup.cfg.model.dropout))
 
 
 def encode(setup: Setup, records: Sequence[dict[str, Any]], method: str = "reckoning",

@@ -2,7 +2,7 @@
 (inner loop once, then Q forward passes whose prompts hold no knowledge) versus in-context reasoning
 (the knowledge in every prompt, Q forward passes), and the break-even Q.
 
-RECKONING's inner loop is the project's engine (``ReckoningMethod``, evaluation mode: gradients
+RECKONING's inner loop is the project's fused engine (``ReckoningMethod``, evaluation mode: gradients
 without a graph, ``inner.steps`` AdamW steps with the learned rates at their initial value); each
 question is then one forward pass of its prompt + answer with the fast weights. In-context
 reasoning is one forward pass per question of the knowledge + question + answer with the model's
@@ -50,6 +50,7 @@ from common import (  # noqa: E402
     format_table,
     positive_ints,
     print_header,
+    reckoning_method,
 )
 
 EXIT_DISAGREE = 2  # the encode-once answers are not the engine's answers
@@ -112,7 +113,7 @@ def timed(fn: Callable[[], Any], device: str) -> float:
 
 def run_facts(num_facts: int, args: argparse.Namespace) -> dict[str, Any]:
     """Measured totals for every Q and the per-component medians, for one knowledge size."""
-    from reckoning_ray.bilevel import ReckoningMethod, causal_lm_logits
+    from reckoning_ray.bilevel import causal_lm_logits
 
     max_q = max(args.questions)
     records = shared_knowledge_records(num_facts, max_q, seed=args.seed)
@@ -127,7 +128,7 @@ def run_facts(num_facts: int, args: argparse.Namespace) -> dict[str, Any]:
     setup.model.to(args.device)
     reck = encode(setup, records, method="reckoning", multi_task=False).to(args.device)
     icr = encode(setup, records, method="icr", multi_task=False).to(args.device)
-    method = ReckoningMethod(setup.model, setup.tokenizer, setup.cfg, engine="batched").eval()
+    method = reckoning_method(setup, "fused").eval()
     first = reck.select([0])  # the knowledge is the same for every question
 
     def encode_knowledge() -> dict[str, torch.Tensor]:

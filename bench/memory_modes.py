@@ -1,6 +1,6 @@
-"""Peak memory and time of one RECKONING outer step under each memory option of the engine.
+"""Peak memory and time of one RECKONING outer step under each memory option of the fused engine.
 
-Modes (``reckoning_ray.bilevel.ReckoningMethod``, batched engine, config keys of the ``inner`` group):
+Modes (``reckoning_ray.bilevel.ReckoningMethod``, fused engine, config keys of the ``inner`` group):
 
     second-order        the default: every inner step's activations and double-backward graph live
                         until the outer backward
@@ -14,11 +14,12 @@ Modes (``reckoning_ray.bilevel.ReckoningMethod``, batched engine, config keys of
     higher              the reference library, task by task (bench/references.py)
 
 What must hold before any ratio is printed: the modes that claim the SAME meta-gradient as the
-default (checkpoint, tasks per pass, higher) are first compared with it in float64 on the tiny
-model (relative L2 per tensor <= --tolerance); if one differs, the script prints the errors and
-exits with status 2. bf16 and first-order compute a different gradient by design: their relative
-error against the default's float32 meta-gradient of the measured model is printed, and bf16 is
-marked "within tolerance" only below --bf16-tolerance.
+default (checkpoint, tasks per pass, higher) are first compared with the reference engine
+(inner.engine=reference) in float64 on the tiny model (relative L2 per tensor <= --tolerance);
+if one differs, the script prints the errors and exits with status 2. bf16 and first-order
+compute a different gradient by design: their relative error against the default's float32
+meta-gradient of the measured model is printed, and bf16 is marked "within tolerance" only below
+--bf16-tolerance.
 
 Each (model, tasks, mode) runs in a fresh subprocess: one warm-up outer step whose peak is the
 memory figure (CPU: peak resident size above the size before the step, VmHWM; GPU:
@@ -87,13 +88,13 @@ from common import (  # noqa: E402
 #   "bf16": bfloat16 forward passes, compared against --bf16-tolerance
 #   "other": a different gradient by definition (first order); its distance is reported
 MODES: dict[str, tuple[str, list[str], str]] = {
-    "second-order": ("batched", [], "same"),
-    "checkpoint": ("batched", ["inner.checkpoint=true"], "same"),
-    "per-task": ("batched", ["inner.tasks_per_pass=1"], "same"),
-    "checkpoint+per-task": ("batched", ["inner.checkpoint=true", "inner.tasks_per_pass=1"], "same"),
-    "bf16": ("batched", ["inner.autocast=bf16"], "bf16"),
-    "checkpoint+bf16": ("batched", ["inner.checkpoint=true", "inner.autocast=bf16"], "bf16"),
-    "first-order": ("batched", ["inner.first_order=true"], "other"),
+    "second-order": ("fused", [], "same"),
+    "checkpoint": ("fused", ["inner.checkpoint=true"], "same"),
+    "per-task": ("fused", ["inner.tasks_per_pass=1"], "same"),
+    "checkpoint+per-task": ("fused", ["inner.checkpoint=true", "inner.tasks_per_pass=1"], "same"),
+    "bf16": ("fused", ["inner.autocast=bf16"], "bf16"),
+    "checkpoint+bf16": ("fused", ["inner.checkpoint=true", "inner.autocast=bf16"], "bf16"),
+    "first-order": ("fused", ["inner.first_order=true"], "other"),
     "higher": ("higher", [], "same"),
 }
 REFERENCE = "second-order"
@@ -138,7 +139,7 @@ def _value(text: str) -> Any:
 
 
 def run_checks(args: argparse.Namespace) -> list[list[Any]]:
-    """Float64 check of every "same" mode against the looped engine; exits on disagreement."""
+    """Float64 check of every "same" mode against the reference engine; exits on disagreement."""
     same = [m for m in args.modes if MODES[m][2] == "same"]
     factories = {m: mode_factory(m) for m in same}
     rows: list[list[Any]] = []
@@ -332,7 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     check_rows = run_checks(args)
     print(f"## gradient agreement of the modes that claim the default's meta-gradient (float64, tiny model, "
-          f"2 tasks, against the looped engine; tolerance {args.tolerance:g})")
+          f"2 tasks, against the reference engine; tolerance {args.tolerance:g})")
     print(format_table(["optimizer", "order", "steps", "mode", "weights rel. err", "lrs rel. err"], check_rows))
     print(flush=True)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -20,14 +21,77 @@ from omegaconf.errors import OmegaConfBaseException
 CONF_DIR = Path(__file__).parent / "conf"
 DEFAULT_PRESET = "embedded"
 
-METHODS = ("reckoning", "icr", "icr_no_facts", "icr_random_facts")
-SOURCES = ("generate", "proofwriter", "clutrr", "hf")
-SELECTIONS = ("qdep", "paper")
-FAMILIES = ("proofwriter", "clutrr")
-INNER_OPTIMIZERS = ("adamw", "sgd")
-LR_SPACES = ("linear", "log")
-AUTOCAST_MODES = ("none", "bf16")
-TRACKING_MODES = ("offline", "online", "disabled")
+
+
+class Choice(StrEnum):
+    """A config key's closed set of values. Members are named as their YAML value, so presets and
+    overrides write ``inner.optimizer=sgd``, the schema rejects anything else (naming the key and
+    the allowed values) and members compare equal to their strings."""
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+class Method(Choice):
+    reckoning = "reckoning"
+    icr = "icr"  # fine-tuned in-context reasoning: knowledge and question in one prompt
+    icr_no_facts = "icr_no_facts"  # the question alone
+    icr_random_facts = "icr_random_facts"  # the question with facts drawn from other tasks
+
+
+class Source(Choice):
+    generate = "generate"
+    proofwriter = "proofwriter"
+    clutrr = "clutrr"
+    hf = "hf"
+
+
+class Selection(Choice):
+    qdep = "qdep"
+    paper = "paper"
+
+
+class Family(Choice):
+    proofwriter = "proofwriter"
+    clutrr = "clutrr"
+
+
+class InnerOptimizer(Choice):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class LrSpace(Choice):
+    linear = "linear"
+    log = "log"
+
+
+class Autocast(Choice):
+    none = "none"
+    bf16 = "bf16"
+
+
+class Engine(Choice):
+    reference = "reference"  # the plain functional inner loop, task by task (reckoning_ray/bilevel/reference.py)
+    fused = "fused"  # fused AdamW/SGD nodes, tasks batched under vmap (reckoning_ray/bilevel/fused.py)
+
+
+class TrackingMode(Choice):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+METHODS = Method.values()
+SOURCES = Source.values()
+SELECTIONS = Selection.values()
+FAMILIES = Family.values()
+INNER_OPTIMIZERS = InnerOptimizer.values()
+LR_SPACES = LrSpace.values()
+AUTOCAST_MODES = Autocast.values()
+ENGINES = Engine.values()
+TRACKING_MODES = TrackingMode.values()
 NODE_TYPES = ("", "auto", "a100", "rtx3090")
 # node_type "auto": the paper's placement, RECKONING on A100 nodes and the baselines on RTX 3090s.
 AUTO_NODE_TYPE = {"reckoning": "a100", "icr": "rtx3090", "icr_no_facts": "rtx3090", "icr_random_facts": "rtx3090"}
@@ -78,9 +142,9 @@ class GeneratorConfig:
 @dataclass
 class DataConfig:
     # generate | proofwriter (meta-*.jsonl) | clutrr (CSV) | hf (datasets save_to_disk dir or hub id)
-    source: str = "generate"
+    source: Source = Source.generate
     # Task family for generated data: proofwriter | clutrr.
-    family: str = "proofwriter"
+    family: Family = Family.proofwriter
     # File or directory for proofwriter / clutrr / hf sources.
     path: Optional[str] = None
     # Keep only tasks with these hop counts; empty keeps all.
@@ -98,7 +162,7 @@ class DataConfig:
     # per theory (with replacement) to the theory's Unknown count, and data.distractors drawn with
     # replacement then de-duplicated (for every file source). hops stays QDep; the paper's
     # "depth-D" is the release file data.path points at.
-    selection: str = "qdep"
+    selection: Selection = Selection.qdep
     # Distractor sentences kept per task: -1 keeps all the source has, 0 none, n at most n
     # (selection=paper: n draws with replacement, de-duplicated).
     distractors: int = 0
@@ -116,7 +180,7 @@ class DataConfig:
 @dataclass
 class InnerConfig:
     # Inner-loop optimizer: "adamw" (the paper's) or "sgd".
-    optimizer: str = "adamw"
+    optimizer: InnerOptimizer = InnerOptimizer.adamw
     # Fixed number of inner steps for every task; null uses steps_by_hops.
     steps: Optional[int] = None
     # Inner steps per hop-count range "lo-hi" (or a single "k"); paper: 4 for 2-4 hops, 5 for
@@ -127,7 +191,7 @@ class InnerConfig:
     lr_init: float = 3e-5
     # "linear": the learned rates are used as they are (paper, may turn negative);
     # "log": stored as log(lr) so they stay positive.
-    lr_space: str = "linear"
+    lr_space: LrSpace = LrSpace.linear
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -141,10 +205,34 @@ class InnerConfig:
     # autocast: "bf16" runs the model's forward passes in bfloat16 (bf16 copies of the weights,
     # under torch.autocast); the weights, the inner-optimizer arithmetic and the learned rates stay
     # in the model's dtype. "none": off.
-    autocast: str = "none"
+    autocast: Autocast = Autocast.none
     # tasks_per_pass: most tasks one batched pass holds at once (their inner graphs live together);
     # a larger batch runs in several passes whose gradients add up. 0: all tasks of a step at once.
     tasks_per_pass: int = 0
+    # engine: "fused" (default) runs each inner step as one fused optimizer node and all tasks of a
+    # pass at once under vmap; "reference" is the plain functional inner loop, task by task, op by
+    # op (the definition the fused engine is tested against; slower).
+    engine: Engine = Engine.fused
+
+    def steps_for(self, hops: int) -> int:
+        """Inner steps for a task with ``hops`` reasoning hops (fixed ``steps`` wins, else the
+        ``steps_by_hops`` range holding ``hops``, else the nearest range)."""
+        if self.steps is not None:
+            return int(self.steps)
+        best: tuple[int, int] | None = None  # (distance, steps)
+        for key, steps in self.steps_by_hops.items():
+            lo, hi = _parse_hop_range(str(key))
+            distance = 0 if lo <= hops <= hi else min(abs(hops - lo), abs(hops - hi))
+            if best is None or distance < best[0]:
+                best = (distance, int(steps))
+        assert best is not None, "validate() guarantees a non-empty inner.steps_by_hops"
+        return best[1]
+
+    def max_steps(self) -> int:
+        """The most inner steps any task takes (the learned rates cover this many steps)."""
+        if self.steps is not None:
+            return int(self.steps)
+        return max(int(v) for v in self.steps_by_hops.values())
 
 
 @dataclass
@@ -174,7 +262,7 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     # reckoning | icr (fine-tuned in-context) | icr_no_facts (question only) | icr_random_facts
-    method: str = "reckoning"
+    method: Method = Method.reckoning
     # Tasks per micro-batch and micro-batches accumulated per optimizer step. Both are global: an
     # optimizer step consumes batch_size x grad_accum tasks whatever resources.num_workers is (the
     # workers split each micro-batch, so num_workers must divide batch_size).
@@ -202,14 +290,15 @@ class TrackingConfig:
     # `wandb sync` uploads later; online needs WANDB_API_KEY or `wandb login`.
     project: str = "reckoning-ray"
     entity: Optional[str] = None
-    mode: str = "offline"
+    mode: TrackingMode = TrackingMode.offline
     # W&B group; empty uses the sweep or run name.
     group: str = ""
 
 
 @dataclass
 class ResourcesConfig:
-    # Ray Train workers (data-parallel) and what each asks for.
+    # Ray Train workers (data-parallel) and what each asks for. 0: no Ray at all, the same loop
+    # in this process (a debugger, a notebook); use_gpu then picks the first CUDA device.
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -257,6 +346,11 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
 
 
+GROUPS = {"model": ModelConfig, "data": DataConfig, "inner": InnerConfig, "outer": OuterConfig,
+          "eval": EvalConfig, "train": TrainConfig, "tracking": TrackingConfig,
+          "resources": ResourcesConfig, "tune": TuneConfig}
+
+
 def available_presets() -> list[str]:
     return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
 
@@ -280,6 +374,10 @@ def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         reason = str(getattr(exc, "msg", None) or exc).splitlines()[0]
+        choice = re.fullmatch(r"Invalid value (.*), expected one of \[(.*)\]", reason)
+        if choice:  # a Choice key: say it as validate() does
+            allowed = tuple(v.strip() for v in choice.group(2).split(","))
+            raise ConfigError(f"{origin}: {key}={choice.group(1)} is invalid: choose one of {allowed}") from None
         raise ConfigError(f"{origin}: {key} is invalid: {reason}") from None
 
 
@@ -428,8 +526,9 @@ def validate(cfg: DictConfig) -> None:
            "must be in [0, 1) (0 switches dropout off)")
     _check(c.eval.max_new_tokens >= 1, "eval.max_new_tokens", c.eval.max_new_tokens, "must be >= 1")
     _check(c.tracking.mode in TRACKING_MODES, "tracking.mode", c.tracking.mode, f"choose one of {TRACKING_MODES}")
-    _check(c.resources.num_workers >= 1, "resources.num_workers", c.resources.num_workers, "must be >= 1")
-    _check(c.train.batch_size % c.resources.num_workers == 0, "train.batch_size", c.train.batch_size,
+    _check(c.resources.num_workers >= 0, "resources.num_workers", c.resources.num_workers,
+           "must be >= 1 (Ray Train workers) or 0 (one process without Ray)")
+    _check(c.train.batch_size % max(c.resources.num_workers, 1) == 0, "train.batch_size", c.train.batch_size,
            f"the batch is global (tasks per optimizer step = train.batch_size x train.grad_accum, whatever "
            f"the number of workers) and resources.num_workers={c.resources.num_workers} workers split each "
            f"micro-batch: choose a batch size divisible by {c.resources.num_workers} or another worker count")
@@ -462,17 +561,28 @@ def node_type_for(cfg: DictConfig) -> str:
 
 
 def inner_steps_for(cfg: DictConfig, hops: int) -> int:
-    """Inner steps for a task with ``hops`` reasoning hops (fixed ``inner.steps`` wins)."""
-    if cfg.inner.steps is not None:
-        return int(cfg.inner.steps)
-    best: tuple[int, int] | None = None  # (distance, steps)
-    for key, steps in cfg.inner.steps_by_hops.items():
-        lo, hi = _parse_hop_range(str(key))
-        distance = 0 if lo <= hops <= hi else min(abs(hops - lo), abs(hops - hi))
-        if best is None or distance < best[0]:
-            best = (distance, int(steps))
-    assert best is not None, "validate() guarantees a non-empty inner.steps_by_hops"
-    return best[1]
+    """Inner steps for a task with ``hops`` reasoning hops (:meth:`InnerConfig.steps_for`)."""
+    return group(cfg, "inner").steps_for(hops)
+
+
+def group(cfg: DictConfig, name: str) -> Any:
+    """The typed dataclass of config group ``name`` (``InnerConfig``, ``OuterConfig``, ...): what
+    the core (methods, loop) takes instead of the whole tree."""
+    node = cfg[name]
+    if isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict:
+        node = OmegaConf.merge(OmegaConf.structured(GROUPS[name]), node)
+    return OmegaConf.to_object(node)
+
+
+def from_container(values: dict[str, Any]) -> DictConfig:
+    """A typed config tree from ``OmegaConf.to_container`` output (a config sent to a Ray worker or
+    a Tune trial), validated again."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), values)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config is invalid: {exc}") from None
+    validate(cfg)
+    return cfg
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -498,5 +608,5 @@ def flatten(cfg: DictConfig) -> dict[str, Any]:
         else:
             out[prefix[:-1]] = node
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")
     return out

@@ -1,10 +1,10 @@
 """Test-split evaluation of a trained run: the number a paper reports.
 
-    python -m reckoning_ray.evaluate RUN_DIR [--checkpoint best|last] [--split test|validation]
+    python -m reckoning_ray.evaluate RUN_DIR [--checkpoint best|latest] [--split test|validation]
 
 Validation only selects (early stopping, the best checkpoint, ASHA); the reported result is the
 test accuracy of the checkpoint chosen on validation. Every training run ends with this
-evaluation of its ``best/`` checkpoint (``reckoning_ray.train``), a sweep runs it for every trial
+evaluation of its best checkpoint (``reckoning_ray.train``), a sweep runs it for every trial
 (``reckoning_ray.tune``; a trial that ASHA stopped is evaluated after the sweep), and this command
 runs it on demand. The metrics are label accuracy overall and per hop, answer loss and, for runs
 trained on the multi-task target, knowledge recall (``test/...`` keys). They are written to the
@@ -26,8 +26,8 @@ SPLITS = ("test", "validation")
 
 def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, split: str = "test",
                         device: Optional[Any] = None) -> dict[str, float]:
-    """Metrics of the checkpoint directory ``checkpoint`` (``model/`` + ``state.pt``, as the
-    training loop writes them) on ``split`` of ``cfg``'s data, in this process.
+    """Metrics of the checkpoint directory ``checkpoint`` (``reckoning_ray.checkpoint``) on
+    ``split`` of ``cfg``'s data, in this process.
 
     The data is read with the run's own ``data`` config, so the split is the one the run was
     trained beside. Keys: ``<split prefix>/label_accuracy``, ``.../hops_<k>``, ``answer_loss``,
@@ -35,57 +35,60 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, split: str = "t
     """
     import torch
 
+    from .checkpoint import CheckpointError, is_checkpoint
     from .loop import evaluate_records, restore_method
     from .train import prepare
 
     checkpoint = Path(checkpoint)
-    if not (checkpoint / "model").is_dir() or not (checkpoint / "state.pt").is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a checkpoint directory (expected model/ and state.pt)")
+    if not is_checkpoint(checkpoint):
+        raise CheckpointError(f"{checkpoint} is not a checkpoint directory (expected config.json and reckoning.json)")
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is invalid: choose one of {SPLITS}")
-    method, _, encoder, splits = prepare(cfg, checkpoint / "model")
-    restore_method(method, checkpoint, weights=False)  # prepare built the model from checkpoint/model
+    method, _, encoder, splits = prepare(cfg, checkpoint)
+    restore_method(method, checkpoint, weights=False)  # prepare built the model from the checkpoint
     if device is not None:
-        method.model.to(device)
-        if hasattr(method, "inner_lrs"):
-            method.inner_lrs.data = method.inner_lrs.data.to(device)
+        method.to(device)
     prefix = "test" if split == "test" else "val"
     with torch.random.fork_rng():  # evaluation draws no randomness, but leave the caller's RNG alone
         return evaluate_records(method, encoder, splits[split], cfg, prefix)
 
 
-def record_test(run_dir: str | Path, metrics: dict[str, float], checkpoint: str, tracker: Any = None) -> dict:
+def record_test(run_dir: str | Path, metrics: dict[str, float], checkpoint: str, writer: Any = None) -> dict:
     """Write test ``metrics`` into ``run_dir/summary.json`` (key ``"test"``) and the run's W&B
     summary; returns the updated summary.
 
-    ``tracker``: the run's open :class:`~reckoning_ray.tracking.Tracker`, or None to resume the
+    ``writer``: the run's open :class:`~reckoning_ray.tracking.RunWriter`, or None to resume the
     run's W&B run (same run id, offline unless configured online) just long enough to write it.
     """
     from .config import load_config
-    from .tracking import Tracker, run_names
+    from .tracking import RunWriter, run_names
 
     run_dir = Path(run_dir)
-    path = run_dir / "summary.json"
+    values = save_test(run_dir, metrics, checkpoint)
+    if writer is not None:
+        writer.summary(values)
+    else:
+        cfg = load_config(str(run_dir / "config.yaml"))
+        with RunWriter(cfg.tracking, run_dir, run_names(cfg)) as resumed:
+            resumed.summary(values)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def save_test(run_dir: str | Path, metrics: dict[str, float], checkpoint: str) -> dict[str, Any]:
+    """Write test ``metrics`` into ``run_dir/summary.json`` (key ``"test"``); returns the values
+    for the run's W&B summary."""
+    path = Path(run_dir) / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
     summary["test"] = dict(metrics, checkpoint=checkpoint)
     path.write_text(json.dumps(summary, indent=2))
-    values = dict(metrics, **{"test/checkpoint": checkpoint})
-    if tracker is not None:
-        tracker.summary(values)
-    else:
-        cfg = load_config(str(run_dir / "config.yaml"))
-        ids = run_names(cfg)
-        resumed = Tracker.start(cfg.tracking, run_id=ids.run_id, run_name=ids.run_name, group=ids.group,
-                                config={}, dir=run_dir)
-        resumed.summary(values)
-        resumed.finish()
-    return summary
+    return dict(metrics, **{"test/checkpoint": checkpoint})
 
 
-def test_run(run_dir: str | Path, checkpoint: str = "best", tracker: Any = None,
-             device: Optional[Any] = None) -> dict[str, float]:
-    """Evaluate ``run_dir/<checkpoint>`` on the test split with the run's saved config, record the
-    metrics (:func:`record_test`) and return them."""
+def test_run(run_dir: str | Path, checkpoint: str = "best", writer: Any = None,
+             device: Optional[Any] = None, record: bool = True) -> dict[str, float]:
+    """Evaluate the run's ``best`` (or ``latest``) checkpoint on the test split with the run's
+    saved config, record the metrics (:func:`record_test`; not with ``record=False``) and return them."""
+    from .checkpoint import resolve
     from .config import load_config
 
     run_dir = Path(run_dir)
@@ -93,8 +96,9 @@ def test_run(run_dir: str | Path, checkpoint: str = "best", tracker: Any = None,
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); pass "
                                 f"<train.output_dir>/<train.run_name> or a sweep's trials/<trial id>")
     cfg = load_config(str(run_dir / "config.yaml"))
-    metrics = evaluate_checkpoint(cfg, run_dir / checkpoint, "test", device=device)
-    record_test(run_dir, metrics, checkpoint, tracker=tracker)
+    metrics = evaluate_checkpoint(cfg, resolve(run_dir, checkpoint), "test", device=device)
+    if record:
+        record_test(run_dir, metrics, checkpoint, writer=writer)
     return metrics
 
 
@@ -117,11 +121,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                "trial's (runs/tune/<tune.name>/trials/<trial id>). The data is the run's own "
                "(its config.yaml); --split validation re-checks the selection split without recording.",
     )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding config.yaml and best/")
-    parser.add_argument("--checkpoint", default="best", choices=("best", "last"),
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding config.yaml and checkpoints.json")
+    parser.add_argument("--checkpoint", default="best", choices=("best", "latest"),
                         help="which checkpoint of the run (default: best, the one chosen on validation)")
     parser.add_argument("--split", default="test", choices=SPLITS, help="split to evaluate (default: test)")
     args = parser.parse_args(argv)
+    from .checkpoint import resolve
     from .config import ConfigError, load_config
     from .data import DataFormatError
 
@@ -132,12 +137,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             if not (run_dir / "config.yaml").is_file():
                 raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-            metrics = evaluate_checkpoint(load_config(str(run_dir / "config.yaml")), run_dir / args.checkpoint,
-                                          args.split)
+            metrics = evaluate_checkpoint(load_config(str(run_dir / "config.yaml")),
+                                          resolve(run_dir, args.checkpoint), args.split)
     except (ConfigError, DataFormatError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{run_dir / args.checkpoint}: {format_metrics(metrics)}")
+    print(f"{resolve(run_dir, args.checkpoint)}: {format_metrics(metrics)}")
     if args.split == "test":
         print(f"recorded in {run_dir / 'summary.json'} (key \"test\") and the run's W&B summary")
     return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -30,10 +29,10 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from .checkpoint import checkpoint_path, save_checkpoint
 from .config import save_config
-
-CHECKPOINT_STATE = "state.pt"
-CHECKPOINT_MODEL = "model"
+from .method import Method
+from .metrics import hop_sums, summarize_sums
 
 
 @dataclass
@@ -45,10 +44,8 @@ class Hooks:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # In-place SUM all-reduce of a flat tensor across workers (identity for one worker).
     all_reduce: Optional[Callable[[torch.Tensor], None]] = None
-    # Called on every rank after every validation: (metrics, checkpoint dir on rank 0 else None).
-    report: Optional[Callable[[dict[str, Any], Optional[Path]], None]] = None
-    # Experiment tracking (W&B) of each validation's metrics at a global step, rank 0 only.
-    track: Optional[Callable[[dict[str, Any], int], None]] = None
+    # Called on every rank after every validation with its metrics (checkpoint written already).
+    report: Optional[Callable[[dict[str, Any]], None]] = None
     # A checkpoint directory to resume from (written by this loop), or None.
     resume_from: Optional[Path] = None
     # Print progress lines (rank 0 only by default).
@@ -212,62 +209,33 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
 
 
-def save_checkpoint(path: Path, method: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, progress: Progress, history: list[dict]) -> Path:
-    """Write a self-contained checkpoint directory atomically (tmp dir, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    method.model.save_pretrained(tmp / CHECKPOINT_MODEL)
-    tokenizer.save_pretrained(tmp / CHECKPOINT_MODEL)
-    torch.save(
-        {
-            "method_state": _method_extra_state(method),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
-            "progress": progress.__dict__.copy(),
-            "history": history,
-        },
-        tmp / CHECKPOINT_STATE,
-    )
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def _method_extra_state(method: Any) -> dict[str, torch.Tensor]:
-    """Meta-parameters besides the model weights (the learned inner learning rates)."""
-    lrs = getattr(method, "inner_lrs", None)
-    return {"inner_lrs": lrs.detach().clone()} if lrs is not None else {}
-
-
 def restore_method(method: Any, path: Path, weights: bool = True) -> dict[str, Any]:
-    """Load a checkpoint's weights and learned rates into ``method`` in place; return its state.
+    """Load checkpoint ``path``'s meta-parameters (and, with ``weights``, its model weights) into
+    ``method`` in place; return its trainer state (``{}`` when it has none).
 
-    ``weights=False``: only the learned rates (the model was already built from ``path/model``).
+    ``weights=False``: the model was already built from ``path``.
     """
+    from .checkpoint import TRAINER_STATE, load_meta_parameters, load_trainer_state
+
     path = Path(path)
     if weights:
         from transformers import AutoModelForCausalLM
 
         model = method.model
-        loaded = AutoModelForCausalLM.from_pretrained(path / CHECKPOINT_MODEL, dtype=model.dtype)
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype)
         model.load_state_dict(loaded.state_dict(), strict=False)
-    state = load_checkpoint_state(path)
-    lrs = state["method_state"].get("inner_lrs")
-    if lrs is not None:
-        with torch.no_grad():
-            method.inner_lrs.copy_(lrs)
-    return state
+    method.load_extra_state(load_meta_parameters(path))
+    return load_trainer_state(path) if (path / TRAINER_STATE).is_file() else {}
 
 
-def load_checkpoint_state(path: Path) -> dict[str, Any]:
-    return torch.load(Path(path) / CHECKPOINT_STATE, weights_only=False)
+def planned_validations(num_tasks: int, cfg: DictConfig) -> int:
+    """Validations a run on ``num_tasks`` training tasks makes when it is not stopped early."""
+    per_epoch = steps_per_epoch(num_tasks, cfg)
+    total = per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+    points = validation_points(per_epoch, cfg.train.validations_per_epoch)
+    return sum(1 for s in range(1, total + 1) if (s - 1) % per_epoch + 1 in points or s == total)
 
 
 def _better(value: float, best: Optional[float], mode: str) -> bool:
@@ -283,7 +251,7 @@ def metric_mode(metric: str) -> str:
 class Loop:
     """One training run of a method (RECKONING or an in-context baseline) on prepared records."""
 
-    def __init__(self, cfg: DictConfig, method: Any, tokenizer: Any, encoder: Any,
+    def __init__(self, cfg: DictConfig, method: Method, tokenizer: Any, encoder: Any,
                  train_records: list[dict], val_records: list[dict], run_dir: Path,
                  hooks: Optional[Hooks] = None) -> None:
         self.cfg = cfg
@@ -300,11 +268,6 @@ class Loop:
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         self.val_points = validation_points(self.steps_per_epoch, cfg.train.validations_per_epoch)
-        # validations a run that is not stopped early makes (the Tune scheduler's time unit)
-        self.rounds_planned = sum(
-            1 for s in range(1, self.total_steps + 1)
-            if (s - 1) % self.steps_per_epoch + 1 in self.val_points or s == self.total_steps
-        )
         self.optimizer = torch.optim.AdamW(method.parameter_groups(), eps=cfg.outer.eps)
         from transformers import get_linear_schedule_with_warmup
 
@@ -384,10 +347,9 @@ class Loop:
         t0 = time.time()
         metrics = self.evaluate(self.val_records, "val")
         metrics.update(train_stats)
-        if hasattr(self.method, "lr_stats"):
-            metrics.update(self.method.lr_stats())
+        metrics.update(self.method.stats())
         metrics.update({"epoch": epoch_float, "step": p.global_step, "round": p.validations,
-                        "rounds_planned": self.rounds_planned, "val/seconds": time.time() - t0})
+                        "val/seconds": time.time() - t0})
         value = metrics[self.cfg.train.metric]
         improved = _better(value, p.best_metric, self.mode)
         if improved:
@@ -401,15 +363,13 @@ class Loop:
             p.stopped_early = True
         metrics["stopped_early"] = p.stopped_early
         self.history.append(metrics)
-        checkpoint = None
         if self.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            checkpoint = save_checkpoint(self.run_dir / "last", self.method, self.tokenizer, self.optimizer,
-                                         self.scheduler, p, self.history)
-            if improved:
-                shutil.rmtree(self.run_dir / "best", ignore_errors=True)
-                shutil.copytree(checkpoint, self.run_dir / "best")
+            trainer_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                             "rng": _rng_state(), "progress": p.__dict__.copy(), "history": self.history}
+            save_checkpoint(self.run_dir, p.global_step, self.method, trainer_state, improved,
+                            self.cfg.train.metric, p.best_metric, task={"family": self.train_records[0]["family"]})
         per_hop = " ".join(f"h{k.rsplit('_', 1)[1]}={v:.3f}" for k, v in metrics.items()
                            if k.startswith("val/label_accuracy/hops_"))
         self.log(
@@ -418,10 +378,8 @@ class Loop:
             f"answer_loss {metrics['val/answer_loss']:.4f} train_loss {train_stats.get('train/loss', float('nan')):.4f}"
             + (" *best*" if improved else "") + (" -> early stop" if stop else "")
         )
-        if self.hooks.track is not None and self.is_main:
-            self.hooks.track(metrics, p.global_step)
         if self.hooks.report is not None:
-            self.hooks.report(metrics, checkpoint)
+            self.hooks.report(metrics)
         return stop
 
     # -- the run ----------------------------------------------------------------------------------
@@ -435,12 +393,9 @@ class Loop:
             f"{self.hooks.world_size} worker(s), {self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, "
             f"validation after steps {self.val_points} of each epoch"
         )
-        done = p.stopped_early or p.global_step >= self.total_steps
-        if done and self.history and self.hooks.report is not None:
-            # resumed after the run had finished: report its last result again, so that a host
-            # that lost it (a Tune trial restored from an interrupted sweep) still sees it
-            self.log(f"run already finished at step {p.global_step}; reporting its last validation again")
-            self.hooks.report(dict(self.history[-1], replayed=True), None)
+        done = self.finished
+        if done:
+            self.log(f"run already finished at step {p.global_step}")
         if self.is_main and self.hooks.progress and not done:
             # starts at the resumed step, so its count and ETA are the run's, not this process's
             self._bar = ProgressBar(self.total_steps, p.global_step, self._epoch_desc())
@@ -451,6 +406,11 @@ class Loop:
                 self._bar.close()
                 self._bar = None
         return self._summary()
+
+    @property
+    def finished(self) -> bool:
+        """The run has made all its steps or stopped early (e.g. resumed after its end)."""
+        return self.progress.stopped_early or self.progress.global_step >= self.total_steps
 
     def _epoch_desc(self) -> str:
         # the run name tells apart the bars of a sweep's trials, whose workers share one console
@@ -501,7 +461,7 @@ class Loop:
             "validations": p.validations,
             "steps": p.global_step,
             "stopped_early": p.stopped_early,
-            "best_checkpoint": str(self.run_dir / "best"),
+            "best_checkpoint": str(checkpoint_path(self.run_dir, "best") or ""),
         }
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -528,36 +488,10 @@ def evaluate_records(method: Any, encoder: Any, records: list[dict], cfg: DictCo
         for k, v in method.evaluate(batch).items():
             outputs.setdefault(k, []).extend(v)
     all_hops = sorted({int(r["hops"]) for r in records})
-    # per hop: count, correct, answer loss sum, recall sum
-    sums = torch.zeros(len(all_hops), 4, dtype=torch.float64)
-    for h, correct, loss, recall in zip(outputs.get("hops", []), outputs.get("label_correct", []),
-                                        outputs.get("answer_loss", []), outputs.get("recall", [])):
-        row = all_hops.index(int(h))
-        sums[row] += torch.tensor([1.0, float(correct), float(loss), float(recall)], dtype=torch.float64)
+    sums = hop_sums(outputs, all_hops)
     if hooks.all_reduce is not None and hooks.world_size > 1:
         hooks.all_reduce(sums)
     return summarize_sums(sums, all_hops, prefix, recall=bool(cfg.outer.multi_task))
-
-
-def summarize_sums(sums: torch.Tensor, hops: list[int], prefix: str, recall: bool = True) -> dict[str, float]:
-    """Metrics from per-hop sums [H, 4] = (count, correct, answer-loss sum, recall sum).
-
-    ``recall=False``: the run generates no facts (label-only target), so recall is left out
-    rather than reported as 0.
-    """
-    total = sums.sum(0)
-    n = max(float(total[0]), 1.0)
-    out = {
-        f"{prefix}/label_accuracy": float(total[1]) / n,
-        f"{prefix}/answer_loss": float(total[2]) / n,
-        f"{prefix}/tasks": float(total[0]),
-    }
-    if recall:
-        out[f"{prefix}/recall"] = float(total[3]) / n
-    for h, row in zip(hops, sums):
-        if row[0] > 0:
-            out[f"{prefix}/label_accuracy/hops_{h}"] = float(row[1] / row[0])
-    return out
 
 
 __all__ = [
@@ -568,10 +502,9 @@ __all__ = [
     "allreduce_gradients",
     "epoch_order",
     "evaluate_records",
-    "load_checkpoint_state",
-    "save_checkpoint",
+    "planned_validations",
+    "restore_method",
     "shard",
     "steps_per_epoch",
-    "summarize_sums",
     "validation_points",
 ]

@@ -8,12 +8,14 @@ text are compared in one canonical form ("Bob is red." == "bob is red .").
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Iterable, Sequence
+
+import torch
 
 from .data.encode import normalize_fact, normalize_label
 
-__all__ = ["fact_recall", "label_accuracy", "normalize_fact", "normalize_label", "summarize"]
+__all__ = ["fact_recall", "hop_sums", "label_accuracy", "normalize_fact", "normalize_label", "summarize",
+           "summarize_sums"]
 
 
 def label_accuracy(preds: Sequence[str], golds: Sequence[str]) -> float:
@@ -38,36 +40,61 @@ def fact_recall(generated: Iterable[str], gold: Iterable[str]) -> float:
     return sum(f in gold_set for f in generated) / len(generated)
 
 
-def _mean(values: Sequence[float]) -> float:
-    finite = [float(v) for v in values if not math.isnan(float(v))]
-    return sum(finite) / len(finite) if finite else float("nan")
+# Per-hop sums, one row per hop count: what workers all-reduce (sums add up across shards).
+SUM_COLUMNS = ("tasks", "correct", "answer_loss", "answer_loss_count", "recall", "recall_count")
 
 
-def summarize(eval_outputs: dict[str, list]) -> dict[str, float]:
-    """Aggregate per-task evaluation lists (``ReckoningMethod.evaluate`` output, possibly
-    concatenated over batches) into metrics.
-
-    Returns "label_accuracy", "answer_loss", "recall" (means over tasks), "tasks" (count) and, per
-    hop count k present, "label_accuracy/hops_{k}" and "answer_loss/hops_{k}".
-    """
+def hop_sums(eval_outputs: dict[str, list], hops: Sequence[int]) -> torch.Tensor:
+    """``[len(hops), 6]`` float64 sums (:data:`SUM_COLUMNS`) of per-task evaluation lists
+    (``Method.evaluate`` output, possibly concatenated over batches); ``hops`` lists the hop
+    counts to make rows for (every rank of a sharded evaluation passes the same list). NaN losses
+    and recalls are left out of their sums and counts."""
     correct = [bool(c) for c in eval_outputs.get("label_correct", [])]
     n = len(correct)
     for key in ("answer_loss", "recall", "hops"):
         if key in eval_outputs and len(eval_outputs[key]) != n:
             raise ValueError(f"summarize: {key!r} has {len(eval_outputs[key])} entries for {n} tasks")
-    out: dict[str, float] = {
-        "label_accuracy": sum(correct) / n if n else 0.0,
-        "answer_loss": _mean(eval_outputs.get("answer_loss", [])),
-        "recall": _mean(eval_outputs.get("recall", [])),
-        "tasks": float(n),
-    }
-    by_hops: dict[int, list[int]] = defaultdict(list)
+    rows = {int(h): i for i, h in enumerate(hops)}
+    sums = torch.zeros(len(rows), len(SUM_COLUMNS), dtype=torch.float64)
+    losses, recalls = eval_outputs.get("answer_loss"), eval_outputs.get("recall")
     for i, h in enumerate(eval_outputs.get("hops", [])):
-        by_hops[int(h)].append(i)
-    losses = eval_outputs.get("answer_loss", [])
-    for h in sorted(by_hops):
-        index = by_hops[h]
-        out[f"label_accuracy/hops_{h}"] = sum(correct[i] for i in index) / len(index)
-        if losses:
-            out[f"answer_loss/hops_{h}"] = _mean([losses[i] for i in index])
+        row = sums[rows[int(h)]]
+        row[0] += 1
+        row[1] += float(correct[i])
+        for column, values in ((2, losses), (4, recalls)):
+            if values is not None and not math.isnan(float(values[i])):
+                row[column] += float(values[i])
+                row[column + 1] += 1
+    return sums
+
+
+def summarize_sums(sums: torch.Tensor, hops: Sequence[int], prefix: str = "", recall: bool = True) -> dict[str, float]:
+    """Metrics from :func:`hop_sums` (summed over shards): ``<prefix>/label_accuracy``,
+    ``answer_loss``, ``recall`` (means over tasks; left out with ``recall=False``, for runs that
+    generate no facts), ``tasks`` and, per hop count present, ``label_accuracy/hops_<k>`` and
+    ``answer_loss/hops_<k>``. An empty prefix gives the bare names."""
+    key = (lambda name: f"{prefix}/{name}") if prefix else (lambda name: name)
+
+    def mean(total: torch.Tensor, count: torch.Tensor) -> float:
+        return float(total / count) if count > 0 else float("nan")
+
+    total = sums.sum(0)
+    out = {
+        key("label_accuracy"): float(total[1] / total[0]) if total[0] > 0 else 0.0,
+        key("answer_loss"): mean(total[2], total[3]),
+        key("tasks"): float(total[0]),
+    }
+    if recall:
+        out[key("recall")] = mean(total[4], total[5])
+    for h, row in zip(hops, sums):
+        if row[0] > 0:
+            out[key(f"label_accuracy/hops_{h}")] = float(row[1] / row[0])
+            out[key(f"answer_loss/hops_{h}")] = mean(row[2], row[3])
     return out
+
+
+def summarize(eval_outputs: dict[str, list], prefix: str = "", recall: bool = True) -> dict[str, float]:
+    """Metrics of per-task evaluation lists in one process (:func:`summarize_sums` of
+    :func:`hop_sums`)."""
+    hops = sorted({int(h) for h in eval_outputs.get("hops", [])})
+    return summarize_sums(hop_sums(eval_outputs, hops), hops, prefix, recall)

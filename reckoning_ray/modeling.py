@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import threading
 from pathlib import Path
 from typing import Any, Iterable, Optional
-from urllib.parse import urlsplit
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -41,6 +38,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .hub import endpoint as hub_endpoint
+from .hub import hub_offline, hub_reachable, looks_like_hub_id
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
@@ -50,9 +50,6 @@ UNK_TOKEN = "<unk>"
 # Special tokens take the first ids: <pad>=0, <eos>=1 (also bos), <unk>=2.
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-# Seconds allowed to resolve and reach the hub before declaring it unreachable; without this
-# a hub id offline spends ~25 s in huggingface_hub's retries before failing.
-HUB_PROBE_TIMEOUT_S = 3.0
 # Config attributes that model.dropout sets: GPT-2's three, then the names other causal LMs use
 # (e.g. OPT / Llama / GPT-Neo); only those a config has are set.
 GPT2_DROPOUT_ATTRS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
@@ -148,42 +145,6 @@ def _dtype(model_cfg: Any) -> torch.dtype:
     return DTYPES[name]
 
 
-def _looks_like_path(name: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else with a path shape is a local path.
-    return (
-        name.startswith(("/", "./", "../", "~", "\\"))
-        or name in (".", "..")
-        or name.count("/") > 1
-        or os.sep != "/" and os.sep in name
-    )
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """True when a TCP connection to the hub endpoint opens within ``timeout`` seconds.
-
-    Runs in a daemon thread because name resolution has no timeout of its own.
-    """
-    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    result = {"ok": False}
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result["ok"] = True
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return result["ok"]
-
-
 def _from_pretrained(name: str, local_files_only: bool, dropout: float) -> tuple[PreTrainedModel, Any]:
     # The dtype is applied afterwards by .to(): from_pretrained's dtype keyword changed name
     # across transformers releases (torch_dtype -> dtype). Dropout goes into the config before
@@ -202,7 +163,7 @@ def _load_pretrained(name: str, dropout: float) -> tuple[PreTrainedModel, Any]:
         "save_pretrained or reckoning_ray.modeling.save_model_and_tokenizer), or use "
         "model.name_or_path=embedded"
     )
-    if _looks_like_path(name) or os.path.exists(os.path.expanduser(name)):
+    if not looks_like_hub_id(name) or os.path.exists(os.path.expanduser(name)):
         path = Path(os.path.expanduser(name))
         if not path.is_dir():
             raise ModelLoadError(
@@ -224,15 +185,15 @@ def _load_pretrained(name: str, dropout: float) -> tuple[PreTrainedModel, Any]:
     try:
         return _from_pretrained(name, local_files_only=True, dropout=dropout)
     except OSError as cache_exc:
-        if _hub_offline():
+        if hub_offline():
             raise ModelLoadError(
                 f"model.name_or_path={name!r} is a hub id that is not in the local Hugging Face cache, "
                 f"and HF_HUB_OFFLINE is set; {offline_fix}"
             ) from cache_exc
-        if not _hub_reachable():
+        if not hub_reachable():
             raise ModelLoadError(
                 f"model.name_or_path={name!r} is a hub id that is not in the local Hugging Face cache, "
-                f"and the hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) cannot be "
+                f"and the hub ({hub_endpoint()}) cannot be "
                 f"reached; {offline_fix}"
             ) from cache_exc
     try:

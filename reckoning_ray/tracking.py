@@ -1,8 +1,15 @@
 """W&B tracking: offline unless configured online, never in the way of training.
 
-Training metrics go to W&B from the rank-0 training worker only. A single training run is one W&B
-run whose id is the run name (so rerunning the same name resumes it); a Ray Tune trial is one W&B
-run whose id is the trial id, grouped under the sweep name (``run_names``).
+One writer: :class:`RunWriter`, the W&B run of one training run or Tune trial, fed with each
+validation's metrics by a process that outlives the training workers (a worker that ASHA stops
+or that crashes is killed, and a W&B writer inside it would lose its run): the Ray Train
+controller for a single run (``reckoning_ray.train.TrackingCallback``), the sweep's driver for a
+sweep (``reckoning_ray.tune.TrackingCallback``), the process itself for a run without Ray
+(``resources.num_workers=0``). A single training run is one W&B run whose id is the run name; a
+Ray Tune trial is one W&B run whose id is the trial id, grouped under the sweep name
+(``run_names``). The writer keeps its own record beside the run (``wandb_run.json``: the steps
+already logged, the summary values written, the W&B run directories), so a resumed run or a
+restarted driver logs each validation once.
 
 Mode: ``tracking.mode`` from the config, overridden by the ``WANDB_MODE`` environment variable
 when that is set (W&B's own convention). ``online`` without an API key (``WANDB_API_KEY``,
@@ -24,7 +31,6 @@ both starts fall in the same second); each file holds only what was logged durin
 ``wandb sync D/wandb`` (or the run directories, or the ``.wandb`` files) uploads them; files
 of one run id are synced one after the other in order of their start time, so the uploaded run
 holds the combined history. ``wandb sync --dry-run D/wandb`` lists what would be uploaded.
-``read_offline_run_merged`` reads them back the same way, without a network.
 """
 
 from __future__ import annotations
@@ -33,11 +39,9 @@ import json
 import logging
 import os
 import re
-import struct
 import time
-import zlib
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 from reckoning_ray.config import TRACKING_MODES, ConfigError
 
@@ -402,223 +406,164 @@ class Tracker:
 def _finish_run(run: Any, exit_code: int) -> None:
     run_file = Path(run.settings.sync_file)
     run.finish(exit_code=exit_code)
-    if not _wait_until_closed(run_file, FLUSH_WAIT_S):
-        log.info("W&B: %s is not complete yet after %.0f s; wandb-core finishes it in the "
+    if not _wait_until_settled(run_file, FLUSH_WAIT_S):
+        log.info("W&B: %s is still being written after %.0f s; wandb-core finishes it in the "
                  "background.", run_file, FLUSH_WAIT_S)
 
 
-def _wait_until_closed(run_file: Path, timeout_s: float) -> bool:
-    """Wait until ``run_file`` holds its exit record (written last, when the run finishes)."""
+def _wait_until_settled(run_file: Path, timeout_s: float, quiet_s: float = 0.3) -> bool:
+    """Wait until ``run_file`` has not grown for ``quiet_s`` (wandb-core writes the run's last
+    records after ``run.finish()`` returns), at most ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while True:
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
         try:
-            if any(r.WhichOneof("record_type") == "exit" for r in iter_records(run_file)):
-                return True
-        except (OSError, ValueError):
-            pass  # not there yet, or caught mid-write
-        if time.monotonic() >= deadline:
-            return False
+            size = run_file.stat().st_size
+        except OSError:
+            size = -1
+        if size != last:
+            last, since = size, time.monotonic()
+        elif size > 0 and time.monotonic() - since >= quiet_s:
+            return True
         time.sleep(0.05)
+    return False
+
+
 
 
 # --------------------------------------------------------------------------------------------
-# offline run reader
-#
-# A .wandb file is W&B's transaction log, written by wandb-core (Go): a 7-byte file header
-# (":W&B", magic 0xBEE1 little-endian, version 0), then a LevelDB-style log of 32 KiB blocks.
-# Each chunk is a 7-byte header (CRC-32 of the type byte followed by the payload, payload
-# length, type: 1 full, 2 first, 3 middle, 4 last) and its payload; a block whose remaining
-# space is shorter than a chunk header is zero-padded. Payloads are
-# wandb.proto.wandb_internal_pb2.Record messages. wandb 0.31 has no Python reader for them.
-
-_FILE_IDENT = b":W&B"
-_FILE_MAGIC = 0xBEE1
-_FILE_VERSION = 0
-_FILE_HEADER_LEN = 7
-_BLOCK_LEN = 32 * 1024
-_CHUNK_HEADER_LEN = 7
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+# the writer
 
 
-def _iter_payloads(path: Path) -> Iterator[bytes]:
-    data = path.read_bytes()
-    if len(data) < _FILE_HEADER_LEN or data[:4] != _FILE_IDENT:
-        raise ValueError(f"{path}: not a W&B run file (starts with {data[:7]!r}, "
-                         f"expected the {_FILE_IDENT!r} header of a .wandb file)")
-    magic, version = struct.unpack_from("<HB", data, 4)
-    if magic != _FILE_MAGIC or version != _FILE_VERSION:
-        raise ValueError(f"{path}: unsupported .wandb header (magic {magic:#x}, version {version}); "
-                         f"this reader knows magic {_FILE_MAGIC:#x} version {_FILE_VERSION}")
-    pos = _FILE_HEADER_LEN
-    pending: Optional[bytes] = None
-    while pos < len(data):
-        block_end = (pos // _BLOCK_LEN + 1) * _BLOCK_LEN
-        if block_end - pos < _CHUNK_HEADER_LEN:
-            pos = block_end  # zero padding at the end of a block
-            continue
-        if pos + _CHUNK_HEADER_LEN > len(data):
-            return  # the writer stopped inside a chunk header (killed or still running)
-        chunk_pos = pos
-        crc, length, kind = struct.unpack_from("<IHB", data, chunk_pos)
-        start, end = chunk_pos + _CHUNK_HEADER_LEN, chunk_pos + _CHUNK_HEADER_LEN + length
-        if end > block_end:
-            raise ValueError(f"{path}: corrupt chunk at byte {chunk_pos} (length {length} crosses "
-                             f"a {_BLOCK_LEN}-byte block)")
-        if end > len(data):
-            return  # truncated last chunk: the writer stopped mid-write
-        payload = data[start:end]
-        if zlib.crc32(payload, zlib.crc32(bytes([kind]))) != crc:
-            raise ValueError(f"{path}: checksum mismatch in the chunk at byte {chunk_pos}; "
-                             "the file is corrupt")
-        pos = end
-        if kind == _FULL and pending is None:
-            yield payload
-        elif kind == _FIRST and pending is None:
-            pending = payload
-        elif kind == _MIDDLE and pending is not None:
-            pending += payload
-        elif kind == _LAST and pending is not None:
-            yield pending + payload
-            pending = None
-        else:
-            raise ValueError(f"{path}: unexpected chunk type {kind} at byte {chunk_pos}")
+class RunWriter:
+    """The W&B run of one training run or Tune trial whose files live in ``run_dir``.
 
+    ``start()`` opens (or resumes) the run; ``log(metrics)`` writes one validation's metrics at
+    their ``"step"`` unless that step (or a later one) is logged already; ``backfill()`` logs what
+    ``run_dir/metrics.jsonl`` holds and W&B does not; ``summary(values)``; ``finish(exit_code)``.
+    What was logged is recorded in ``run_dir/wandb_run.json`` (:data:`RECORD`)::
 
-def iter_records(path: str | os.PathLike) -> Iterator[Any]:
-    """Every ``wandb_internal_pb2.Record`` of a ``.wandb`` file, in the order written.
+        {"run_id": "...", "steps": [0, 4, 8], "summary": {...values written...},
+         "dirs": ["wandb/offline-run-20261201_120000-<run id>", ...]}   (in order of start)
 
-    A truncated tail (a run killed or still running) ends the iteration quietly; a bad header,
-    checksum or chunk sequence raises ValueError naming the file and byte offset.
+    Like :class:`Tracker` (which it wraps), it never raises for a W&B problem.
     """
-    from wandb.proto import wandb_internal_pb2
 
-    for payload in _iter_payloads(Path(path)):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
-        yield record
+    RECORD = "wandb_run.json"
+    # the keys of a validation's metrics that go to W&B besides the "<group>/<name>" metrics
+    KEYS = ("epoch", "step", "round", "stopped_early")
 
+    def __init__(self, cfg_tracking: Any, run_dir: str | os.PathLike, names: RunNames,
+                 config: Optional[Mapping[str, Any]] = None, sweep_id: Optional[str] = None,
+                 best: Optional[Mapping[str, str]] = None) -> None:
+        self.cfg_tracking = cfg_tracking
+        self.run_dir = Path(run_dir)
+        self.names = names
+        self.config = dict(config or {})
+        self.sweep_id = sweep_id
+        self.best = best
+        self.tracker = Tracker.disabled()
+        self.record = self._read_record()
 
-def _item_value(item: Any) -> Any:
-    # History items carry either a typed scalar (the `value` oneof) or JSON text.
-    kind = item.WhichOneof("value") if "value" in item.DESCRIPTOR.oneofs_by_name else None
-    if kind == "none":
-        return None
-    if kind in ("boolean", "integer", "number", "text"):
-        return getattr(item, kind)
-    if kind == "json":
-        return json.loads(item.json)
-    return json.loads(item.value_json) if item.value_json else None
+    def _read_record(self) -> dict[str, Any]:
+        path = self.run_dir / self.RECORD
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            record = {}
+        if record.get("run_id") != self.names.run_id:
+            record = {}
+        record.setdefault("run_id", self.names.run_id)
+        for key, empty in (("steps", []), ("summary", {}), ("dirs", [])):
+            record.setdefault(key, empty)
+        return record
 
+    def _write_record(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / (self.RECORD + ".tmp")
+        tmp.write_text(json.dumps(self.record, indent=1, default=str) + "\n")
+        os.replace(tmp, self.run_dir / self.RECORD)
 
-def _item_path(item: Any) -> list[str]:
-    # Nested dicts are logged as a key path; "a.b" stays one key.
-    return list(item.nested_key) if len(item.nested_key) else [item.key]
+    @property
+    def logged_steps(self) -> list[int]:
+        return list(self.record["steps"])
 
+    def start(self) -> "RunWriter":
+        """Open (or resume) the W&B run; a no-op while it is open."""
+        if self.tracker.active:
+            return self
+        self.tracker = Tracker.start(self.cfg_tracking, run_id=self.names.run_id, run_name=self.names.run_name,
+                                     group=self.names.group, config=self.config, dir=self.run_dir,
+                                     sweep_id=self.sweep_id, best=self.best)
+        run_file = self.tracker.run_file
+        if run_file is not None:
+            try:
+                where = str(run_file.parent.relative_to(self.run_dir.resolve()))
+            except ValueError:
+                where = str(run_file.parent)
+            if where not in self.record["dirs"]:
+                self.record["dirs"].append(where)
+            self._write_record()
+        return self
 
-def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    for key in path[:-1]:
-        node = tree.get(key)
-        if not isinstance(node, dict):
-            node = tree[key] = {}
-        tree = node
-    tree[path[-1]] = value
+    @property
+    def active(self) -> bool:
+        return self.tracker.active
 
+    def log(self, metrics: Mapping[str, Any]) -> bool:
+        """Log one validation's metrics at ``metrics["step"]``; False when that step is logged
+        already (or is older than the last logged one: W&B steps only go forward)."""
+        step = int(metrics.get("step", -1))
+        steps = self.record["steps"]
+        if not self.tracker.active or step < 0 or (steps and step <= max(steps)):
+            return False
+        self.tracker.log({k: v for k, v in metrics.items() if "/" in k or k in self.KEYS}, step=step)
+        if self.tracker.active:  # the log went through
+            steps.append(step)
+            self._write_record()
+        return True
 
-def _del_path(tree: dict[str, Any], path: list[str]) -> None:
-    for key in path[:-1]:
-        tree = tree.get(key)
-        if not isinstance(tree, dict):
+    def backfill(self) -> int:
+        """Log the validations of ``run_dir/metrics.jsonl`` that W&B has not got; returns how many."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return 0
+        count = 0
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    count += self.log(json.loads(line))
+                except ValueError:
+                    break  # a line cut by a killed writer ends what can be read
+        return count
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        if not self.tracker.active:
             return
-    tree.pop(path[-1], None)
+        self.tracker.summary(values)
+        self.record["summary"].update(_plain(dict(values)))
+        self._write_record()
+
+    def has_summary(self, values: Mapping[str, Any]) -> bool:
+        """Whether these summary values were written already (a rerun may skip reopening the run)."""
+        return all(self.record["summary"].get(k) == v for k, v in _plain(dict(values)).items())
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.tracker.finish(exit_code=exit_code)
+
+    def __enter__(self) -> "RunWriter":
+        return self.start()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.finish(exit_code=0 if exc_type is None else 1)
 
 
-def read_offline_run(path: str | os.PathLike) -> dict[str, Any]:
-    """Read one ``.wandb`` file into plain Python.
-
-    Returns ``{"path", "run_id", "project", "entity", "group", "name", "sweep_id" (the W&B sweep
-    the run belongs to, ``wandb.Settings(sweep_id=...)``), "start_time" (Unix
-    seconds), "resume" (True when the run asks ``wandb sync`` to append to an existing run of
-    the same id, as ``Tracker`` runs do), "config" (dict), "history" (one dict per logged
-    step, with "_step" and W&B's "_runtime"/"_timestamp" in seconds; nested logged dicts stay
-    nested), "summary" (dict), "exit_code" (None when the run did not finish)}``.
-    W&B's internal "_wandb" entries are left out.
-    """
-    path = Path(path)
-    run: dict[str, Any] = {"path": path, "run_id": None, "project": None, "entity": None,
-                           "group": None, "name": None, "sweep_id": None, "start_time": None,
-                           "resume": False,
-                           "config": {},
-                           "history": [], "summary": {}, "exit_code": None}
-    config, summary = run["config"], run["summary"]
-    for record in iter_records(path):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            r = record.run
-            for key, value in (("run_id", r.run_id), ("project", r.project), ("entity", r.entity),
-                               ("group", r.run_group), ("name", r.display_name), ("sweep_id", r.sweep_id)):
-                if value:
-                    run[key] = value
-            run["resume"] = r.resume
-            if r.HasField("start_time"):
-                run["start_time"] = r.start_time.seconds + r.start_time.nanos * 1e-9
-            for item in r.config.update:
-                _set_path(config, _item_path(item), _item_value(item))
-            for item in r.summary.update:
-                _set_path(summary, _item_path(item), _item_value(item))
-        elif kind == "config":
-            for item in record.config.update:
-                _set_path(config, _item_path(item), _item_value(item))
-            for item in record.config.remove:
-                _del_path(config, _item_path(item))
-        elif kind == "history":
-            row: dict[str, Any] = {}
-            for item in record.history.item:
-                _set_path(row, _item_path(item), _item_value(item))
-            row.setdefault("_step", record.history.step.num)
-            run["history"].append(row)
-        elif kind == "summary":
-            for item in record.summary.update:
-                _set_path(summary, _item_path(item), _item_value(item))
-            for item in record.summary.remove:
-                _del_path(summary, _item_path(item))
-        elif kind == "exit":
-            run["exit_code"] = record.exit.exit_code
-    config.pop("_wandb", None)
-    summary.pop("_wandb", None)
-    return run
-
-
-def find_offline_runs(root: str | os.PathLike) -> list[Path]:
-    """All ``.wandb`` run files under ``root`` (any depth), sorted, each file once.
-
-    The ``latest-run`` symlink W&B keeps beside the run directories is not followed.
-    """
-    found = {p.resolve() for p in Path(root).rglob("*.wandb")
-             if p.is_file() and p.parent.name != "latest-run"}
-    return sorted(found)
-
-
-def read_offline_run_merged(root: str | os.PathLike, run_id: str) -> dict[str, Any]:
-    """All files of run ``run_id`` under ``root`` read as one run, as ``wandb sync`` uploads them.
-
-    Files are taken in order of their start time: histories are concatenated, config and
-    summary updated in turn; name, group and exit code come from the last file. Same keys as
-    ``read_offline_run`` with ``paths`` (the files read) instead of ``path``.
-    Raises FileNotFoundError when no file under ``root`` holds that run id.
-    """
-    runs = [r for r in (read_offline_run(p) for p in find_offline_runs(root)) if r["run_id"] == run_id]
-    if not runs:
-        raise FileNotFoundError(f"no .wandb file of run {run_id!r} under {root}")
-    runs.sort(key=lambda r: (r["start_time"] or 0.0, str(r["path"])))
-    merged: dict[str, Any] = {"paths": [r["path"] for r in runs], "sweep_id": None, "history": [],
-                              "config": {}, "summary": {}}
-    for r in runs:
-        for key in ("run_id", "project", "entity", "group", "name", "sweep_id", "resume"):
-            if r[key] is not None:
-                merged[key] = r[key]
-        merged["exit_code"] = r["exit_code"]
-        merged.setdefault("start_time", r["start_time"])
-        merged["history"].extend(r["history"])
-        merged["config"].update(r["config"])
-        merged["summary"].update(r["summary"])
-    return merged
+def run_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """The W&B run directories of the run in ``run_dir``, in order of their start (from the
+    writer's record); ``[]`` when it has none."""
+    path = Path(run_dir) / RunWriter.RECORD
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [Path(run_dir) / d for d in record.get("dirs", [])]

@@ -4,9 +4,12 @@
 
 Every worker runs the inner and outer loop on its own shard of tasks; the meta-gradients (weights
 and learned inner learning rates) are SUM-all-reduced in flat buckets before the optimizer step
-(DDP cannot differentiate twice, so the model is not wrapped in it). Validation reports metrics and
-a checkpoint through ``ray.train.report``; rerunning with the same ``train.run_name`` resumes from
-the last checkpoint, and a crashed worker is restarted from it (``resources.max_failures``).
+(DDP cannot differentiate twice, so the model is not wrapped in it). Rank 0 writes each
+validation's checkpoint into the run directory (``reckoning_ray.checkpoint``: one record of the
+latest and the best) and every rank reports the metrics through ``ray.train.report``; the W&B run
+is written by the Ray Train controller (``wandb_callbacks.TrainTracking``). Rerunning with the same
+``train.run_name`` resumes from the latest checkpoint, and a crashed worker is restarted from it
+(``resources.max_failures``). ``resources.num_workers=0`` runs the same loop without Ray.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from typing import Any, Callable, Optional, get_type_hints
 from omegaconf import DictConfig, OmegaConf
 
 from .config import Config, ConfigError, available_presets, flatten, load_config, node_type_for, to_yaml
-from .loop import metric_mode
-from .tracking import run_names
+from .checkpoint import checkpoint_path
+from .loop import planned_validations
 
 EPILOG = """\
 presets (reckoning_ray/conf/*.yaml): {presets}
@@ -43,10 +46,14 @@ the batch is global: an optimizer step takes train.batch_size x train.grad_accum
 resources.num_workers is (the workers split each micro-batch).
 
 outputs go to <train.output_dir>/<train.run_name>/: config.yaml, metrics.jsonl, summary.json (best
-validation metrics, and "test": the test split's metrics of the best checkpoint), best/ and last/
-checkpoints (model/ via save_pretrained + state.pt), and W&B run files under wandb/ (offline unless
-tracking.mode=online). Rerunning with the same run name resumes.
+validation metrics, and "test": the test split's metrics of the best checkpoint), checkpoints.json
+(which of checkpoints/step-* is the latest and which the best; only those two are kept, each a
+loadable model: save_pretrained files, reckoning.json, meta_parameters.safetensors, and
+trainer_state.pt for resuming), W&B run files under wandb/ (offline unless tracking.mode=online)
+and wandb_run.json (what the W&B writer logged). Rerunning with the same run name resumes.
+resources.num_workers=0 runs the same loop in this process, without Ray (debuggers, notebooks).
 Evaluate a run's checkpoint again: python -m reckoning_ray.evaluate <run dir>
+Answer a question with it:         python -m reckoning_ray.predict <run dir> --knowledge FILE --question TEXT
 Set RAY_ADDRESS to join an existing Ray cluster instead of starting a local one.
 """
 
@@ -159,24 +166,80 @@ def prepare(cfg: DictConfig, model_dir: Optional[Path] = None):
         model, tokenizer = load_model_and_tokenizer(cfg.model, corpus=corpus, seed=cfg.train.seed)
     encoder = Encoder(tokenizer, **encoder_args)
     torch.manual_seed(cfg.train.seed)
-    method = build_method(cfg, model, tokenizer)
+    method = build_method(cfg, model, tokenizer, encoder)
     return method, tokenizer, encoder, splits
+
+
+# -- one training process ----------------------------------------------------------------------------
+
+def build_loop(cfg: DictConfig, run_dir: Path, hooks: Any) -> Any:
+    """The :class:`~reckoning_ray.loop.Loop` of the run in ``run_dir``, continuing from the latest
+    checkpoint of the run's record when there is one (a rerun, or a worker Ray restarted)."""
+    from .loop import Loop
+
+    resume_dir = checkpoint_path(run_dir, "latest")
+    method, tokenizer, encoder, splits = prepare(cfg, resume_dir)
+    method.to(hooks.device)
+    hooks.resume_from = resume_dir
+    return Loop(cfg, method, tokenizer, encoder, splits["train"], splits["validation"], run_dir, hooks)
+
+
+def summary_values(summary: dict[str, Any]) -> dict[str, Any]:
+    """The run summary's values for W&B: its scalars and the best validation's metrics."""
+    values = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
+    values.update({f"best/{k}": v for k, v in summary["best_validation"].items()})
+    return values
+
+
+def test_best(run_dir: Path, device: Any) -> dict[str, Any]:
+    """Evaluate the run's best checkpoint (chosen on validation) on the test split: the reported
+    number. Writes it into summary.json; returns the W&B summary values."""
+    from .evaluate import format_metrics, save_test, test_run
+
+    metrics = test_run(run_dir, "best", device=device, record=False)
+    print(f"[test] best checkpoint: {format_metrics(metrics)}", flush=True)
+    return save_test(run_dir, metrics, "best")
+
+
+def run_in_process(cfg: DictConfig, run_dir: Path, test: bool = True) -> dict[str, Any]:
+    """The run in this process, without Ray (``resources.num_workers=0``): the same loop, one
+    device, W&B written from here. Returns the run's summary."""
+    import torch
+
+    from .loop import Hooks
+    from .tracking import RunWriter, run_names
+
+    device = torch.device("cuda" if cfg.resources.use_gpu else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("resources.use_gpu=true but this process sees no CUDA device; set "
+                          "resources.use_gpu=false or run on a GPU machine")
+    writer = RunWriter(cfg.tracking, run_dir, run_names(cfg), config=flatten(cfg))
+    hooks = Hooks(device=device, report=writer.log, log=lambda m: print(m, flush=True), on_step=fault_injection(0))
+    with writer:
+        loop = build_loop(cfg, run_dir, hooks)
+        writer.backfill()  # validations of an earlier process that W&B did not get
+        summary = loop.fit()
+        writer.summary(summary_values(summary))
+        if test:
+            writer.summary(test_best(run_dir, device))
+    return summary
 
 
 # -- the Ray Train worker ---------------------------------------------------------------------------
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point: ``config = {"cfg": resolved config dict, "run_dir": str, ...}``."""
+    """Ray Train worker entry point: ``config = {"cfg": resolved config dict, "run_dir": str,
+    "test": bool}``. Reports every validation's metrics; with ``test``, rank 0 evaluates the best
+    checkpoint at the end and every rank reports once more, ``{"final": 1, "summary": {...}}``."""
+    import logging
+
     import ray.train
     import torch
     import torch.distributed as dist
-
-    from .loop import Hooks, Loop
-    from .tracking import Tracker
-
-    import logging
-
     import transformers
+
+    from .config import from_container
+    from .loop import Hooks
 
     transformers.utils.logging.disable_progress_bar()
     # Ray workers log INFO from every library; keep the loop's own progress lines readable
@@ -189,73 +252,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         pass
     for name in names:
         logging.getLogger(name).setLevel(logging.WARNING)
-    cfg = OmegaConf.create(config["cfg"])
+    cfg = from_container(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     device = ray.train.torch.get_device() if cfg.resources.use_gpu else torch.device("cpu")
     run_dir = Path(config["run_dir"])
+    planned: list[int] = []
 
-    resume_dir = latest_checkpoint(ray.train.get_checkpoint(), run_dir / "last")
-    method, tokenizer, encoder, splits = prepare(cfg, resume_dir / "model" if resume_dir else None)
-    method.model.to(device)
-    if hasattr(method, "inner_lrs"):
-        method.inner_lrs.data = method.inner_lrs.data.to(device)
-
-    tracker = None
-    if rank == 0 and config.get("track", True):
-        tracker = Tracker.start(cfg.tracking, run_id=config["wandb_id"], run_name=config["run_name"],
-                                group=config["group"], config=flatten(cfg), dir=run_dir)
-
-    def report(metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None:
-        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=ckpt)
+    def report(metrics: dict[str, Any]) -> None:
+        # the validation rounds a full run makes: Tune's trial status reads it
+        metrics = dict(metrics, rounds_planned=planned[0])
+        ray.train.report({k: v for k, v in metrics.items() if v is not None})
 
     def all_reduce(t: torch.Tensor) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
-    hooks = Hooks(rank=rank, world_size=world, device=device,
-                  all_reduce=all_reduce if world > 1 else None, report=report, resume_from=resume_dir,
-                  log=lambda m: print(m, flush=True), on_step=fault_injection(rank),
-                  track=tracker.log if tracker is not None else None)
-    loop = Loop(cfg, method, tokenizer, encoder, splits["train"], splits["validation"], run_dir, hooks)
-    try:
-        summary = loop.fit()
-        if rank == 0 and config.get("test", True):
-            # the reported number: the best checkpoint (chosen on validation) on the test split
-            from .evaluate import format_metrics, test_run
-
-            test = test_run(run_dir, "best", tracker=tracker, device=device)
-            print(f"[test] best checkpoint: {format_metrics(test)}", flush=True)
-    except BaseException:
-        if tracker is not None:
-            tracker.finish(exit_code=1)
-        raise
-    if tracker is not None:
-        tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
-        tracker.summary({f"best/{k}": v for k, v in summary["best_validation"].items()})
-        tracker.finish()
-
-
-def latest_checkpoint(ray_checkpoint: Any, local_last: Path) -> Optional[Path]:
-    """The checkpoint to resume from: Ray's latest reported one or the run directory's ``last/``,
-    whichever is further along.
-
-    Ray registers a report asynchronously, so a worker killed right after reporting can restart
-    without it; on a single node the local copy still has it. On another node only Ray's exists.
-    """
-    from .loop import load_checkpoint_state
-
-    candidates: list[Path] = []
-    if ray_checkpoint is not None:
-        local = Path(tempfile.mkdtemp(prefix="reckoning-resume-"))
-        ray_checkpoint.to_directory(str(local))
-        candidates.append(local)
-    if (local_last / "state.pt").exists():
-        candidates.append(local_last)
-    if not candidates:
-        return None
-    return max(candidates, key=lambda c: load_checkpoint_state(c)["progress"]["global_step"])
+    hooks = Hooks(rank=rank, world_size=world, device=device, all_reduce=all_reduce if world > 1 else None,
+                  report=report, log=lambda m: print(m, flush=True), on_step=fault_injection(rank))
+    loop = build_loop(cfg, run_dir, hooks)
+    planned.append(planned_validations(len(loop.train_records), cfg))
+    if loop.finished and loop.history:
+        # resumed after the run had finished: report its last result again, so that a host
+        # that lost it (a Tune trial restored from an interrupted sweep) still sees it
+        report(dict(loop.history[-1], replayed=True))
+    summary = loop.fit()
+    if config.get("test", True):
+        values = summary_values(summary)
+        if rank == 0:
+            values.update(test_best(run_dir, device))
+        ray.train.report({"final": 1, "summary": values if rank == 0 else {}})
 
 
 def fault_injection(rank: int) -> Optional[Callable[[int], None]]:
@@ -350,18 +376,18 @@ def autoscaler_node_resources() -> list[dict[str, float]]:
     return [dict(t.get("resources", {})) for t in (conf.get("available_node_types") or {}).values()]
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, group: str, wandb_run_id: str, callbacks: Optional[list] = None,
-                  node_type: Optional[str] = None, storage_path: Optional[str] = None, track: bool = True,
-                  test: bool = True):
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None,
+                  node_type: Optional[str] = None, storage_path: Optional[str] = None, test: bool = True):
     """A ``TorchTrainer`` for one training run named ``run_dir.name``.
 
-    Ray stores its checkpoints under ``storage_path`` (a local dir or a URI such as s3://...;
-    default ``run_dir``'s parent, so Ray's checkpoints and the loop's files share one directory).
-    ``track``: rank 0 writes the W&B run (a Tune sweep writes it from its driver instead).
-    ``test``: rank 0 evaluates the best checkpoint on the test split at the end (a Tune sweep
-    evaluates its trials after the sweep instead: ASHA may stop a trial before its end).
+    The run's files (metrics, checkpoints and their record) are written by rank 0 into
+    ``run_dir``; Ray keeps its own run state under ``storage_path`` (default ``run_dir``'s
+    parent). ``callbacks``: Ray Train callbacks (W&B: ``wandb_callbacks.TrainTracking``; a Tune
+    trial: Tune's report callback). ``test``: rank 0 evaluates the best checkpoint on the test
+    split at the end and all ranks report once more (``{"final": 1, "summary": ...}``); a Tune
+    sweep evaluates its trials after the sweep instead (ASHA may stop a trial before its end).
     """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     env = {"WANDB_MODE": os.environ.get("WANDB_MODE", cfg.tracking.mode), "WANDB_SILENT": "true",
@@ -373,17 +399,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, group: str, wandb_run_id: str,
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "run_dir": str(run_dir),
-                           "run_name": run_dir.name, "group": group, "wandb_id": wandb_run_id,
-                           "track": track, "test": test},
+                           "test": test},
         torch_config=TorchConfig(backend="nccl" if cfg.resources.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg, node_type),
         run_config=RunConfig(
             name=run_dir.name,
             storage_path=storage_path or str(run_dir.parent),
             failure_config=FailureConfig(max_failures=int(cfg.resources.max_failures)),
-            # the best checkpoint by the run's metric; Ray also always keeps the latest (resume)
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=cfg.train.metric,
-                                               checkpoint_score_order=metric_mode(cfg.train.metric)),
             callbacks=callbacks,
             worker_runtime_env={"env_vars": env},
             # Ray Train's per-report INFO lines would drown the loop's own progress lines
@@ -406,19 +428,27 @@ def init_ray() -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training (starting or joining Ray); returns the run's summary."""
+    """Run one training (starting or joining Ray; without Ray for ``resources.num_workers=0``);
+    returns the run's summary."""
     import json
+
+    from .tracking import run_names
 
     name = run_name(cfg)
     run_dir = Path(cfg.train.output_dir).expanduser().resolve() / name
-    init_ray()
-    node = check_placement(cfg)
-    print(f"run directory: {run_dir}" + (" (resuming)" if (run_dir / "last").exists() else ""))
-    ids = run_names(cfg)
-    trainer = build_trainer(cfg, run_dir, group=ids.group, wandb_run_id=ids.run_id, node_type=node)
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    print(f"run directory: {run_dir}" + (" (resuming)" if checkpoint_path(run_dir) else ""))
+    if int(cfg.resources.num_workers) == 0:
+        run_in_process(cfg, run_dir)
+    else:
+        from .wandb_callbacks import TrainTracking
+
+        init_ray()
+        node = check_placement(cfg)
+        tracking = TrainTracking(cfg.tracking, run_dir, run_names(cfg), flatten(cfg))
+        trainer = build_trainer(cfg, run_dir, callbacks=[tracking], node_type=node)
+        result = trainer.fit()
+        if result.error:
+            raise result.error
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"best {summary['metric']}: {summary['best_metric']} at step {summary['best_step']}; "
           f"best checkpoint: {summary['best_checkpoint']}")

@@ -29,7 +29,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 from ray.tune import Callback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 
-from .config import ConfigError, load_config, node_type_for, save_config, validate
+from .config import ConfigError, from_container, load_config, node_type_for, save_config, validate
 from .tracking import run_names
 from .train import parse_args, run_command
 
@@ -132,7 +132,7 @@ def to_tune_space(space: dict[str, tuple[str, list]]) -> dict[str, Any]:
 
 
 def trial_config(base: dict, params: dict[str, Any]) -> DictConfig:
-    cfg = OmegaConf.create(base)
+    cfg = from_container(base)
     for key, value in params.items():
         OmegaConf.update(cfg, key, value, merge=False)
     validate(cfg)
@@ -163,11 +163,9 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     if node not in config["node_types"]:
         node = ""
     run_dir = Path(config["trials_local"]) / trial_id
-    ids = run_names(cfg, trial_id=trial_id)
-    # W&B is written by the sweep's driver (TrackingCallback), not by the trial's workers
-    trainer = build_trainer(cfg, run_dir, group=ids.group, wandb_run_id=ids.run_id,
-                            callbacks=[TuneReportCallback()], node_type=node,
-                            storage_path=config["trials_storage"], track=False, test=False)
+    # W&B is written by the sweep's driver (TrackingCallback), which outlives the trial
+    trainer = build_trainer(cfg, run_dir, callbacks=[TuneReportCallback()], node_type=node,
+                            storage_path=config["trials_storage"], test=False)
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -211,79 +209,53 @@ class ResumableASHA(ASHAScheduler):
 
 
 class TrackingCallback(Callback):
-    """W&B for every trial, from the sweep's driver process.
+    """W&B for every trial, from the sweep's driver process: one
+    :class:`~reckoning_ray.tracking.RunWriter` per trial.
 
     Each run's summary keeps the best value of ``tune.metric`` (and ``train.metric``); when the
     sweep directory records a W&B sweep (``wandb_sweep.json``), every run joins it.
 
-    A trial that ASHA stops is killed together with its training workers, and a W&B writer in a
-    killed worker loses its run file; the driver outlives every trial, so each trial's run is
-    started, fed and finished here (run id = trial id, group = sweep name, config = the trial's
-    flattened resolved config, files under the trial's directory). Results stream in as Tune
-    receives them; validations Tune never passed on (the one that made ASHA stop a trial, those
-    of a sweep interrupted while results were in flight) are filled in from the trial's
-    metrics.jsonl when the trial starts again and when it ends (where the driver can read it).
+    A trial that ASHA stops is killed together with its training workers; the driver outlives
+    every trial, so each trial's run is started, fed and finished here (run id = trial id, group =
+    sweep name, config = the trial's flattened resolved config, files under the trial's
+    directory). Results stream in as Tune receives them; validations Tune never passed on (the one
+    that made ASHA stop a trial, those of a sweep interrupted while results were in flight) are
+    filled in from the trial's metrics.jsonl when the trial starts again and when it ends.
     """
-
-    KEYS = ("epoch", "step", "round", "stopped_early")
 
     def __init__(self, base: dict, trials_local: str) -> None:
         self.base = base
         self.trials_local = trials_local
-        self.trackers: dict[str, Any] = {}
-        self.logged: dict[str, set[int]] = {}
+        self.writers: dict[str, Any] = {}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from .config import flatten
-        from .tracking import METRIC_MODES, Tracker, read_offline_run_merged
+        from .tracking import METRIC_MODES, RunWriter
+        from .wandb_sweep import sweep_id_for
 
         trial_id = trial.trial_id
         cfg = trial_config(self.base, dict(trial.config))
         cfg.train.run_name = trial_id
-        ids = run_names(cfg, trial_id=trial_id)
-        run_dir = Path(self.trials_local) / trial_id
-        try:  # a resumed trial: the steps its earlier run files already hold
-            earlier = read_offline_run_merged(run_dir, ids.run_id)["history"]
-            self.logged[trial_id] = {int(h["_step"]) for h in earlier if "_step" in h}
-        except (FileNotFoundError, ValueError):
-            self.logged[trial_id] = set()
         # the run summary keeps the best value of the metric ASHA ranks by (and of train.metric)
         best = {cfg.train.metric: METRIC_MODES[cfg.train.metric], cfg.tune.metric: cfg.tune.mode}
-        self.trackers[trial_id] = Tracker.start(
-            cfg.tracking, run_id=ids.run_id, run_name=ids.run_name, group=ids.group, config=flatten(cfg),
-            dir=run_dir, sweep_id=self._sweep_id(cfg), best=best)
-        self._backfill(trial_id)
-
-    def _sweep_id(self, cfg: DictConfig) -> Optional[str]:
-        # The W&B sweep recorded in the sweep directory (created at the start of an online sweep,
-        # or by an earlier publish): read at every trial start, so it holds after --resume too.
-        from .wandb_sweep import sweep_id_for
-
-        return sweep_id_for(Path(self.trials_local).parent, cfg.tracking)
-
-    def _log(self, trial_id: str, result: dict) -> None:
-        tracker = self.trackers.get(trial_id)
-        step = int(result.get("step", -1))
-        logged = self.logged.setdefault(trial_id, set())
-        if tracker is None or step < 0 or step in logged or (logged and step < max(logged)):
-            return
-        tracker.log({k: v for k, v in result.items() if "/" in k or k in self.KEYS}, step=step)
-        logged.add(step)
-
-    def _backfill(self, trial_id: str) -> None:
-        metrics_file = Path(self.trials_local) / trial_id / "metrics.jsonl"
-        if metrics_file.exists():
-            for line in metrics_file.read_text().splitlines():
-                if line.strip():
-                    self._log(trial_id, json.loads(line))
+        # the W&B sweep recorded in the sweep directory (created at the start of an online sweep, or
+        # by an earlier publish): read at every trial start, so it holds after --resume too
+        sweep_id = sweep_id_for(Path(self.trials_local).parent, cfg.tracking)
+        writer = RunWriter(cfg.tracking, Path(self.trials_local) / trial_id, run_names(cfg, trial_id=trial_id),
+                           config=flatten(cfg), sweep_id=sweep_id, best=best)
+        self.writers[trial_id] = writer.start()
+        writer.backfill()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self._log(trial.trial_id, result)
+        writer = self.writers.get(trial.trial_id)
+        if writer is not None:
+            writer.log(result)
 
     def _finish(self, trial: Any, exit_code: int) -> None:
-        if trial.trial_id in self.trackers:
-            self._backfill(trial.trial_id)
-            self.trackers.pop(trial.trial_id).finish(exit_code=exit_code)
+        writer = self.writers.pop(trial.trial_id, None)
+        if writer is not None:
+            writer.backfill()
+            writer.finish(exit_code=exit_code)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, 0)
@@ -439,12 +411,10 @@ def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]])
         best = float(values.max() if mode == "max" else values.min())
         tune_last = result.metrics if result.metrics and "round" in result.metrics else history.iloc[-1].to_dict()
         status, rounds = trial_outcome(tune_last, bool(result.error), cfg.tune.max_rounds)
-        at_best = history.loc[values.idxmax() if mode == "max" else values.idxmin()]
-        checkpoint = at_best.get("checkpoint_path") if "checkpoint_path" in history else None
         params = dict(result.config)
         rows.append({"trial": trial_id, "best": best, "rounds": rounds, "status": status,
                      "label_accuracy": float(history["val/label_accuracy"].max()), **params,
-                     "checkpoint": checkpoint, "_config": result.config})
+                     "_config": result.config})
     scored = [r for r in rows if r["best"] is not None]
     if not scored:
         raise RuntimeError(f"no trial of sweep {cfg.tune.name} reported {metric}")
@@ -475,8 +445,9 @@ def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]])
     best_cfg_path.write_text("# Best trial " + best["trial"] + f" of sweep {cfg.tune.name} ({metric} = {best['best']:.4f}).\n"
                              f"# Re-run: python -m reckoning_ray.train --config {best_cfg_path}\n"
                              + OmegaConf.to_yaml(best_cfg))
-    local_best = root / "trials" / best["trial"] / "best"
-    best_ckpt = str(local_best) if local_best.exists() else str(best.get("checkpoint"))
+    from .checkpoint import checkpoint_path
+
+    best_ckpt = str(checkpoint_path(root / "trials" / best["trial"], "best") or "")
     out = {"table": table, "best_trial": best["trial"], "best_value": best["best"],
            "best_test": best.get("test"), "best_config": str(best_cfg_path), "best_checkpoint": best_ckpt,
            "trials": [{k: v for k, v in r.items() if k != "_config"} for r in rows]}
@@ -491,10 +462,11 @@ def test_trials(cfg: DictConfig, rows: list[dict[str, Any]], trials_dir: Path) -
     workers. Each evaluation is a Ray task with one training worker's resources (a GPU when the
     trials use one); the metrics go to ``row["test"]`` and are returned ``{trial: metrics}`` for
     ``record_trials`` to write. A trial tested before (a resumed sweep) keeps its recorded result.
-    A trial whose ``best/`` directory is not on this machine is left untested and says so.
+    A trial whose best checkpoint is not on this machine is left untested and says so.
     """
     import ray
 
+    from .checkpoint import checkpoint_path
     from .evaluate import evaluate_checkpoint
 
     res = cfg.resources
@@ -509,9 +481,9 @@ def test_trials(cfg: DictConfig, rows: list[dict[str, Any]], trials_dir: Path) -
         recorded = json.loads(summary_file.read_text()).get("test") if summary_file.exists() else None
         if recorded:
             row["test"] = recorded
-        elif (run_dir / "best" / "state.pt").exists() and (run_dir / "config.yaml").exists():
+        elif checkpoint_path(run_dir, "best") is not None and (run_dir / "config.yaml").exists():
             trial_cfg = load_config(str(run_dir / "config.yaml"))
-            pending[row["trial"]] = remote.remote(trial_cfg, str(run_dir / "best"), "test")
+            pending[row["trial"]] = remote.remote(trial_cfg, str(checkpoint_path(run_dir, "best")), "test")
         else:
             print(f"note: trial {row['trial']}: no best checkpoint under {run_dir} on this machine; not tested")
     if pending:
@@ -532,7 +504,7 @@ def record_trials(cfg: DictConfig, rows: list[dict[str, Any]], trials_dir: Path,
     only when something changed (a resumed sweep's finished trials are left alone).
     """
     from .evaluate import record_test
-    from .tracking import Tracker, read_offline_run_merged
+    from .tracking import RunWriter
     from .wandb_sweep import sweep_id_for
 
     for row in rows:
@@ -541,20 +513,14 @@ def record_trials(cfg: DictConfig, rows: list[dict[str, Any]], trials_dir: Path,
         outcome = {"trial/status": row["status"], "trial/rounds": int(row["rounds"])}
         trial_cfg = trial_config(OmegaConf.to_container(cfg, resolve=True), row.get("_config") or {})
         trial_cfg.train.run_name = trial
-        ids = run_names(trial_cfg, trial_id=trial)
-        if trial not in tested:
-            try:
-                summary = read_offline_run_merged(run_dir, ids.run_id)["summary"]
-                if all(summary.get(k) == v for k, v in outcome.items()):
-                    continue
-            except (FileNotFoundError, ValueError):
-                pass  # no offline run here (online or disabled): write it
-        tracker = Tracker.start(trial_cfg.tracking, run_id=ids.run_id, run_name=ids.run_name, group=ids.group,
-                                config={}, dir=run_dir, sweep_id=sweep_id_for(trials_dir.parent, trial_cfg.tracking))
-        tracker.summary(outcome)
-        if trial in tested:
-            record_test(run_dir, tested[trial], "best", tracker=tracker)
-        tracker.finish()
+        writer = RunWriter(trial_cfg.tracking, run_dir, run_names(trial_cfg, trial_id=trial),
+                           sweep_id=sweep_id_for(trials_dir.parent, trial_cfg.tracking))
+        if trial not in tested and writer.has_summary(outcome):
+            continue  # a resumed sweep's finished trial: nothing changed
+        with writer:
+            writer.summary(outcome)
+            if trial in tested:
+                record_test(run_dir, tested[trial], "best", writer=writer)
 
 
 def trial_history(result: Any, run_dir: Path) -> Any:

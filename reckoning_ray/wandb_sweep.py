@@ -161,28 +161,25 @@ def record_sweep(sweep_dir: str | Path, sweep_id: str, entity: str, project: str
 def trial_runs(sweep_dir: str | Path) -> dict[str, dict[str, list[Path]]]:
     """``{run id: {"offline": [dirs], "online": [dirs]}}`` for every trial under ``<sweep_dir>/trials``.
 
-    Run ids are read from the ``.wandb`` files (a trial's run id is its trial id); a resumed trial
-    has several offline directories, listed in order of their start. Online directories hold runs
-    that W&B already has (an online start that failed leaves an empty one, which is skipped).
+    Read from each trial's W&B writer record (``wandb_run.json``: a trial's run id is its trial
+    id); a resumed trial has several offline directories, listed in order of their start. Online
+    directories hold runs that W&B already has; directories without a run file are skipped.
     """
-    from .tracking import read_offline_run
+    from .tracking import RunWriter, run_dirs
 
-    found: dict[str, dict[str, list[tuple[float, Path]]]] = {}
-    for run_dir in sorted(Path(sweep_dir).glob("trials/*/wandb/*run-*")):
-        kind = "offline" if run_dir.name.startswith("offline-run-") else "online"
-        files = [f for f in sorted(run_dir.glob("run-*.wandb")) if f.stat().st_size > 0]
-        if not run_dir.is_dir() or run_dir.is_symlink() or not files:
-            continue
+    found: dict[str, dict[str, list[Path]]] = {}
+    for record_file in sorted(Path(sweep_dir).glob(f"trials/*/{RunWriter.RECORD}")):
         try:
-            record = read_offline_run(files[0])
-        except ValueError as exc:
-            log.warning("W&B: skipping %s (%s)", run_dir, exc)
+            run_id = json.loads(record_file.read_text())["run_id"]
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("W&B: skipping %s (%s)", record_file, exc)
             continue
-        if record["run_id"]:
-            entry = found.setdefault(record["run_id"], {"offline": [], "online": []})
-            entry[kind].append((record["start_time"] or 0.0, run_dir))
-    return {run_id: {kind: [d for _, d in sorted(dirs)] for kind, dirs in entry.items()}
-            for run_id, entry in sorted(found.items())}
+        for run_dir in run_dirs(record_file.parent):
+            if not run_dir.is_dir() or not any(f.stat().st_size > 0 for f in run_dir.glob("run-*.wandb")):
+                continue
+            kind = "offline" if run_dir.name.startswith("offline-run-") else "online"
+            found.setdefault(run_id, {"offline": [], "online": []})[kind].append(run_dir)
+    return dict(sorted(found.items()))
 
 
 def sync_command(run_dirs: list[Path], entity: str, project: str) -> list[str]:

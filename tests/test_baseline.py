@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from one_fact import ONE_FACT
-from reckoning_ray.baseline import InContextMethod, build_method
+from reckoning_ray.baseline import InContextMethod, build_method, build_method_from_settings
 from reckoning_ray.bilevel import BilevelError, ReckoningMethod
 from reckoning_ray.config import load_config
 from reckoning_ray.data.encode import Encoder
@@ -45,7 +45,8 @@ def build(method: str = "icr", *overrides: str, records=RECORDS):
                                    "eval.max_new_tokens=5", *overrides])
     args = dict(method=method, multi_task=True, max_length=48)
     model, tokenizer = load_model_and_tokenizer(cfg.model, corpus=list(Encoder(None, **args).corpus(records)))
-    return build_method(cfg, model, tokenizer), Encoder(tokenizer, **args).collate(records)
+    encoder = Encoder(tokenizer, **args)
+    return build_method(cfg, model, tokenizer, encoder), encoder.collate(records)
 
 
 def grads(method) -> list[torch.Tensor]:
@@ -121,15 +122,14 @@ def test_build_method_dispatches_on_train_method():
     for name in ("icr", "icr_no_facts", "icr_random_facts"):
         method, batch = build(name)
         assert isinstance(method, InContextMethod) and batch.knowledge is None
-        assert method.lr_stats() == {}
+        assert method.stats() == {}
         (group,) = method.parameter_groups()
-        assert group["lr"] == float(method.cfg.outer.lr) and group["params"] == method.meta_parameters()
+        assert group["lr"] == float(method.outer.lr) and group["params"] == method.meta_parameters()
     reckoning, batch = build("reckoning")
     assert isinstance(reckoning, ReckoningMethod) and batch.knowledge is not None
-    cfg = load_config("embedded")
-    cfg.train.method = "rag"
+    # the schema refuses an unknown method in a config; a saved checkpoint's settings are checked too
     with pytest.raises(BilevelError, match="train.method='rag'"):
-        build_method(cfg, reckoning.model, reckoning.tokenizer)
+        build_method_from_settings(dict(reckoning.settings(), method="rag"), reckoning.model, reckoning.tokenizer)
     method, batch = build()
     with pytest.raises(BilevelError, match="no inner loop"):
         method.evaluate(batch, inner_steps=2)
@@ -147,7 +147,7 @@ def test_fine_tuned_in_context_reasoning_learns_generated_tasks():
     model, tokenizer = load_model_and_tokenizer(cfg.model, corpus=corpus, seed=0)
     encoder = Encoder(tokenizer, **args)
     torch.manual_seed(0)
-    method = build_method(cfg, model, tokenizer)
+    method = build_method(cfg, model, tokenizer, encoder)
     optimizer = torch.optim.AdamW(method.parameter_groups())
     order = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(0)).tolist()
     steps = 150

@@ -56,7 +56,7 @@ def bilevel_step():
 @pytest.mark.parametrize("optimizer,order,steps", [("adamw", "second", 2), ("sgd", "first", 1)])
 def test_meta_gradients_agree(bilevel_step, optimizer, order, steps):
     rows = bilevel_step.check_gradients(optimizer, order, steps, bilevel_step.IMPLS, tolerance=1e-6)
-    assert [r[3] for r in rows] == ["batched", "higher", "torchopt"]
+    assert [r[3] for r in rows] == ["fused", "higher", "torchopt"]
     for row in rows:
         weight_err, lr_err = float(row[4]), float(row[5])
         assert weight_err <= 1e-6 and lr_err <= 1e-6, row
@@ -71,7 +71,7 @@ def test_check_refuses_a_different_meta_gradient(bilevel_step, capsys):
         return TorchOptReference(setup.model, setup.cfg, lrs.flip(-1))
 
     argv = ["--check-only", "--models", "tiny", "--orders", "second", "--optimizers", "adamw",
-            "--inner-steps", "1", "--impls", "looped,torchopt"]
+            "--inner-steps", "1", "--impls", "reference,torchopt"]
     with pytest.raises(SystemExit) as exc:
         bilevel_step.main(argv, factories={"torchopt": wrong_rates})
     assert exc.value.code == bilevel_step.EXIT_DISAGREE
@@ -90,7 +90,7 @@ def test_relative_error_flags_non_finite(bilevel_step):
 def test_memory_modes_refuse_an_option_that_changes_the_meta_gradient(capsys):
     memory_modes = load("memory_modes")
     # A mode that claims the default's gradient but computes the first-order one.
-    memory_modes.MODES["wrong"] = ("batched", ["inner.first_order=true"], "same")
+    memory_modes.MODES["wrong"] = ("fused", ["inner.first_order=true"], "same")
     try:
         with pytest.raises(SystemExit) as info:
             memory_modes.main(["--models", "tiny", "--modes", "checkpoint,per-task,wrong", "--inner-steps", "2"])

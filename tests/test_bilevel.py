@@ -1,9 +1,12 @@
-"""The bilevel engine: gradients against finite differences and first-order definitions, the inner
-AdamW against torch.optim.AdamW, batched == looped, tied weights, evaluation, and an end-to-end run
-showing that the knowledge reaches the answer through the weights."""
+"""The bilevel engines: gradients against finite differences and first-order definitions, the inner
+AdamW against torch.optim.AdamW, every fused path (tasks batched, tasks per pass, checkpointing,
+first order, dropout) against the reference engine, tied weights, evaluation, settings, and an
+end-to-end run showing that the knowledge reaches the answer through the weights."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 
@@ -12,6 +15,7 @@ import torch
 from torch.func import functional_call
 
 from one_fact import ONE_FACT
+from reckoning_ray.baseline import build_method, build_method_from_settings
 from reckoning_ray.bilevel import (
     AdamWState,
     BilevelError,
@@ -21,8 +25,10 @@ from reckoning_ray.bilevel import (
     causal_lm_logits,
     position_ids_from_mask,
     sgd_step,
+    trainable,
 )
-from reckoning_ray.config import inner_steps_for, load_config
+from reckoning_ray.bilevel.fused import FastWeights
+from reckoning_ray.config import group, load_config
 from reckoning_ray.data.encode import Encoder
 from reckoning_ray.data.schema import make_record
 from reckoning_ray.metrics import summarize
@@ -72,11 +78,17 @@ def make_cfg(*overrides: str):
     return cfg
 
 
-def build(cfg, records=None, engine="batched", seed=0, random_lrs=True):
+def build(cfg, records=None, engine=None, seed=0, random_lrs=True):
+    """The method of ``cfg`` (``engine`` replaces inner.engine) on a fresh model, and the batch."""
     records = records or make_records()
     corpus = list(Encoder(None, "reckoning", True, 64).corpus(records))
     model, tokenizer = load_model_and_tokenizer(cfg.model, corpus=corpus, seed=seed)
-    method = ReckoningMethod(model, tokenizer, cfg, engine=engine)
+    encoder = Encoder(tokenizer, "reckoning", bool(cfg.outer.multi_task), int(cfg.model.max_length))
+    inner = group(cfg, "inner")
+    if engine is not None:
+        inner = dataclasses.replace(inner, engine=engine)
+    method = ReckoningMethod(model, tokenizer, encoder, inner, group(cfg, "outer"), group(cfg, "eval"),
+                             float(cfg.model.dropout))
     if random_lrs:
         # Distinct rates per tensor and step, so that each learned rate's gradient is checked.
         g = torch.Generator().manual_seed(seed + 1)
@@ -86,7 +98,6 @@ def build(cfg, records=None, engine="batched", seed=0, random_lrs=True):
                 method.inner_lrs.add_(torch.log(lrs))
             else:
                 method.inner_lrs.mul_(lrs)
-    encoder = Encoder(tokenizer, "reckoning", bool(cfg.outer.multi_task), int(cfg.model.max_length))
     return method, encoder.collate(records)
 
 
@@ -297,13 +308,13 @@ def test_first_order_gradient_matches_its_definition(optimizer):
     got = grads(method)
 
     model = method.model
-    names, base = method._weights()
+    names, base = trainable(model)
     n_facts = len(make_records()[t]["knowledge"])
     k = task.knowledge
     k_ids, k_mask, k_labels = k.input_ids[0, :n_facts], k.attention_mask[0, :n_facts], k.labels[0, :n_facts]
     lrs = method.learning_rates().detach()
     wd = float(cfg.inner.weight_decay) if optimizer == "adamw" else 0.0
-    steps = inner_steps_for(cfg, 2)
+    steps = group(cfg, "inner").steps_for(2)
     # Trajectory with constant inner directions (torch.optim.AdamW / plain SGD).
     weights = [p.detach().clone().requires_grad_(True) for p in base]
     opt = None
@@ -320,8 +331,8 @@ def test_first_order_gradient_matches_its_definition(optimizer):
                 for w, gi, lr in zip(weights, g, lrs[step]):
                     w.sub_(lr * gi)
             else:
-                for group, w, gi, lr in zip(opt.param_groups, weights, g, lrs[step]):
-                    group["lr"] = float(lr)
+                for param_group, w, gi, lr in zip(opt.param_groups, weights, g, lrs[step]):
+                    param_group["lr"] = float(lr)
                     w.grad = gi
                 opt.step()
         after = [w.detach().clone() for w in weights]
@@ -360,36 +371,39 @@ def assert_same_step_and_evaluation(reference, method, batch, loss_scale: float 
     assert all(math.isclose(x, y, rel_tol=1e-12) for x, y in zip(ev_r["answer_loss"], ev_m["answer_loss"]))
 
 
-@pytest.mark.parametrize("optimizer,first_order", [("adamw", False), ("sgd", False), ("adamw", True)])
-def test_batched_engine_equals_looped_reference_on_a_mixed_hop_batch(optimizer, first_order):
-    cfg = make_cfg(f"inner.optimizer={optimizer}", f"inner.first_order={str(first_order).lower()}",
-                   "inner.lr_init=0.05" if optimizer == "adamw" else "inner.lr_init=0.5")
-    looped, batch = build(cfg, engine="looped")
-    batched, _ = build(cfg, engine="batched")
-    assert sorted(set(looped.inner_steps(batch))) == [1, 2, 3]
-    assert_same_step_and_evaluation(looped, batched, batch, loss_scale=0.5)
+@pytest.mark.parametrize("optimizer,options", [
+    ("adamw", []),
+    ("sgd", []),
+    ("adamw", ["inner.first_order=true"]),
+    ("sgd", ["inner.first_order=true"]),
+    ("adamw", ["inner.checkpoint=true"]),
+    ("sgd", ["inner.checkpoint=true"]),
+    ("adamw", ["inner.tasks_per_pass=1"]),
+    ("adamw", ["inner.checkpoint=true", "inner.tasks_per_pass=1"]),
+], ids=lambda v: "+".join(o.split(".")[1] for o in v) or "batched" if isinstance(v, list) else v)
+def test_fused_engine_equals_the_reference_on_a_mixed_hop_batch(optimizer, options):
+    # Fused optimizer nodes, tasks batched under vmap, smaller passes and checkpointing compute the
+    # reference's numbers: the outer loss, the meta-gradient and the evaluation must not change.
+    base = [f"inner.optimizer={optimizer}", "inner.lr_init=0.05" if optimizer == "adamw" else "inner.lr_init=0.5"]
+    order = [o for o in options if o.startswith("inner.first_order")]  # the one option that changes the math
+    reference, batch = build(make_cfg(*base, *order), engine="reference")
+    fused, _ = build(make_cfg(*base, *options), engine="fused")
+    assert sorted(set(reference.inner_steps(batch))) == [1, 2, 3]
+    assert_same_step_and_evaluation(reference, fused, batch, loss_scale=0.5)
 
 
-@pytest.mark.parametrize("engine,optimizer,options", [
-    ("batched", "adamw", ["inner.checkpoint=true"]),
-    ("looped", "adamw", ["inner.checkpoint=true"]),
-    ("batched", "sgd", ["inner.checkpoint=true"]),
-    ("batched", "adamw", ["inner.tasks_per_pass=1"]),
-    ("batched", "adamw", ["inner.checkpoint=true", "inner.tasks_per_pass=1"]),
-])
-def test_memory_options_keep_the_meta_gradient(engine, optimizer, options):
-    # Checkpointing recomputes the same operations and smaller passes split independent tasks:
-    # the outer loss, the meta-gradient and the evaluation must not change.
-    lr = "inner.lr_init=0.05" if optimizer == "adamw" else "inner.lr_init=0.5"
-    reference, batch = build(make_cfg(f"inner.optimizer={optimizer}", lr), engine="batched")
-    method, _ = build(make_cfg(f"inner.optimizer={optimizer}", lr, *options), engine=engine)
-    assert_same_step_and_evaluation(reference, method, batch)
+def test_reference_engine_refuses_the_fused_memory_options():
+    for option in ("inner.checkpoint=true", "inner.autocast=bf16"):
+        with pytest.raises(BilevelError, match=f"{option}.*inner.engine=fused"):
+            build(make_cfg(option), engine="reference")
+    method, batch = build(make_cfg("inner.tasks_per_pass=3"), engine="reference")
+    assert [index for _, index in method.engine.passes(method.inner_steps(batch))] == [[t] for t in range(6)]
 
 
 def test_tasks_per_pass_splits_each_inner_step_group():
     method, batch = build(make_cfg("inner.tasks_per_pass=2"), records=make_records(9))
     steps = method.inner_steps(batch)  # hops 0, 1, 2 repeating: three groups of three tasks
-    passes = method._passes(steps)
+    passes = method.engine.passes(steps)
     assert [len(index) for _, index in passes] == [2, 1, 2, 1, 2, 1]
     assert sorted(t for _, index in passes for t in index) == list(range(9))
     assert all(steps[t] == n for n, index in passes for t in index)
@@ -511,9 +525,9 @@ def test_bilevel_step_runs_without_dropout_at_zero_and_with_eager_attention_for_
         losses.append(method.forward_backward(batch)["loss"])
         assert not method.model.training
     assert losses[0] == losses[1]
-    # First order keeps the default path when tasks are looped; vmap over tasks needs eager.
-    assert build(make_cfg("inner.first_order=true"), engine="looped")[0].attention == "sdpa"
-    assert build(make_cfg("inner.first_order=true"), engine="batched")[0].attention == "eager"
+    # First order keeps the default path task by task; vmap over tasks needs eager.
+    assert build(make_cfg("inner.first_order=true"), engine="reference")[0].attention == "sdpa"
+    assert build(make_cfg("inner.first_order=true"), engine="fused")[0].attention == "eager"
 
 
 # ------------------------------------------------------------------------------ dropout
@@ -527,7 +541,7 @@ def seeded_step(method, batch, seed: int) -> tuple[dict, list[torch.Tensor]]:
     return out, grads(method)
 
 
-@pytest.mark.parametrize("engine,first_order", [("batched", False), ("looped", False), ("batched", True)])
+@pytest.mark.parametrize("engine,first_order", [("fused", False), ("reference", False), ("fused", True)])
 def test_dropout_draws_masks_in_training_per_seed_and_none_in_evaluation(engine, first_order):
     cfg = make_cfg("model.dropout=0.2", f"inner.first_order={str(first_order).lower()}")
     method, batch = build(cfg, engine=engine)
@@ -576,26 +590,32 @@ def test_dropout_draws_masks_in_training_per_seed_and_none_in_evaluation(engine,
 def test_dropout_under_vmap_gives_each_task_its_own_masks():
     method, batch = build(make_cfg("model.dropout=0.2"))
     s = batch.select([0, 0, 0]).sequence  # the same task three times, the same weights
-    names, base = method._weights()
-    fast = {n: p.detach().unsqueeze(0).expand(3, *p.shape) for n, p in zip(names, base)}
+    names, base = trainable(method.model)
+    fast = FastWeights({n: p.detach().unsqueeze(0).expand(3, *p.shape) for n, p in zip(names, base)}, True)
+    rows = (s.input_ids[:, None], s.attention_mask[:, None], s.labels[:, None])
     torch.manual_seed(0)
     with torch.no_grad():
-        losses = method._group_losses(fast, True, s.input_ids, s.attention_mask, s.labels)
+        losses = method.engine.task_losses(fast, *rows)
     assert len(set(losses.tolist())) == 3, losses  # randomness="different": a mask per task
     method.model.eval()
     with torch.no_grad():
-        losses = method._group_losses(fast, True, s.input_ids, s.attention_mask, s.labels)
+        losses = method.engine.task_losses(fast, *rows)
     assert len(set(losses.tolist())) == 1
 
 
-@pytest.mark.parametrize("engine,optimizer", [("batched", "adamw"), ("looped", "adamw"), ("batched", "sgd")])
-def test_checkpoint_with_dropout_redraws_the_forward_masks_and_keeps_the_meta_gradient(engine, optimizer, monkeypatch):
+@pytest.mark.parametrize("tasks_per_pass,optimizer", [(0, "adamw"), (1, "adamw"), (0, "sgd")])
+def test_checkpoint_with_dropout_redraws_the_forward_masks_and_keeps_the_meta_gradient(tasks_per_pass, optimizer,
+                                                                                       monkeypatch):
     # inner.checkpoint recomputes each inner step in the backward pass; it restores the random
-    # state the step had, so the recomputed step sees the same dropout masks.
+    # state the step had, so the recomputed step sees the same dropout masks. Task by task, in the
+    # same order (one inner-step count: the fused engine's passes follow the counts), the fused
+    # engine draws the reference's masks; batched under vmap, masks of its own.
     lr = "inner.lr_init=0.05" if optimizer == "adamw" else "inner.lr_init=0.5"
-    options = ["model.dropout=0.2", f"inner.optimizer={optimizer}", lr]
-    reference, batch = build(make_cfg(*options), engine=engine)
-    method, _ = build(make_cfg(*options, "inner.checkpoint=true"), engine=engine)
+    options = ["model.dropout=0.2", f"inner.optimizer={optimizer}", lr, f"inner.tasks_per_pass={tasks_per_pass}"]
+    if tasks_per_pass == 1:
+        options.append("inner.steps=2")
+    reference, batch = build(make_cfg(*options), engine="reference" if tasks_per_pass == 1 else "fused")
+    method, _ = build(make_cfg(*options, "inner.checkpoint=true"), engine="fused")
     out_r, g_r = seeded_step(reference, batch, seed=3)
     after_r = torch.rand(4)
     out_m, g_m = seeded_step(method, batch, seed=3)
@@ -609,14 +629,14 @@ def test_checkpoint_with_dropout_redraws_the_forward_masks_and_keeps_the_meta_gr
     # Without the restore the recomputed steps draw other masks: another (wrong) meta-gradient.
     from contextlib import nullcontext
 
-    from reckoning_ray import bilevel
+    from reckoning_ray.bilevel import fused
 
-    monkeypatch.setattr(bilevel, "_rng_restored", lambda saved: nullcontext())
+    monkeypatch.setattr(fused, "_rng_restored", lambda saved: nullcontext())
     _, g_wrong = seeded_step(method, batch, seed=3)
     assert not all(torch.allclose(x, y, rtol=1e-6, atol=1e-9) for x, y in zip(g_r, g_wrong))
 
 
-def test_parameter_groups_lr_stats_and_log_space():
+def test_parameter_groups_stats_and_log_space():
     method, _ = build(make_cfg("outer.lr=0.001", "outer.inner_lr_lr=0.01", "outer.weight_decay=0.1"),
                       random_lrs=False)
     weights, rates = method.parameter_groups()
@@ -627,13 +647,13 @@ def test_parameter_groups_lr_stats_and_log_space():
     with torch.no_grad():
         method.inner_lrs[0, :4] = -0.5
         method.inner_lrs[2, 0] = 2.0
-    stats = method.lr_stats()
+    stats = method.stats()
     assert stats == {"inner_lr/min": -0.5, "inner_lr/median": 0.05, "inner_lr/max": 2.0, "inner_lr/negative": 4.0}
     log_method, _ = build(make_cfg("inner.lr_space=log"), random_lrs=False)
     assert torch.allclose(log_method.inner_lrs.detach(), torch.full_like(log_method.inner_lrs, math.log(0.05)))
     with torch.no_grad():
         log_method.inner_lrs.fill_(-30.0)
-    assert log_method.lr_stats()["inner_lr/min"] > 0 and log_method.lr_stats()["inner_lr/negative"] == 0
+    assert log_method.stats()["inner_lr/min"] > 0 and log_method.stats()["inner_lr/negative"] == 0
 
 
 def test_reckoning_without_knowledge_batch_says_how_to_fix_it():
@@ -642,8 +662,40 @@ def test_reckoning_without_knowledge_batch_says_how_to_fix_it():
     batch = Encoder(method.tokenizer, "icr", True, 48).collate(records)
     with pytest.raises(BilevelError, match="method='reckoning'"):
         method.forward_backward(batch)
-    with pytest.raises(BilevelError, match="engine="):
-        ReckoningMethod(method.model, method.tokenizer, make_cfg(), engine="fast")
+    with pytest.raises(BilevelError, match="inner.engine='fast'"):
+        build(make_cfg(), engine="fast")
+
+
+def test_settings_are_json_and_rebuild_a_method_that_answers_the_same():
+    cfg = make_cfg("inner.optimizer=sgd", "inner.lr_init=0.5", "inner.lr_space=log", "eval.max_new_tokens=4")
+    method, batch = build(cfg, engine="reference")
+    settings = json.loads(json.dumps(method.settings()))
+    assert settings == method.settings()  # plain JSON values already (choices as strings)
+    assert (settings["method"], settings["inner"]["engine"], settings["inner"]["optimizer"]) == ("reckoning",
+                                                                                                "reference", "sgd")
+    assert settings["inner"]["steps_by_hops"] == {"0": 1, "1": 2, "2": 3} and settings["eval"]["max_new_tokens"] == 4
+    assert settings["encoder"] == {"method": "reckoning", "multi_task": True, "max_length": 48}
+    assert settings["dropout"] == 0.0 and settings["outer"]["lr"] == float(cfg.outer.lr)
+    rebuilt = build_method_from_settings(dict(settings, format=1), method.model, method.tokenizer)
+    assert isinstance(rebuilt, ReckoningMethod) and rebuilt.inner == method.inner and rebuilt.outer == method.outer
+    assert rebuilt.inner.optimizer is type(method.inner.optimizer).sgd  # the choice, not its string
+    assert not torch.equal(rebuilt.inner_lrs, method.inner_lrs)  # random_lrs: not the initial rates
+    rebuilt.load_extra_state(json_free(method.extra_state()))
+    assert torch.equal(rebuilt.inner_lrs, method.inner_lrs) and rebuilt.to("cpu") is rebuilt
+    assert rebuilt.evaluate(batch) == method.evaluate(batch)
+    # The in-context baseline: no inner group, no extra state.
+    encoder = Encoder(method.tokenizer, "icr", True, 48)
+    icr = build_method(make_cfg("train.method=icr"), method.model, method.tokenizer, encoder)
+    assert "inner" not in icr.settings() and icr.extra_state() == {} and icr.stats() == {}
+    again = build_method_from_settings(icr.settings(), method.model, method.tokenizer)
+    assert type(again) is type(icr) and again.settings() == icr.settings()
+    icr_batch = encoder.collate(make_records()[:2])
+    assert again.evaluate(icr_batch) == icr.evaluate(icr_batch)
+
+
+def json_free(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors as a checkpoint gives them back: copies, on the CPU."""
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -652,7 +704,6 @@ def test_reckoning_without_knowledge_batch_says_how_to_fix_it():
 def train_briefly(method_name: str, steps: int, seed: int = 0):
     """Embedded preset on generated one-fact yes/no tasks (8 names x 8 adjectives, held-out
     question pairs), outer AdamW 1e-3 (learned rates 1e-2), batch 32, 1 inner SGD step from 0.1."""
-    from reckoning_ray.baseline import build_method
     from reckoning_ray.data.generate import generate_splits
 
     cfg = load_config("embedded", [f"train.method={method_name}", "data.num_train=512", "data.num_validation=128",
@@ -665,7 +716,7 @@ def train_briefly(method_name: str, steps: int, seed: int = 0):
     model, tokenizer = load_model_and_tokenizer(cfg.model, corpus=corpus, seed=seed)
     encoder = Encoder(tokenizer, **args)
     torch.manual_seed(seed)
-    method = build_method(cfg, model, tokenizer)
+    method = build_method(cfg, model, tokenizer, encoder)
     optimizer = torch.optim.AdamW(method.parameter_groups())
     order = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(seed)).tolist()
     start = time.time()

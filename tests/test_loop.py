@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from reckoning_ray.checkpoint import checkpoint_path
 from reckoning_ray.config import load_config
 from reckoning_ray.loop import (
     Hooks,
@@ -83,8 +84,21 @@ def test_two_validations_per_epoch_and_files_written(tmp_path):
     assert len(metrics) == 4  # 2 epochs x 2 validations
     assert [m["round"] for m in metrics] == [1, 2, 3, 4]
     assert [m["epoch"] for m in metrics] == [0.5, 1.0, 1.5, 2.0]
-    for name in ("config.yaml", "summary.json", "best/state.pt", "last/state.pt", "best/model/config.json"):
+    for name in ("config.yaml", "summary.json", "checkpoints.json"):
         assert (run_dir / name).exists(), name
+    record = json.loads((run_dir / "checkpoints.json").read_text())
+    best_step = max(metrics, key=lambda m: m["val/label_accuracy"])["step"]  # the first of equal values
+    assert record["latest"] == "step-000012" and record["best"] == f"step-{best_step:06d}"
+    assert record["best_metric"] == summary["best_metric"] and summary["best_checkpoint"].endswith(record["best"])
+    # only the latest and the best are kept, one copy each, each a complete model
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert kept == sorted({record["latest"], record["best"]})
+    for name in kept:
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "reckoning.json",
+                  "meta_parameters.safetensors"):
+            assert (run_dir / "checkpoints" / name / f).is_file(), (name, f)
+        # the outer optimizer's state is kept for resuming, so only in the latest
+        assert (run_dir / "checkpoints" / name / "trainer_state.pt").is_file() == (name == record["latest"])
     assert summary["validations"] == 4
     assert "val/label_accuracy" in metrics[0] and "inner_lr/median" in metrics[0]
 
@@ -108,7 +122,7 @@ def test_resume_continues_exactly(tmp_path):
     part.hooks.on_step = _stop_at(4)  # after the checkpoint of the validation at step 3
     with pytest.raises(_Stop):
         part.fit()
-    resumed = make_loop(tmp_path, overrides, "part", resume_from=tmp_path / "part" / "last")
+    resumed = make_loop(tmp_path, overrides, "part", resume_from=checkpoint_path(tmp_path / "part"))
     assert resumed.progress.global_step == 3
     resumed.fit()
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
@@ -169,7 +183,7 @@ def test_progress_bar_off_prints_nothing_and_on_resume_starts_at_the_resumed_ste
     # (transformers' own "Writing model shards" bars may be there: the Ray worker switches those off)
     assert not bar_lines(err) and "tasks/s" not in err
 
-    resumed = make_loop(tmp_path, ONE_EPOCH, resume_from=tmp_path / "run" / "last", progress=True)
+    resumed = make_loop(tmp_path, ONE_EPOCH, resume_from=checkpoint_path(tmp_path / "run"), progress=True)
     resumed.fit()
     lines = bar_lines(capsys.readouterr().err)
     assert re.search(r"\| 3/6 steps \[", lines[0]), lines  # the run's position, not this process's

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from reckoning_ray import modeling
 from reckoning_ray.config import ModelConfig
+from reckoning_ray.hub import hub_reachable
 from reckoning_ray.data.encode import Encoder
 from reckoning_ray.data.schema import make_record
 from reckoning_ray.modeling import (
@@ -203,7 +204,7 @@ def test_hub_id_with_unreachable_hub_fails_fast(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     # A closed local port: the probe fails at once, so the ~25 s of hub retries never start.
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    assert modeling._hub_reachable(timeout=2.0) is False
+    assert hub_reachable(timeout=2.0) is False
     start = time.perf_counter()
     with pytest.raises(ModelLoadError, match=r"'openai-community/gpt2'.*cannot be reached.*pass a local directory"):
         load_model_and_tokenizer(model_cfg(name_or_path="openai-community/gpt2"))

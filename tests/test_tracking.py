@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import json
 import os
 import shutil
 import socket
@@ -18,16 +19,15 @@ import wandb
 from reckoning_ray import tracking
 from reckoning_ray.config import ConfigError, flatten, load_config
 from reckoning_ray.tracking import (
+    RunWriter,
     Tracker,
-    find_offline_runs,
     looks_secret,
-    read_offline_run,
-    read_offline_run_merged,
     resolve_mode,
     run_names,
     safe_run_id,
     scrub,
 )
+from wandb_files import find_offline_runs, iter_records, read_offline_run, read_offline_run_merged
 
 # A syntactically valid (40+ characters) but fake W&B API key.
 FAKE_KEY = "0123abcd" * 5
@@ -183,6 +183,34 @@ def test_resume_appends_to_the_same_run(tmp_path):
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Would sync 2 run(s)" in result.stderr and "WARNING" not in result.stderr
+
+
+def test_run_writer_logs_each_validation_once(tmp_path):
+    """The writer's own record (not the .wandb files) decides what is logged: a restarted writer
+    (a resumed run, a restarted driver) skips steps logged before, fills in what only
+    metrics.jsonl holds, and lists its W&B run directories in order."""
+    cfg = _cfg()
+    names = run_names(cfg)
+    run_dir = tmp_path / "run"
+    rows = [{"step": s, "round": i + 1, "val/label_accuracy": i / 10, "epoch": i, "other": "x"}
+            for i, s in enumerate((4, 8, 12))]
+    with RunWriter(cfg.tracking, run_dir, names, config={"a": 1}) as writer:
+        assert writer.log(rows[0]) and writer.log(rows[1])
+        assert not writer.log(rows[0])  # older than the last logged step
+        writer.summary({"trial/status": "completed"})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    again = RunWriter(cfg.tracking, run_dir, names, config={"a": 1})
+    assert again.logged_steps == [4, 8] and again.has_summary({"trial/status": "completed"})
+    assert not again.has_summary({"trial/status": "ASHA stop"})
+    with again:
+        assert again.backfill() == 1  # only step 12 was missing
+    record = json.loads((run_dir / RunWriter.RECORD).read_text())
+    assert record["steps"] == [4, 8, 12] and record["run_id"] == names.run_id
+    assert len(record["dirs"]) == 2 and all((run_dir / d).is_dir() for d in record["dirs"])
+    merged = read_offline_run_merged(run_dir, names.run_id)
+    assert [row["_step"] for row in merged["history"]] == [4, 8, 12]
+    assert "other" not in merged["history"][0] and merged["history"][2]["round"] == 3
+    assert merged["summary"]["trial/status"] == "completed"
 
 
 def _record_init_calls(monkeypatch) -> list:

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from one_fact import ONE_FACT
+from reckoning_ray.checkpoint import checkpoint_path
 from reckoning_ray.config import load_config
 from reckoning_ray.train import main, run
 
@@ -33,9 +34,9 @@ def ray_local():
 
 
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    state = load_file(str(run_dir / "last" / "model" / "model.safetensors"))
-    extra = torch.load(run_dir / "last" / "state.pt", weights_only=False)
-    state["inner_lrs"] = extra["method_state"]["inner_lrs"]
+    latest = checkpoint_path(run_dir, "latest")
+    state = load_file(str(latest / "model.safetensors"))
+    state.update(load_file(str(latest / "meta_parameters.safetensors")))  # the learned inner rates
     return state
 
 
@@ -61,9 +62,11 @@ def reference(ray_local, tmp_path_factory):
 def test_one_run_leaves_its_files_and_two_validations(reference):
     out, summary = reference
     run_dir = out / "one-worker"
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "best/model/model.safetensors", "last/state.pt"):
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints.json"):
         assert (run_dir / name).exists(), name
     rows = metrics(run_dir)
+    # one record: Ray keeps no checkpoint copies of its own; the run keeps its latest and its best
+    assert not list(run_dir.glob("checkpoint_*")) and len(list((run_dir / "checkpoints").iterdir())) <= 2
     assert [r["step"] for r in rows] == [6, 12]
     assert summary["validations"] == 2
     assert "val/label_accuracy/hops_0" in summary["best_validation"]
@@ -98,7 +101,7 @@ TINY_PAPER = [
 
 @pytest.mark.parametrize("preset", ["paper", "paper-distractors", "paper-icr"])
 def test_each_paper_preset_ends_with_test_metrics_per_hop(ray_local, tmp_path, preset):
-    from reckoning_ray.tracking import read_offline_run_merged
+    from wandb_files import read_offline_run_merged
 
     cfg = load_config(preset, TINY_PAPER + [f"train.output_dir={tmp_path}"])
     summary = run(cfg)

@@ -13,7 +13,7 @@ import pytest
 
 from one_fact import ONE_FACT
 from reckoning_ray.config import ConfigError, load_config
-from reckoning_ray.tracking import read_offline_run_merged
+from wandb_files import read_offline_run_merged
 from reckoning_ray.tune import load_space
 
 ROOT = Path(__file__).resolve().parents[1]

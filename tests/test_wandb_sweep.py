@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from reckoning_ray.config import flatten, load_config, save_config
-from reckoning_ray.tracking import Tracker, read_offline_run_merged
+from reckoning_ray.tracking import RunWriter, Tracker, run_names
+from wandb_files import read_offline_run_merged
 from reckoning_ray.tune import SPACES_DIR, load_space, start_wandb_sweep, trial_outcome
 from reckoning_ray.tune import main as tune_main
 from reckoning_ray.wandb_sweep import (
@@ -177,7 +178,7 @@ def test_table_takes_status_and_rounds_from_tunes_record(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def sweep_template(tmp_path_factory):
     """A small, real sweep directory: sweep_config.yaml, wandb_sweep.yaml (written as a sweep
-    start writes it), two trials' offline runs written by real offline Trackers (the second
+    start writes it), two trials' offline runs written by the real W&B writer (the second
     resumed once, so it has two run directories) and sweep_summary.json."""
     root = tmp_path_factory.mktemp("sweep")
     with pytest.MonkeyPatch.context() as mp:
@@ -189,10 +190,9 @@ def sweep_template(tmp_path_factory):
         start_wandb_sweep(cfg, load_space("embedded", cfg), fresh=True)
         for trial, starts in (("ab12c_00000", 1), ("ab12c_00001", 2)):
             for start in range(starts):
-                tracker = Tracker.start(cfg.tracking, trial, trial, "pub", {"inner.steps": 1},
-                                        sweep / "trials" / trial)
-                tracker.log({"val/answer_loss": 0.5 - start / 10}, step=start)
-                tracker.finish()
+                names = run_names(cfg, trial_id=trial)
+                with RunWriter(cfg.tracking, sweep / "trials" / trial, names, {"inner.steps": 1}) as writer:
+                    writer.log({"val/answer_loss": 0.5 - start / 10, "step": start})
         (sweep / "sweep_summary.json").write_text("{}")
         _teardown_wandb()
     return sweep

@@ -27,13 +27,12 @@ import json
 import os
 import random
 import re
-import socket
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
-from urllib.parse import urlparse
 
 from reckoning_ray.config import SELECTIONS
+from reckoning_ray.hub import hub_offline, hub_reachable, looks_like_hub_id
 from reckoning_ray.data.schema import FIELDS, make_record, validate_record, without_distractors
 
 SPLITS = ("train", "validation", "test")
@@ -613,27 +612,6 @@ def read_clutrr(path: str | os.PathLike, validation_fraction: float = 0.1, test_
 # ---------------------------------------------------------------------------------------------
 
 
-# "name" or "owner/name"; anything else (absolute, ./, ~/, deeper paths) is a local path.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    """A quick TCP connect to the hub endpoint, so that an offline machine fails in seconds."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    parsed = urlparse(endpoint)
-    host = parsed.hostname or "huggingface.co"
-    port = parsed.port or (443 if parsed.scheme != "http" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
 def load_hf(path_or_id: str | os.PathLike) -> "datasets.DatasetDict":  # noqa: F821
     """Load schema records from a DatasetDict directory (``save_to_disk``) or a hub dataset id.
 
@@ -654,11 +632,11 @@ def load_hf(path_or_id: str | os.PathLike) -> "datasets.DatasetDict":  # noqa: F
             raise DataFormatError(text, None, "expected a DatasetDict (train / validation / test) saved with "
                                               "save_to_disk, found a single Dataset")
     else:
-        if not _HUB_ID.fullmatch(str(path_or_id)):
+        if not looks_like_hub_id(str(path_or_id)):
             raise FileNotFoundError(f"data.path {text!r} is not an existing directory; pass the directory "
                                     f"written by save_to_disk")
-        offline = _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE")
-        if offline or not _hub_reachable():
+        offline = hub_offline(datasets=True)
+        if offline or not hub_reachable():
             reason = "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
             raise ConnectionError(
                 f"cannot load hub dataset {text!r}: {reason}. Pass a local directory written by "

@@ -1,0 +1,579 @@
+"""The ``fused`` engine (``inner.engine=fused``, the default): the reference inner loop
+(:mod:`.reference`) computed faster and in less memory, with the same numbers.
+
+What it changes, and what stays exact
+    Inner optimizer step
+        Each AdamW / SGD step is ONE autograd node (:class:`_FusedStep`) whose backward is written
+        out (:class:`_InnerUpdate`): it keeps only its inputs instead of a dozen op-by-op nodes and
+        four weight-sized intermediates per tensor. Same update as :func:`.reference.adamw_step`
+        (smooth denominator) and :func:`.reference.sgd_step`, same derivatives.
+    Tasks batched under vmap
+        All tasks of a pass with the same number of inner steps at once: every fast weight gets a
+        leading task dimension T and the model runs under ``torch.func.vmap`` (weights and inputs
+        mapped over T). The tasks' fast weights are independent, so the gradient of the SUM of the
+        task losses with respect to the stacked ``[T, ...]`` weights is each task's own gradient.
+        Several times faster than task by task for small models on a CPU (one pass of larger
+        operations instead of T passes of small ones); the model gets a 4D attention mask and
+        explicit position ids, so no data-dependent mask construction runs under ``vmap``. vmap
+        needs eager attention (no batching rule for the CPU SDPA kernels). A pass of one task runs
+        unbatched, as the reference does.
+
+Memory options (``inner`` config group; ``bench/memory_modes.py`` measures them)
+    ``tasks_per_pass`` bounds how many tasks' inner graphs live at once (1: task by task);
+    ``checkpoint`` keeps only the inner gradients and rebuilds each step's graph in the backward
+    pass (:class:`_RecomputedInnerLoop`, same meta-gradient); ``autocast: bf16`` runs the forward
+    passes in bfloat16 (a different, approximate meta-gradient); ``first_order`` drops the
+    second-order terms altogether.
+
+Dropout under vmap draws a mask per task (``randomness="different"``); ``checkpoint`` replays each
+step's random-number state, so the recomputed steps see the forward pass's masks.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+from torch.utils.checkpoint import get_device_states, set_device_states
+
+from ..config import InnerConfig
+from ..data.encode import TaskBatch
+from ..modeling import set_attention_for_second_order
+from .lm import causal_lm_logits, token_mean_loss, trainable
+from .reference import AdamWState
+
+logger = logging.getLogger(__name__)
+
+
+class FastWeights(NamedTuple):
+    """The fast weights of one pass: ``[T, ...]`` per weight (``stacked``, run under vmap) or the
+    one task's own weights."""
+
+    params: dict[str, Tensor]
+    stacked: bool
+
+
+class FusedEngine:
+    """The fused engine for :class:`~reckoning_ray.bilevel.method.ReckoningMethod`: passes of
+    tasks, their inner loops, and the model calls with their fast weights."""
+
+    def __init__(self, model: torch.nn.Module, inner: InnerConfig) -> None:
+        self.model, self.inner = model, inner
+        self.update = _InnerUpdate(inner.optimizer == "adamw", float(inner.beta1), float(inner.beta2),
+                                   float(inner.eps), float(inner.weight_decay))
+        before = set_attention_for_second_order(model, not inner.first_order)
+        if before != "eager":
+            model.set_attn_implementation("eager")
+            logger.info("fused engine: attention switched from %s to eager (vmap over tasks)", before)
+        self.attention = "eager"
+        if inner.autocast == "bf16" and inner.optimizer == "adamw" and not inner.first_order:
+            logger.warning(
+                "inner.autocast=bf16 with second-order AdamW: the meta-gradient is far from float32's "
+                "(AdamW's second derivative is ~1/eps where a gradient entry is ~eps; see BENCHMARKS.md, "
+                "memory_modes). Use it with inner.first_order=true or inner.optimizer=sgd."
+            )
+
+    def passes(self, steps: list[int]) -> list[tuple[int, list[int]]]:
+        """(inner steps, task indices) per pass: the tasks of each inner-step count together, in
+        order of first appearance, at most ``inner.tasks_per_pass`` of them per pass (0: no limit)."""
+        groups: dict[int, list[int]] = {}
+        for t, n in enumerate(steps):
+            groups.setdefault(n, []).append(t)
+        cap = int(self.inner.tasks_per_pass) or len(steps)
+        return [(n, index[i : i + cap]) for n, index in groups.items() for i in range(0, len(index), cap)]
+
+    def adapt(self, tasks: TaskBatch, steps: int, lrs: Tensor, graph: bool) -> tuple[FastWeights, list[float]]:
+        """Fast weights of ``tasks`` (all with ``steps`` inner steps) and the summed knowledge loss
+        before each step. ``lrs``: the effective rates ``[max steps, tensors]``; ``graph=False``
+        (evaluation): gradients, no graph."""
+        names, base = trainable(self.model)
+        k = tasks.knowledge
+        if len(tasks) == 1:
+            def knowledge_loss(weights: list[Tensor]) -> Tensor:
+                return self.task_loss(dict(zip(names, weights)), k.input_ids[0], k.attention_mask[0], k.labels[0])
+
+            weights = list(base)
+        else:
+            task_losses = self._vmap(self.task_loss)
+
+            def knowledge_loss(weights: list[Tensor]) -> Tensor:
+                return task_losses(dict(zip(names, weights)), k.input_ids, k.attention_mask, k.labels).sum()
+
+            weights = [p.unsqueeze(0).expand(len(tasks), *p.shape) for p in base]
+        fast, losses = self.inner_loop(knowledge_loss, weights, lrs, steps, graph)
+        return FastWeights(dict(zip(names, fast)), len(tasks) > 1), losses
+
+    def inner_loop(self, knowledge_loss: Callable[[list[Tensor]], Tensor], weights: list[Tensor], lrs: Tensor,
+                   steps: int, graph: bool) -> tuple[list[Tensor], list[float]]:
+        """:func:`.reference.inner_loop` with one :class:`_FusedStep` node per step; with
+        ``inner.checkpoint`` (second order) the whole loop is one :class:`_RecomputedInnerLoop`,
+        which keeps only the inner gradients and rebuilds each step when the outer backward
+        reaches it. ``weights`` per task, or stacked with a leading task dimension."""
+        second_order = graph and not self.inner.first_order
+        n = len(weights)
+        if self.inner.checkpoint and second_order and torch.is_grad_enabled():
+            # In train mode (dropout) the recomputation must redraw the forward pass's masks.
+            *fast, losses = _RecomputedInnerLoop.apply(knowledge_loss, self.update, steps, n, self.model.training,
+                                                       *weights, lrs)
+            return list(fast), [float(x) for x in losses]
+        if not graph:
+            lrs = lrs.detach()
+            weights = [w.detach() for w in weights]
+        state: list[Tensor] = []  # AdamW's exp_avg then exp_avg_sq (empty before the first step)
+        losses = []
+        for k in range(steps):
+            loss, grads = _inner_gradient(knowledge_loss, weights, create_graph=second_order)
+            with torch.set_grad_enabled(graph and torch.is_grad_enabled()):
+                out = _FusedStep.apply(self.update, k + 1, n, *weights, *grads, *state, lrs[k])
+            weights, state = list(out[:n]), list(out[n:])
+            losses.append(float(loss.detach()))
+        return weights, losses
+
+    def task_loss(self, params: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """Scalar mean token loss of one task's rows ``[B, L]`` under ``params``.
+
+        ``inner.autocast=bf16``: the forward pass runs on bfloat16 copies of ``params`` (a
+        differentiable cast: gradients come back in the weights' dtype) under ``torch.autocast``.
+        The explicit cast is needed because under ``vmap`` autocast alone leaves GPT-2's
+        ``addmm`` layers in float32. The loss is computed in the weights' dtype.
+        """
+        dtype = next(iter(params.values())).dtype
+        if self.inner.autocast == "bf16":
+            params = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in params.items()}
+            with torch.autocast(device_type=input_ids.device.type, dtype=torch.bfloat16):
+                logits = causal_lm_logits(self.model, params, input_ids, attention_mask)
+        else:
+            logits = causal_lm_logits(self.model, params, input_ids, attention_mask)
+        return token_mean_loss(logits.to(dtype), labels)
+
+    def task_losses(self, fast: FastWeights, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """Per-task mean losses ``[T]`` of rows ``[T, B, L]``."""
+        if fast.stacked:
+            return self._vmap(self.task_loss)(fast.params, input_ids, attention_mask, labels)
+        return torch.stack([self.task_loss(fast.params, i, m, l) for i, m, l in zip(input_ids, attention_mask, labels)])
+
+    def last_logits(self, fast: FastWeights, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Logits ``[T, V]`` after the last position of each task's row ``[T, L]`` (generation)."""
+        if fast.stacked:
+            logits = self._vmap(lambda p, ids, mask: causal_lm_logits(self.model, p, ids, mask))
+            return logits(fast.params, input_ids[:, None], attention_mask[:, None])[:, 0, -1]
+        return causal_lm_logits(self.model, fast.params, input_ids, attention_mask)[:, -1]
+
+    def task_weights(self, fast: FastWeights, j: int) -> dict[str, Tensor]:
+        return {name: w[j] for name, w in fast.params.items()} if fast.stacked else fast.params
+
+    def _vmap(self, fn: Callable) -> Callable:
+        """``vmap`` over tasks. In train mode (dropout) each task draws its own masks
+        (``randomness="different"``); in eval mode vmap's default, which refuses random ops."""
+        return vmap(fn, randomness="different") if self.model.training else vmap(fn)
+
+
+# ------------------------------------------------------------------------------------------------
+# The inner step as one autograd node, and the recomputed inner loop
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _InnerUpdate:
+    """The engine's inner optimizer step (:func:`.reference.adamw_step` with its smooth denominator,
+    or :func:`.reference.sgd_step`) as arithmetic without a graph, and its adjoint written out.
+
+    ``state`` is a list of tensors: empty for SGD and before AdamW's first step, AdamW's
+    ``[*exp_avg, *exp_avg_sq]`` after it. ``lrs`` is one ``[n]`` tensor (a rate per weight tensor),
+    ``step`` counts from 1. Recorded op by op, AdamW keeps four weight-sized tensors per inner step
+    for the outer backward (the gradient, the new first moment, ``rsqrt(v_hat + eps^2)`` and the
+    update direction) and adds a dozen autograd nodes per weight tensor; through
+    :class:`_FusedStep` it keeps only its inputs and recomputes the rest.
+
+    AdamW, with ``m' = b1 m + (1 - b1) g``, ``v' = b2 v + (1 - b2) g^2``,
+    ``r = (v' / c2 + eps^2)^-1/2``, ``w' = w (1 - lr wd) - (lr / c1) m' r`` (``c1``, ``c2`` the
+    bias corrections) and ``G_x`` the gradient reaching ``x``::
+
+        G_m' = G_m'(out) - (lr / c1) r G_w'        G_v' = G_v'(out) + (lr / c1) m' r^3 / (2 c2) G_w'
+        G_w = (1 - lr wd) G_w'                     G_lr = -sum(G_w' (wd w + m' r / c1))
+        G_g = (1 - b1) G_m' + 2 (1 - b2) g G_v'    G_m = b1 G_m',  G_v = b2 G_v'
+
+    SGD (``w' = w - lr g``): ``G_w = G_w'``, ``G_g = -lr G_w'``, ``G_lr = -sum(G_w' g)``.
+    """
+
+    adamw: bool
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+
+    def _moments(self, g: Tensor, state: Sequence[Tensor], i: int, n: int) -> tuple[Tensor, Tensor]:
+        b1, b2 = self.beta1, self.beta2
+        if not state:  # first step: zero moments, nothing to multiply
+            return g * (1.0 - b1), torch.mul(g, g).mul_(1.0 - b2)
+        return torch.lerp(state[i], g, 1.0 - b1), torch.mul(state[n + i], b2).addcmul_(g, g, value=1.0 - b2)
+
+    def _rsqrt_(self, v: Tensor, c2: float) -> Tensor:
+        """``(v / c2 + eps^2)^-1/2`` in ``v``'s own memory."""
+        return v.div_(c2).add_(self.eps * self.eps).rsqrt_()
+
+    def apply(self, step: int, weights: Sequence[Tensor], grads: Sequence[Tensor], state: Sequence[Tensor],
+              lrs: Tensor, release: bool = False, directions: Optional[list[Tensor]] = None
+              ) -> tuple[list[Tensor], list[Tensor]]:
+        """New weights and state (no graph is recorded by the arithmetic itself).
+
+        ``release``: ``weights`` and ``state`` are lists owned by the caller; each entry is set to
+        None once used, so the old and the new step hold about one tensor's memory together.
+        ``directions``: a list to receive each tensor's update direction ``t`` (AdamW: ``m' r``;
+        SGD: the gradient), all that :meth:`adjoint_constant` needs.
+        """
+        n = len(weights)
+        rates = lrs.unbind(0)
+        if not self.adamw:
+            new = []
+            for i, g in enumerate(grads):
+                new.append(torch.mul(g, -rates[i]).add_(weights[i]))
+                if directions is not None:
+                    directions.append(g)
+                if release:
+                    weights[i] = None  # type: ignore[index]
+            return new, []
+        # In-place arithmetic on fresh buffers wherever possible: on a CPU, writing a new buffer
+        # costs several times an in-place pass over one in cache.
+        c1, c2 = 1.0 - self.beta1**step, 1.0 - self.beta2**step
+        decay, size = (1.0 - lrs * self.weight_decay).unbind(0), (lrs / -c1).unbind(0)
+        new_w, new_m, new_v = [], [], []
+        for i, g in enumerate(grads):
+            m, v = self._moments(g, state, i, n)
+            t = torch.div(v, c2).add_(self.eps * self.eps).rsqrt_().mul_(m)
+            if directions is not None:
+                directions.append(t)
+                t = t * size[i]
+            else:
+                t.mul_(size[i])
+            new_w.append(t.addcmul_(weights[i], decay[i]))
+            new_m.append(m)
+            new_v.append(v)
+            if release:
+                _release(weights, state, i, n)
+        return new_w, [*new_m, *new_v]
+
+    def adjoint(
+        self,
+        step: int,
+        weights: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        state: Sequence[Tensor],
+        lrs: Tensor,
+        d_weights: Sequence[Optional[Tensor]],
+        d_state: Sequence[Optional[Tensor]],
+        needs: Optional[Sequence[bool]] = None,
+        release: bool = False,
+    ) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]], list[Optional[Tensor]], Optional[Tensor]]:
+        """Gradients reaching (weights, grads, state, lrs) from those of the new weights and state.
+
+        ``d_*`` entries may be None (no gradient); ``d_state`` may be empty. ``needs``: which of
+        ``[*weights, *grads, *state, lrs]`` want a gradient (default all). ``release``: as in
+        :meth:`apply`, for ``weights``, ``state``, ``d_weights`` and ``d_state``.
+        """
+        n = len(weights)
+        needs = list(needs) if needs is not None else [True] * (2 * n + len(state) + 1)
+        need_w, need_g, need_s, need_lr = needs[:n], needs[n : 2 * n], needs[2 * n : -1], needs[-1]
+        d_w: list[Optional[Tensor]] = [None] * n
+        d_g: list[Optional[Tensor]] = [None] * n
+        d_s: list[Optional[Tensor]] = [None] * len(state)
+        d_lr = torch.zeros_like(lrs) if need_lr else None
+        rates = lrs.unbind(0)
+        if not self.adamw:
+            for i, g in enumerate(grads):
+                gw = d_weights[i]
+                if gw is not None:
+                    d_w[i] = gw if need_w[i] else None
+                    d_g[i] = gw * -rates[i] if need_g[i] else None
+                    if d_lr is not None:
+                        d_lr[i] = -torch.vdot(gw.reshape(-1), g.reshape(-1))
+                if release:
+                    del gw
+                    _release(weights, d_weights, i, n)
+            return d_w, d_g, d_s, d_lr
+        b1, b2, wd = self.beta1, self.beta2, self.weight_decay
+        c1, c2 = 1.0 - b1**step, 1.0 - b2**step
+        # With t = m' r: G_m' = -(lr / c1) G_w' r, G_v' = (lr / (2 c1 c2)) G_w' r^2 t. Fresh buffers
+        # only for m' (then t), v' (then r), G_w' r and the outputs G_w, G_g.
+        decay = (1.0 - lrs * wd).unbind(0)
+        size, half = (lrs / -c1).unbind(0), (lrs / (2.0 * c1 * c2)).unbind(0)
+        for i in range(n):
+            gw = d_weights[i]
+            gm, gv = (d_state[i], d_state[n + i]) if d_state else (None, None)
+            if gw is None and gm is None and gv is None:
+                if release:
+                    for items in (weights, state):
+                        _release(items, items, i, n)
+                continue
+            g = grads[i]
+            t, r = self._moments(g, state, i, n)
+            r = self._rsqrt_(r, c2)
+            t = t.mul_(r)
+            if gw is None:  # no gradient reaches the new weights: the moments' own gradients only
+                dm = None if gm is None else gm.clone()
+                dv = None if gv is None else gv.clone()
+            else:
+                if need_w[i]:
+                    d_w[i] = gw * decay[i]
+                if d_lr is not None:
+                    flat = gw.reshape(-1)
+                    d_lr[i] = -(wd * torch.vdot(flat, weights[i].reshape(-1)) + torch.vdot(flat, t.reshape(-1)) / c1)
+                dv = t.mul_(half[i]).mul_(gw).mul_(r).mul_(r)
+                dm = r.mul_(gw).mul_(size[i])
+                if gm is not None:
+                    dm.add_(gm)
+                if gv is not None:
+                    dv.add_(gv)
+            del t, r
+            if need_g[i]:
+                d = None if dm is None else dm * (1.0 - b1)
+                if dv is not None:
+                    scale = 2.0 * (1.0 - b2)
+                    d = torch.mul(g, dv).mul_(scale) if d is None else d.addcmul_(g, dv, value=scale)
+                d_g[i] = d
+            if state:
+                d_s[i] = dm.mul_(b1) if need_s[i] and dm is not None else None
+                d_s[n + i] = dv.mul_(b2) if need_s[n + i] and dv is not None else None
+            if release:
+                del gw, gm, gv, dm, dv
+                for items in (weights, state, d_weights, d_state):
+                    _release(items, items, i, n)
+        return d_w, d_g, d_s, d_lr
+
+    def adjoint_constant(
+        self,
+        step: int,
+        weights: Sequence[Tensor],
+        directions: Sequence[Tensor],
+        lrs: Tensor,
+        d_weights: Sequence[Optional[Tensor]],
+        need_weights: Sequence[bool],
+        need_lrs: bool,
+    ) -> tuple[list[Optional[Tensor]], Optional[Tensor]]:
+        """Gradients reaching (weights, lrs) when the inner gradients and the state are constants
+        (first order): ``w' = w (1 - lr wd) - (lr / c1) t`` (AdamW) or ``w' = w - lr g`` (SGD),
+        ``t`` the ``directions`` of :meth:`apply`."""
+        n = len(weights)
+        wd = self.weight_decay if self.adamw else 0.0
+        k = 1.0 / (1.0 - self.beta1**step) if self.adamw else 1.0
+        decay = (1.0 - lrs * wd).unbind(0)
+        d_w: list[Optional[Tensor]] = [None] * n
+        d_lr = torch.zeros_like(lrs) if need_lrs else None
+        for i, gw in enumerate(d_weights):
+            if gw is None:
+                continue
+            if need_weights[i]:
+                d_w[i] = gw * decay[i] if wd else gw
+            if d_lr is not None:
+                flat = gw.reshape(-1)
+                value = k * torch.vdot(flat, directions[i].reshape(-1))
+                if wd:
+                    value = value + wd * torch.vdot(flat, weights[i].reshape(-1))
+                d_lr[i] = -value
+        return d_w, d_lr
+
+
+def _release(first: list, pairs: list, i: int, n: int) -> None:
+    """Set entry ``i`` of ``first`` and entries ``i``, ``n + i`` of ``pairs`` (when present) to None."""
+    if i < len(first):
+        first[i] = None
+    for j in (i, n + i):
+        if j < len(pairs):
+            pairs[j] = None
+
+
+class _FusedStep(torch.autograd.Function):
+    """One inner step of :class:`_InnerUpdate` as a single autograd node.
+
+    ``apply(update, step, n, *weights, *grads, *state, lrs)`` -> ``(*new weights, *new state)``.
+    Keeps its inputs for the backward pass (of which only the inner gradient is new memory: the
+    weights and the state are kept by the steps around it) and runs
+    :meth:`_InnerUpdate.adjoint` there. Its backward pass is not itself differentiable (nothing in
+    RECKONING differentiates it).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, update: _InnerUpdate, step: int, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.update, ctx.step, ctx.n = update, step, n
+        ctx.set_materialize_grads(False)
+        weights, grads, state, lrs = tensors[:n], tensors[n : 2 * n], tensors[2 * n : -1], tensors[-1]
+        # First order: the gradients and the state are constants, so the new state is one too and
+        # the backward pass needs only the weights and the update directions.
+        ctx.constant = not any(ctx.needs_input_grad[3 + n : -1])
+        if ctx.constant:
+            directions: list[Tensor] = []
+            new, state = update.apply(step, weights, grads, state, lrs, directions=directions)
+            ctx.n_state = len(tensors) - 2 * n - 1
+            ctx.save_for_backward(*weights, *directions, lrs)
+            ctx.mark_non_differentiable(*state)
+            return (*new, *state)
+        ctx.save_for_backward(*tensors)
+        new, state = update.apply(step, weights, grads, state, lrs)
+        return (*new, *state)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        n, saved = ctx.n, ctx.saved_tensors
+        if ctx.constant:
+            needs = ctx.needs_input_grad[3:]
+            d_w, d_lr = ctx.update.adjoint_constant(ctx.step, saved[:n], saved[n : 2 * n], saved[-1],
+                                                    grad_outputs[:n], needs[:n], needs[-1])
+            return (None, None, None, *d_w, *[None] * (n + ctx.n_state), d_lr)
+        d_w, d_g, d_s, d_lr = ctx.update.adjoint(
+            ctx.step, saved[:n], saved[n : 2 * n], saved[2 * n : -1], saved[-1],
+            grad_outputs[:n], grad_outputs[n:], ctx.needs_input_grad[3:],
+        )
+        return (None, None, None, *d_w, *d_g, *d_s, d_lr)
+
+
+def fused_adamw_step(
+    weights: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    lrs: Tensor,
+    state: AdamWState,
+    *,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+) -> tuple[list[Tensor], AdamWState]:
+    """:func:`.reference.adamw_step` (smooth denominator) as the engine runs it: one :class:`_FusedStep`
+    node, ``lrs`` one ``[len(weights)]`` tensor. Same values and derivatives, less memory."""
+    n, step = len(weights), state.step + 1
+    moments = [*state.exp_avg, *state.exp_avg_sq] if state.step else []
+    update = _InnerUpdate(True, beta1, beta2, eps, weight_decay)
+    out = _FusedStep.apply(update, step, n, *weights, *grads, *moments, lrs)
+    return list(out[:n]), AdamWState(list(out[n : 2 * n]), list(out[2 * n :]), step)
+
+
+def _inner_gradient(loss_fn: Callable[[list[Tensor]], Tensor], weights: Sequence[Tensor], create_graph: bool
+                    ) -> tuple[Tensor, list[Tensor]]:
+    """``(loss, d loss / d weights)``; zeros where a weight gets no gradient.
+
+    ``create_graph`` (second order): the gradient stays a function of ``weights``. Otherwise the
+    loss runs on detached copies and its graph is freed at once (the gradient is a constant).
+    """
+    if create_graph:
+        loss = loss_fn(list(weights))
+        grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
+    else:
+        probes = [w.detach().requires_grad_(True) for w in weights]
+        with torch.enable_grad():
+            loss = loss_fn(probes)
+            grads = torch.autograd.grad(loss, probes, allow_unused=True)
+    return loss, [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
+
+
+def _rng_state(ref: Tensor) -> tuple[Tensor, str, list[int], list[Tensor]]:
+    """The CPU generator's state and that of ``ref``'s accelerator (if any), as
+    ``torch.utils.checkpoint`` keeps them."""
+    devices, states = get_device_states(ref)
+    return torch.get_rng_state(), ref.device.type, devices, states
+
+
+@contextmanager
+def _rng_restored(saved: tuple[Tensor, str, list[int], list[Tensor]]):
+    """Run the block from the random-number state ``saved`` (:func:`_rng_state`); the generators
+    are put back as they were afterwards."""
+    cpu, device_type, devices, states = saved
+    with torch.random.fork_rng(devices=devices, device_type=device_type if devices else "cuda"):
+        torch.set_rng_state(cpu)
+        if devices:
+            set_device_states(devices, states, device_type=device_type)
+        yield
+
+
+class _RecomputedInnerLoop(torch.autograd.Function):
+    """The whole second-order inner loop, keeping only the inner gradients (``inner.checkpoint``).
+
+    ``apply(loss_fn, update, steps, n, random, *weights, lrs)`` -> ``(*fast weights, losses)`` with
+    ``lrs`` the ``[max steps, n]`` learned rates and ``losses`` the knowledge loss before each step
+    (no gradient). The forward pass runs the loop without a graph and keeps the inner gradients of
+    steps 1 .. N-1 (detached). The backward pass walks the steps in reverse: it rebuilds the
+    weights and optimizer state before step k by replaying the optimizer arithmetic from the
+    initial weights and the kept gradients (no model passes), recomputes step k's inner gradient
+    with ``create_graph``, applies :meth:`_InnerUpdate.adjoint` and back-propagates the gradient's
+    share through the rebuilt graph (a Hessian-vector product), which is then freed.
+
+    Memory: N - 1 gradient-sized tensors kept, plus one step's graph and one weights-and-state at
+    a time, instead of every step's activations and double-backward graph (or, checkpointing step
+    by step, every step's weights and AdamW moments). Time: one more forward and inner gradient
+    per step, and N (N - 1) / 2 replayed optimizer updates. The outer gradient is the same as
+    without checkpointing: the replay and the recomputation repeat the same operations.
+
+    ``random``: ``loss_fn`` draws random numbers (dropout in train mode). The random-number state
+    before each step's forward pass (CPU generator and the weights' accelerator, as
+    ``torch.utils.checkpoint`` keeps them) is then kept and restored for that step's
+    recomputation, so it redraws the same masks; the generators are left as the forward pass left
+    them. False (no dropout): nothing is kept.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, loss_fn: Callable, update: _InnerUpdate, steps: int, n: int, random: bool,
+                *inputs: Tensor) -> tuple[Tensor, ...]:
+        weights, lrs = list(inputs[:n]), inputs[n]
+        state: list[Tensor] = []
+        kept: list[Optional[list[Tensor]]] = []  # the inner gradients of steps 1 .. N-1
+        ctx.rng = []  # with ``random``: the random-number state before each step's forward pass
+        losses = []
+        for k in range(steps):
+            if random:
+                ctx.rng.append(_rng_state(weights[0]))
+            loss, grads = _inner_gradient(loss_fn, weights, create_graph=False)
+            losses.append(loss.detach())
+            if k < steps - 1:
+                kept.append([g.detach() for g in grads])
+            weights, state = update.apply(k + 1, weights, grads, state, lrs[k])
+        ctx.loss_fn, ctx.update, ctx.steps, ctx.n, ctx.kept = loss_fn, update, steps, n, kept
+        ctx.save_for_backward(*inputs)
+        ctx.set_materialize_grads(False)
+        out = torch.stack(losses)
+        ctx.mark_non_differentiable(out)
+        return (*weights, out)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        update, steps, n, kept = ctx.update, ctx.steps, ctx.n, ctx.kept
+        ctx.kept = None
+        saved = ctx.saved_tensors
+        initial, lrs = saved[:n], saved[n]
+        d_lrs = torch.zeros_like(lrs) if ctx.needs_input_grad[-1] else None
+        d_w: list[Optional[Tensor]] = list(grad_outputs[:n])
+        d_s: list[Optional[Tensor]] = []
+        for k in reversed(range(steps)):
+            # Lists owned here and released entry by entry (``release``), so that old and new
+            # weights, states and adjoints never all live at once.
+            weights, state = list(initial), []
+            for j in range(k):
+                weights, state = update.apply(j + 1, weights, kept[j], state, lrs[j], release=True)
+            if k:
+                kept[k - 1] = None  # the earlier steps' replays stop before it
+            with torch.enable_grad():
+                probes = [w.detach().requires_grad_(True) for w in weights]
+                if ctx.rng:  # dropout: the masks step k drew in the forward pass
+                    with _rng_restored(ctx.rng[k]):
+                        _, grads = _inner_gradient(ctx.loss_fn, probes, create_graph=True)
+                else:
+                    _, grads = _inner_gradient(ctx.loss_fn, probes, create_graph=True)
+            d_direct, d_g, d_s, d_lr = update.adjoint(k + 1, weights, [g.detach() for g in grads], state, lrs[k],
+                                                      d_w, d_s, release=True)
+            del weights, state, d_w
+            if d_lrs is not None and d_lr is not None:
+                d_lrs[k] = d_lr
+            pairs = [(g, dg) for g, dg in zip(grads, d_g) if dg is not None and g.requires_grad]
+            hvp = list(torch.autograd.grad([g for g, _ in pairs], probes, [dg for _, dg in pairs], allow_unused=True)
+                       if pairs else [None] * n)
+            del grads, pairs, d_g, probes
+            for i, (a, b) in enumerate(zip(d_direct, hvp)):
+                d_direct[i] = a if b is None else (b if a is None else a + b)
+                hvp[i] = None
+            del a, b
+            d_w = d_direct
+        ctx.rng = None
+        wants = ctx.needs_input_grad[5 : 5 + n]
+        return (None, None, None, None, None, *[d if want else None for d, want in zip(d_w, wants)], d_lrs)

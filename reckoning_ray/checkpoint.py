@@ -1,0 +1,185 @@
+"""Checkpoints: one record per run, one copy of the model per kept checkpoint.
+
+A run directory keeps its checkpoints as::
+
+    <run_dir>/checkpoints.json               the record: {"latest": "step-000012", "best": "step-000008",
+                                             "metric": ..., "best_metric": ...}
+    <run_dir>/checkpoints/step-000012/       a checkpoint (below)
+
+Only the latest and the best checkpoint are kept (one directory when they are the same step), and
+only the latest keeps ``trainer_state.pt`` (the outer optimizer's moments are twice the model);
+resume reads ``latest``, test evaluation and prediction read ``best``, both from the same record.
+The record is replaced atomically after the checkpoint directory is complete, so a process killed
+while saving leaves the previous record and checkpoints intact.
+
+A checkpoint directory is a trained model that needs nothing else::
+
+    config.json, model.safetensors, ...      the model (``save_pretrained``; HF loads it as is)
+    tokenizer.json, tokenizer_config.json, ... its tokenizer
+    reckoning.json                           the method's settings (method name, inner loop:
+                                             optimizer, steps per hop count, betas, eps, ...;
+                                             encoder: target format, max length; generation length)
+    meta_parameters.safetensors              meta-parameters besides the weights (RECKONING's
+                                             learned inner learning rates)
+    trainer_state.pt                         outer optimizer, scheduler, random state, progress and
+                                             validation history (the latest checkpoint only: to
+                                             resume training)
+
+Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+RECORD = "checkpoints.json"
+CHECKPOINTS = "checkpoints"
+SETTINGS = "reckoning.json"
+META_PARAMETERS = "meta_parameters.safetensors"
+TRAINER_STATE = "trainer_state.pt"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(FileNotFoundError):
+    """A path that is not a checkpoint or a run directory with one; the message says what is there."""
+
+
+def save_pretrained(method: Any, directory: str | os.PathLike, task: Optional[dict[str, Any]] = None) -> Path:
+    """Write ``method`` (model, tokenizer, settings, meta-parameters) to ``directory``: a model
+    :func:`load_pretrained` and :class:`reckoning_ray.predict.ReckoningModel` load alone.
+
+    ``task``: what the model was trained on, kept in ``reckoning.json`` (``{"family": ...}``: the
+    question wording prediction uses by default)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    method.model.save_pretrained(directory)
+    method.tokenizer.save_pretrained(directory)
+    settings = dict(method.settings(), format=FORMAT_VERSION, task=dict(task or {}))
+    (directory / SETTINGS).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    extra = {k: v.detach().to("cpu").contiguous() for k, v in method.extra_state().items()}
+    save_file(extra, str(directory / META_PARAMETERS))
+    return directory
+
+
+def read_settings(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / SETTINGS
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a RECKONING checkpoint: {SETTINGS} is missing")
+    return json.loads(path.read_text())
+
+
+def load_meta_parameters(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(directory) / META_PARAMETERS))
+
+
+def load_pretrained(directory: str | os.PathLike, device: Optional[torch.device] = None,
+                    dtype: Optional[torch.dtype] = None) -> Any:
+    """The method saved by :func:`save_pretrained` in ``directory`` (a checkpoint directory, or a
+    run directory: its best checkpoint), in evaluation mode on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .baseline import build_method_from_settings
+
+    directory = resolve(directory, "best")
+    settings = read_settings(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, **({"dtype": dtype} if dtype else {}))
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    method = build_method_from_settings(settings, model, tokenizer)
+    method.load_extra_state(load_meta_parameters(directory))
+    if device is not None:
+        method.to(device)
+    return method.eval()
+
+
+# -- the run's record ------------------------------------------------------------------------------
+
+def read_record(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run's record (``{}`` before its first checkpoint)."""
+    path = Path(run_dir) / RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def checkpoint_path(run_dir: str | os.PathLike, which: str = "latest") -> Optional[Path]:
+    """The run's ``latest`` or ``best`` checkpoint directory, or None before its first one."""
+    if which not in ("latest", "best"):
+        raise ValueError(f"which={which!r}: choose 'latest' or 'best'")
+    name = read_record(run_dir).get(which)
+    return Path(run_dir) / CHECKPOINTS / name if name else None
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / SETTINGS).is_file() and (Path(path) / "config.json").is_file()
+
+
+def resolve(path: str | os.PathLike, which: str = "best") -> Path:
+    """``path`` itself when it is a checkpoint directory, else the ``which`` checkpoint of the run
+    directory ``path``; a clear error otherwise."""
+    path = Path(path).expanduser()
+    if is_checkpoint(path):
+        return path
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: pass a run directory (<train.output_dir>/<run name>) "
+                              f"or one of its checkpoints/step-* directories")
+    found = checkpoint_path(path, which)
+    if found is None or not is_checkpoint(found):
+        raise CheckpointError(f"{path} holds no {which} checkpoint (no {RECORD} naming one): pass a run "
+                              f"directory that has validated at least once, or a checkpoints/step-* directory")
+    return found
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, method: Any, trainer_state: dict[str, Any],
+                    best: bool, metric: str, value: Optional[float], task: Optional[dict[str, Any]] = None) -> Path:
+    """Write the checkpoint of optimizer step ``step`` and make it the run's latest (and, with
+    ``best``, its best); delete the checkpoints the record no longer names. Returns its directory."""
+    run_dir = Path(run_dir)
+    name = f"step-{step:06d}"
+    final = run_dir / CHECKPOINTS / name
+    tmp = final.with_name(name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(method, tmp, task)
+    torch.save(trainer_state, tmp / TRAINER_STATE)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    record = read_record(run_dir)
+    record.update(latest=name, metric=metric)
+    if best or "best" not in record:
+        record.update(best=name, best_metric=value, best_step=step)
+    tmp_record = run_dir / (RECORD + ".tmp")
+    tmp_record.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp_record, run_dir / RECORD)
+    keep = {record["latest"], record["best"]}
+    for old in (run_dir / CHECKPOINTS).iterdir():
+        if old.name not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+    if record["best"] != record["latest"]:
+        # only the latest resumes: the best keeps the model, not the outer optimizer's moments
+        (run_dir / CHECKPOINTS / record["best"] / TRAINER_STATE).unlink(missing_ok=True)
+    return final
+
+
+def load_trainer_state(directory: str | os.PathLike) -> dict[str, Any]:
+    return torch.load(Path(directory) / TRAINER_STATE, weights_only=False)
+
+
+__all__ = [
+    "CheckpointError",
+    "checkpoint_path",
+    "is_checkpoint",
+    "load_pretrained",
+    "load_trainer_state",
+    "read_record",
+    "read_settings",
+    "resolve",
+    "save_checkpoint",
+    "save_pretrained",
+]

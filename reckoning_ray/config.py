@@ -454,93 +454,106 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check values (types were checked by the schema). Raises ConfigError."""
+    """Check values (types and choices were checked by the schema), group by group, then the
+    keys that depend on each other. Raises ConfigError naming the key."""
+    for name, check in GROUP_CHECKS.items():
+        check(cfg[name])
     c = cfg
-    _check(c.train.method in METHODS, "train.method", c.train.method, f"choose one of {METHODS}")
-    _check(c.data.source in SOURCES, "data.source", c.data.source, f"choose one of {SOURCES}")
-    _check(c.data.family in FAMILIES, "data.family", c.data.family, f"choose one of {FAMILIES}")
-    if c.data.source in ("proofwriter", "clutrr"):
-        _check(c.data.path is not None, "data.path", c.data.path,
-               f"data.source={c.data.source} needs data.path=<file or directory>")
-        _check(os.path.exists(os.path.expanduser(c.data.path)), "data.path", c.data.path,
-               "the path does not exist; pass an existing file or directory")
-    if c.data.source == "hf":
-        _check(bool(c.data.path), "data.path", c.data.path, "data.source=hf needs data.path=<dir or hub id>")
-    for k in ("num_train", "num_validation", "num_test"):
-        _check(c.data[k] >= 0, f"data.{k}", c.data[k], "must be >= 0")
-    _check(c.data.num_train >= 1 or c.data.source != "generate", "data.num_train", c.data.num_train, "must be >= 1")
-    _check(all(h >= 0 for h in c.data.hops), "data.hops", list(c.data.hops), "hop counts must be >= 0")
-    for k in ("train_hops", "validation_hops", "test_hops"):
-        if c.data[k] is not None:
-            _check(all(h >= 0 for h in c.data[k]), f"data.{k}", list(c.data[k]),
-                   "hop counts must be >= 0 (or null to use data.hops)")
-    _check(c.data.selection in SELECTIONS, "data.selection", c.data.selection, f"choose one of {SELECTIONS}")
-    _check(c.data.distractors >= -1, "data.distractors", c.data.distractors, "-1 (all), 0 (none) or a count")
-    for k in ("validation_fraction", "test_fraction"):
-        _check(0.0 <= c.data[k] < 1.0, f"data.{k}", c.data[k], "must be in [0, 1)")
-    _check(c.inner.optimizer in INNER_OPTIMIZERS, "inner.optimizer", c.inner.optimizer,
-           f"choose one of {INNER_OPTIMIZERS}")
-    if c.inner.steps is not None:
-        _check(c.inner.steps >= 1, "inner.steps", c.inner.steps, "must be >= 1 (or null to use inner.steps_by_hops)")
-    else:
-        _check(len(c.inner.steps_by_hops) > 0, "inner.steps_by_hops", dict(c.inner.steps_by_hops),
-               "needs at least one hops: steps entry, or set inner.steps")
-        ranges = []
-        for hops, steps in c.inner.steps_by_hops.items():
-            _check(steps >= 1, f"inner.steps_by_hops.{hops}", steps, "inner steps must be >= 1")
-            ranges.append((*_parse_hop_range(str(hops)), str(hops)))
-        ranges.sort()
-        for (lo1, hi1, k1), (lo2, hi2, k2) in zip(ranges, ranges[1:]):
-            _check(lo2 > hi1, "inner.steps_by_hops", dict(c.inner.steps_by_hops),
-                   f"ranges {k1!r} and {k2!r} overlap; give every hop count one entry (override an "
-                   f"existing range, e.g. inner.steps_by_hops.0-4=3, or write the table in a config file)")
-    _check(c.inner.lr_init > 0, "inner.lr_init", c.inner.lr_init, "must be > 0")
-    _check(c.inner.lr_space in LR_SPACES, "inner.lr_space", c.inner.lr_space, f"choose one of {LR_SPACES}")
-    _check(0 <= c.inner.beta1 < 1 and 0 <= c.inner.beta2 < 1, "inner.beta1/beta2",
-           (c.inner.beta1, c.inner.beta2), "must be in [0, 1)")
-    _check(c.inner.eps > 0, "inner.eps", c.inner.eps, "must be > 0")
-    _check(c.inner.autocast in AUTOCAST_MODES, "inner.autocast", c.inner.autocast,
-           f"choose one of {AUTOCAST_MODES}")
-    _check(c.inner.tasks_per_pass >= 0, "inner.tasks_per_pass", c.inner.tasks_per_pass,
-           "must be >= 0 (0: all tasks of a step in one pass)")
-    _check(c.outer.lr > 0, "outer.lr", c.outer.lr, "must be > 0")
-    _check(c.outer.inner_lr_lr >= 0, "outer.inner_lr_lr", c.outer.inner_lr_lr, "must be >= 0")
-    _check(c.outer.eps > 0, "outer.eps", c.outer.eps, "must be > 0")
-    _check(c.outer.clip >= 0, "outer.clip", c.outer.clip, "must be >= 0 (0 disables clipping)")
-    _check(0 <= c.outer.warmup_ratio < 1, "outer.warmup_ratio", c.outer.warmup_ratio, "must be in [0, 1)")
-    _check(c.train.batch_size >= 1, "train.batch_size", c.train.batch_size, "must be >= 1")
-    _check(c.train.grad_accum >= 1, "train.grad_accum", c.train.grad_accum, "must be >= 1")
-    _check(c.train.epochs >= 1, "train.epochs", c.train.epochs, "must be >= 1")
-    _check(c.train.validations_per_epoch >= 1, "train.validations_per_epoch", c.train.validations_per_epoch,
-           "must be >= 1")
-    _check(c.train.patience >= 0, "train.patience", c.train.patience, "must be >= 0 (0 = no early stopping)")
-    _check(c.train.metric in METRICS, "train.metric", c.train.metric, f"choose one of {METRICS}")
-    _check(c.train.max_steps >= 0, "train.max_steps", c.train.max_steps, "must be >= 0")
-    _check(c.model.dtype in ("float32", "float64", "bfloat16"), "model.dtype", c.model.dtype,
-           "choose float32, float64 or bfloat16")
-    for k in ("n_layer", "n_embd", "n_head", "n_positions", "max_length"):
-        _check(c.model[k] >= 1, f"model.{k}", c.model[k], "must be >= 1")
-    _check(c.model.n_embd % c.model.n_head == 0, "model.n_head", c.model.n_head,
-           f"must divide model.n_embd={c.model.n_embd}")
-    _check(0.0 <= c.model.dropout < 1.0, "model.dropout", c.model.dropout,
-           "must be in [0, 1) (0 switches dropout off)")
-    _check(c.eval.max_new_tokens >= 1, "eval.max_new_tokens", c.eval.max_new_tokens, "must be >= 1")
-    _check(c.tracking.mode in TRACKING_MODES, "tracking.mode", c.tracking.mode, f"choose one of {TRACKING_MODES}")
-    _check(c.resources.num_workers >= 0, "resources.num_workers", c.resources.num_workers,
-           "must be >= 1 (Ray Train workers) or 0 (one process without Ray)")
     _check(c.train.batch_size % max(c.resources.num_workers, 1) == 0, "train.batch_size", c.train.batch_size,
            f"the batch is global (tasks per optimizer step = train.batch_size x train.grad_accum, whatever "
            f"the number of workers) and resources.num_workers={c.resources.num_workers} workers split each "
            f"micro-batch: choose a batch size divisible by {c.resources.num_workers} or another worker count")
-    _check(c.resources.node_type in NODE_TYPES, "resources.node_type", c.resources.node_type,
-           f"choose one of {NODE_TYPES} ('' = any node)")
-    _check(c.tune.num_samples >= 1, "tune.num_samples", c.tune.num_samples, "must be >= 1")
-    _check(c.tune.max_concurrent >= 1, "tune.max_concurrent", c.tune.max_concurrent, "must be >= 1")
-    _check(c.tune.metric in METRICS, "tune.metric", c.tune.metric, f"choose one of {METRICS}")
-    _check(c.tune.mode in ("min", "max"), "tune.mode", c.tune.mode, "choose min or max")
-    _check(c.tune.reduction_factor >= 2, "tune.reduction_factor", c.tune.reduction_factor, "must be >= 2")
-    _check(1 <= c.tune.grace_period <= c.tune.max_rounds, "tune.grace_period", c.tune.grace_period,
-           f"must be between 1 and tune.max_rounds={c.tune.max_rounds}")
+
+
+def _check_data(d: Any) -> None:
+    if d.source in ("proofwriter", "clutrr"):
+        _check(d.path is not None, "data.path", d.path, f"data.source={d.source} needs data.path=<file or directory>")
+        _check(os.path.exists(os.path.expanduser(d.path)), "data.path", d.path,
+               "the path does not exist; pass an existing file or directory")
+    if d.source == "hf":
+        _check(bool(d.path), "data.path", d.path, "data.source=hf needs data.path=<dir or hub id>")
+    for k in ("num_train", "num_validation", "num_test"):
+        _check(d[k] >= 0, f"data.{k}", d[k], "must be >= 0")
+    _check(d.num_train >= 1 or d.source != "generate", "data.num_train", d.num_train, "must be >= 1")
+    _check(all(h >= 0 for h in d.hops), "data.hops", list(d.hops), "hop counts must be >= 0")
+    for k in ("train_hops", "validation_hops", "test_hops"):
+        if d[k] is not None:
+            _check(all(h >= 0 for h in d[k]), f"data.{k}", list(d[k]), "hop counts must be >= 0 (or null to use data.hops)")
+    _check(d.distractors >= -1, "data.distractors", d.distractors, "-1 (all), 0 (none) or a count")
+    for k in ("validation_fraction", "test_fraction"):
+        _check(0.0 <= d[k] < 1.0, f"data.{k}", d[k], "must be in [0, 1)")
+
+
+def _check_inner(i: Any) -> None:
+    if i.steps is not None:
+        _check(i.steps >= 1, "inner.steps", i.steps, "must be >= 1 (or null to use inner.steps_by_hops)")
+    else:
+        _check(len(i.steps_by_hops) > 0, "inner.steps_by_hops", dict(i.steps_by_hops),
+               "needs at least one hops: steps entry, or set inner.steps")
+        ranges = []
+        for hops, steps in i.steps_by_hops.items():
+            _check(steps >= 1, f"inner.steps_by_hops.{hops}", steps, "inner steps must be >= 1")
+            ranges.append((*_parse_hop_range(str(hops)), str(hops)))
+        ranges.sort()
+        for (lo1, hi1, k1), (lo2, hi2, k2) in zip(ranges, ranges[1:]):
+            _check(lo2 > hi1, "inner.steps_by_hops", dict(i.steps_by_hops),
+                   f"ranges {k1!r} and {k2!r} overlap; give every hop count one entry (override an "
+                   f"existing range, e.g. inner.steps_by_hops.0-4=3, or write the table in a config file)")
+    _check(i.lr_init > 0, "inner.lr_init", i.lr_init, "must be > 0")
+    _check(0 <= i.beta1 < 1 and 0 <= i.beta2 < 1, "inner.beta1/beta2", (i.beta1, i.beta2), "must be in [0, 1)")
+    _check(i.eps > 0, "inner.eps", i.eps, "must be > 0")
+    _check(i.tasks_per_pass >= 0, "inner.tasks_per_pass", i.tasks_per_pass,
+           "must be >= 0 (0: all tasks of a step in one pass)")
+
+
+def _check_outer(o: Any) -> None:
+    _check(o.lr > 0, "outer.lr", o.lr, "must be > 0")
+    _check(o.inner_lr_lr >= 0, "outer.inner_lr_lr", o.inner_lr_lr, "must be >= 0")
+    _check(o.eps > 0, "outer.eps", o.eps, "must be > 0")
+    _check(o.clip >= 0, "outer.clip", o.clip, "must be >= 0 (0 disables clipping)")
+    _check(0 <= o.warmup_ratio < 1, "outer.warmup_ratio", o.warmup_ratio, "must be in [0, 1)")
+
+
+def _check_train(t: Any) -> None:
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1")
+    _check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    _check(t.validations_per_epoch >= 1, "train.validations_per_epoch", t.validations_per_epoch, "must be >= 1")
+    _check(t.patience >= 0, "train.patience", t.patience, "must be >= 0 (0 = no early stopping)")
+    _check(t.metric in METRICS, "train.metric", t.metric, f"choose one of {METRICS}")
+    _check(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0")
+
+
+def _check_model(m: Any) -> None:
+    _check(m.dtype in ("float32", "float64", "bfloat16"), "model.dtype", m.dtype, "choose float32, float64 or bfloat16")
+    for k in ("n_layer", "n_embd", "n_head", "n_positions", "max_length"):
+        _check(m[k] >= 1, f"model.{k}", m[k], "must be >= 1")
+    _check(m.n_embd % m.n_head == 0, "model.n_head", m.n_head, f"must divide model.n_embd={m.n_embd}")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1) (0 switches dropout off)")
+
+
+def _check_eval(e: Any) -> None:
+    _check(e.max_new_tokens >= 1, "eval.max_new_tokens", e.max_new_tokens, "must be >= 1")
+
+
+def _check_resources(r: Any) -> None:
+    _check(r.num_workers >= 0, "resources.num_workers", r.num_workers,
+           "must be >= 1 (Ray Train workers) or 0 (one process without Ray)")
+    _check(r.node_type in NODE_TYPES, "resources.node_type", r.node_type, f"choose one of {NODE_TYPES} ('' = any node)")
+
+
+def _check_tune(t: Any) -> None:
+    _check(t.num_samples >= 1, "tune.num_samples", t.num_samples, "must be >= 1")
+    _check(t.max_concurrent >= 1, "tune.max_concurrent", t.max_concurrent, "must be >= 1")
+    _check(t.metric in METRICS, "tune.metric", t.metric, f"choose one of {METRICS}")
+    _check(t.mode in ("min", "max"), "tune.mode", t.mode, "choose min or max")
+    _check(t.reduction_factor >= 2, "tune.reduction_factor", t.reduction_factor, "must be >= 2")
+    _check(1 <= t.grace_period <= t.max_rounds, "tune.grace_period", t.grace_period,
+           f"must be between 1 and tune.max_rounds={t.max_rounds}")
+
+
+GROUP_CHECKS = {"model": _check_model, "data": _check_data, "inner": _check_inner, "outer": _check_outer,
+                "eval": _check_eval, "train": _check_train, "resources": _check_resources, "tune": _check_tune}
 
 
 def _parse_hop_range(key: str) -> tuple[int, int]:
@@ -566,11 +579,13 @@ def inner_steps_for(cfg: DictConfig, hops: int) -> int:
 
 
 def group(cfg: DictConfig, name: str) -> Any:
-    """The typed dataclass of config group ``name`` (``InnerConfig``, ``OuterConfig``, ...): what
-    the core (methods, loop) takes instead of the whole tree."""
+    """The typed dataclass of config group ``name`` (``InnerConfig``, ``OuterConfig``, ...),
+    validated: what the core (methods, loop) takes instead of the whole tree."""
     node = cfg[name]
     if isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict:
         node = OmegaConf.merge(OmegaConf.structured(GROUPS[name]), node)
+    if name in GROUP_CHECKS:
+        GROUP_CHECKS[name](node)
     return OmegaConf.to_object(node)
 
 

@@ -50,7 +50,7 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, split: str = "t
         method.to(device)
     prefix = "test" if split == "test" else "val"
     with torch.random.fork_rng():  # evaluation draws no randomness, but leave the caller's RNG alone
-        return evaluate_records(method, encoder, splits[split], cfg, prefix)
+        return evaluate_records(method, encoder, splits[split], cfg.train.batch_size, cfg.outer.multi_task, prefix)
 
 
 def record_test(run_dir: str | Path, metrics: dict[str, float], checkpoint: str, writer: Any = None) -> dict:

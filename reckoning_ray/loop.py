@@ -26,11 +26,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from tqdm import tqdm
 
 from .checkpoint import checkpoint_path, save_checkpoint
-from .config import save_config
+from .config import EvalConfig, OuterConfig, TrainConfig
 from .method import Method
 from .metrics import hop_sums, summarize_sums
 
@@ -141,8 +140,8 @@ class ProgressBar:
         self.bar.close()
 
 
-def steps_per_epoch(num_tasks: int, cfg: DictConfig) -> int:
-    per_step = cfg.train.batch_size * cfg.train.grad_accum
+def steps_per_epoch(num_tasks: int, train: TrainConfig) -> int:
+    per_step = train.batch_size * train.grad_accum
     return max(1, math.ceil(num_tasks / per_step))
 
 
@@ -164,11 +163,11 @@ def shard(items: Sequence[int], rank: int, world_size: int) -> list[int]:
     return list(items[start : start + base + (1 if rank < extra else 0)])
 
 
-def global_step_tasks(order: list[int], step: int, cfg: DictConfig) -> list[list[int]]:
+def global_step_tasks(order: list[int], step: int, train: TrainConfig) -> list[list[int]]:
     """Micro-batches of task indices of global step ``step`` (``grad_accum`` lists of at most
     ``batch_size`` tasks, shared by all workers)."""
-    per_micro = cfg.train.batch_size
-    per_step = per_micro * cfg.train.grad_accum
+    per_micro = train.batch_size
+    per_step = per_micro * train.grad_accum
     chunk = order[step * per_step : (step + 1) * per_step]
     return [chunk[i : i + per_micro] for i in range(0, len(chunk), per_micro)]
 
@@ -228,13 +227,13 @@ def restore_method(method: Any, path: Path, weights: bool = True) -> dict[str, A
     return load_trainer_state(path) if (path / TRAINER_STATE).is_file() else {}
 
 
-def planned_validations(num_tasks: int, cfg: DictConfig) -> int:
+def planned_validations(num_tasks: int, train: TrainConfig) -> int:
     """Validations a run on ``num_tasks`` training tasks makes when it is not stopped early."""
-    per_epoch = steps_per_epoch(num_tasks, cfg)
-    total = per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
-    points = validation_points(per_epoch, cfg.train.validations_per_epoch)
+    per_epoch = steps_per_epoch(num_tasks, train)
+    total = per_epoch * train.epochs
+    if train.max_steps:
+        total = min(total, train.max_steps)
+    points = validation_points(per_epoch, train.validations_per_epoch)
     return sum(1 for s in range(1, total + 1) if (s - 1) % per_epoch + 1 in points or s == total)
 
 
@@ -251,10 +250,10 @@ def metric_mode(metric: str) -> str:
 class Loop:
     """One training run of a method (RECKONING or an in-context baseline) on prepared records."""
 
-    def __init__(self, cfg: DictConfig, method: Method, tokenizer: Any, encoder: Any,
-                 train_records: list[dict], val_records: list[dict], run_dir: Path,
+    def __init__(self, train: TrainConfig, outer: OuterConfig, eval: EvalConfig, method: Method, tokenizer: Any,
+                 encoder: Any, train_records: list[dict], val_records: list[dict], run_dir: Path,
                  hooks: Optional[Hooks] = None) -> None:
-        self.cfg = cfg
+        self.train, self.outer, self.eval_config = train, outer, eval
         self.method = method
         self.tokenizer = tokenizer
         self.encoder = encoder
@@ -263,20 +262,20 @@ class Loop:
         self.run_dir = Path(run_dir)
         self.hooks = hooks or Hooks()
         self.is_main = self.hooks.rank == 0
-        self.steps_per_epoch = steps_per_epoch(len(train_records), cfg)
-        self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        if cfg.train.max_steps:
-            self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        self.val_points = validation_points(self.steps_per_epoch, cfg.train.validations_per_epoch)
-        self.optimizer = torch.optim.AdamW(method.parameter_groups(), eps=cfg.outer.eps)
+        self.steps_per_epoch = steps_per_epoch(len(train_records), train)
+        self.total_steps = self.steps_per_epoch * train.epochs
+        if train.max_steps:
+            self.total_steps = min(self.total_steps, train.max_steps)
+        self.val_points = validation_points(self.steps_per_epoch, train.validations_per_epoch)
+        self.optimizer = torch.optim.AdamW(method.parameter_groups(), eps=outer.eps)
         from transformers import get_linear_schedule_with_warmup
 
         self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, int(cfg.outer.warmup_ratio * self.total_steps), self.total_steps
+            self.optimizer, int(outer.warmup_ratio * self.total_steps), self.total_steps
         )
         self.progress = Progress()
         self.history: list[dict] = []
-        self.mode = metric_mode(cfg.train.metric)
+        self.mode = metric_mode(train.metric)
         self._bar: Optional[ProgressBar] = None  # during fit() on rank 0 with hooks.progress
         self._step_tasks = 0  # tasks (all workers) of the last optimizer step
         if self.hooks.resume_from is not None:
@@ -304,8 +303,8 @@ class Loop:
 
     # -- one optimizer step -------------------------------------------------------------------
     def _train_step(self, order: list[int], step: int) -> dict[str, float]:
-        cfg, hooks = self.cfg, self.hooks
-        micro_batches = global_step_tasks(order, step, cfg)
+        hooks = self.hooks
+        micro_batches = global_step_tasks(order, step, self.train)
         n_global = sum(len(m) for m in micro_batches)
         self._step_tasks = n_global
         self.method.train()
@@ -324,8 +323,8 @@ class Loop:
         if hooks.all_reduce is not None and hooks.world_size > 1:
             allreduce_gradients(params, hooks.all_reduce)
             hooks.all_reduce(stats)
-        if cfg.outer.clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.outer.clip))
+        if self.outer.clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.outer.clip))
         else:
             grad_norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None)))
         self.optimizer.step()
@@ -335,10 +334,10 @@ class Loop:
     # -- validation -----------------------------------------------------------------------------
     def evaluate(self, records: list[dict], prefix: str = "val") -> dict[str, float]:
         """Sharded evaluation; sums are all-reduced so every rank returns the global metrics."""
-        cfg = self.cfg
-        if cfg.eval.max_tasks:
-            records = records[: cfg.eval.max_tasks]
-        return evaluate_records(self.method, self.encoder, records, cfg, prefix, self.hooks)
+        if self.eval_config.max_tasks:
+            records = records[: self.eval_config.max_tasks]
+        return evaluate_records(self.method, self.encoder, records, self.train.batch_size,
+                                self.outer.multi_task, prefix, self.hooks)
 
     def _validate(self, epoch_float: float, train_stats: dict[str, float]) -> bool:
         """Validate, checkpoint, report; return True when early stopping says stop."""
@@ -350,15 +349,15 @@ class Loop:
         metrics.update(self.method.stats())
         metrics.update({"epoch": epoch_float, "step": p.global_step, "round": p.validations,
                         "val/seconds": time.time() - t0})
-        value = metrics[self.cfg.train.metric]
+        value = metrics[self.train.metric]
         improved = _better(value, p.best_metric, self.mode)
         if improved:
             p.best_metric, p.best_step, p.bad_validations = value, p.global_step, 0
         else:
             p.bad_validations += 1
-        patience = self.cfg.train.patience
+        patience = self.train.patience
         stop = bool(patience and p.bad_validations >= patience)
-        metrics["best/" + self.cfg.train.metric] = p.best_metric
+        metrics["best/" + self.train.metric] = p.best_metric
         if stop:
             p.stopped_early = True
         metrics["stopped_early"] = p.stopped_early
@@ -369,7 +368,7 @@ class Loop:
             trainer_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                              "rng": _rng_state(), "progress": p.__dict__.copy(), "history": self.history}
             save_checkpoint(self.run_dir, p.global_step, self.method, trainer_state, improved,
-                            self.cfg.train.metric, p.best_metric, task={"family": self.train_records[0]["family"]})
+                            self.train.metric, p.best_metric, task={"family": self.train_records[0]["family"]})
         per_hop = " ".join(f"h{k.rsplit('_', 1)[1]}={v:.3f}" for k, v in metrics.items()
                            if k.startswith("val/label_accuracy/hops_"))
         self.log(
@@ -384,13 +383,12 @@ class Loop:
 
     # -- the run ----------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        cfg, p = self.cfg, self.progress
+        train, p = self.train, self.progress
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
         self.log(
-            f"training {cfg.train.method}: {len(self.train_records)} train / {len(self.val_records)} val tasks, "
-            f"{self.hooks.world_size} worker(s), {self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, "
+            f"training {train.method}: {len(self.train_records)} train / {len(self.val_records)} val tasks, "
+            f"{self.hooks.world_size} worker(s), {self.steps_per_epoch} steps/epoch x {train.epochs} epochs, "
             f"validation after steps {self.val_points} of each epoch"
         )
         done = self.finished
@@ -414,13 +412,13 @@ class Loop:
 
     def _epoch_desc(self) -> str:
         # the run name tells apart the bars of a sweep's trials, whose workers share one console
-        return f"{self.run_dir.name} epoch {min(self.progress.epoch + 1, self.cfg.train.epochs)}/{self.cfg.train.epochs}"
+        return f"{self.run_dir.name} epoch {min(self.progress.epoch + 1, self.train.epochs)}/{self.train.epochs}"
 
     def _epochs(self, done: bool) -> None:
-        cfg, p = self.cfg, self.progress
+        p = self.progress
         last_stats: dict[str, float] = {}
-        while not done and p.epoch < cfg.train.epochs:
-            order = epoch_order(len(self.train_records), cfg.train.seed, p.epoch)
+        while not done and p.epoch < self.train.epochs:
+            order = epoch_order(len(self.train_records), self.train.seed, p.epoch)
             t_epoch, losses = time.time(), []
             if self._bar is not None:
                 self._bar.describe(self._epoch_desc())
@@ -454,7 +452,7 @@ class Loop:
         p = self.progress
         best = next((h for h in self.history if h["step"] == p.best_step), {})
         summary = {
-            "metric": self.cfg.train.metric,
+            "metric": self.train.metric,
             "best_metric": p.best_metric,
             "best_step": p.best_step,
             "best_validation": {k: v for k, v in best.items() if k.startswith("val/")},
@@ -468,12 +466,12 @@ class Loop:
         return summary
 
 
-def evaluate_records(method: Any, encoder: Any, records: list[dict], cfg: DictConfig, prefix: str,
-                     hooks: Optional[Hooks] = None) -> dict[str, float]:
+def evaluate_records(method: Method, encoder: Any, records: list[dict], batch_size: int, multi_task: bool,
+                     prefix: str, hooks: Optional[Hooks] = None) -> dict[str, float]:
     """Metrics of ``method`` on ``records``: label accuracy overall and per hop, answer loss and,
-    when the run trains the multi-task target (``outer.multi_task``), knowledge recall.
+    with ``multi_task`` (the run trains the "<label> because <facts>" target), knowledge recall.
 
-    Each rank of ``hooks`` evaluates its shard (micro-batches of ``train.batch_size`` tasks); the
+    Each rank of ``hooks`` evaluates its shard (micro-batches of ``batch_size`` tasks); the
     per-hop sums are SUM-all-reduced, so every rank returns the metrics of all ``records``. The
     keys are ``<prefix>/label_accuracy``, ``<prefix>/label_accuracy/hops_<k>``,
     ``<prefix>/answer_loss``, ``<prefix>/recall`` (multi-task only) and ``<prefix>/tasks``.
@@ -482,7 +480,7 @@ def evaluate_records(method: Any, encoder: Any, records: list[dict], cfg: DictCo
     mine = shard(list(range(len(records))), hooks.rank, hooks.world_size)
     method.eval()
     outputs: dict[str, list] = {}
-    bs = max(int(cfg.train.batch_size), 1)
+    bs = max(int(batch_size), 1)
     for i in range(0, len(mine), bs):
         batch = encoder.collate([records[j] for j in mine[i : i + bs]]).to(hooks.device)
         for k, v in method.evaluate(batch).items():
@@ -491,7 +489,7 @@ def evaluate_records(method: Any, encoder: Any, records: list[dict], cfg: DictCo
     sums = hop_sums(outputs, all_hops)
     if hooks.all_reduce is not None and hooks.world_size > 1:
         hooks.all_reduce(sums)
-    return summarize_sums(sums, all_hops, prefix, recall=bool(cfg.outer.multi_task))
+    return summarize_sums(sums, all_hops, prefix, recall=bool(multi_task))
 
 
 __all__ = [

@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, get_type_hints
 
@@ -175,13 +174,17 @@ def prepare(cfg: DictConfig, model_dir: Optional[Path] = None):
 def build_loop(cfg: DictConfig, run_dir: Path, hooks: Any) -> Any:
     """The :class:`~reckoning_ray.loop.Loop` of the run in ``run_dir``, continuing from the latest
     checkpoint of the run's record when there is one (a rerun, or a worker Ray restarted)."""
+    from .config import group, save_config
     from .loop import Loop
 
     resume_dir = checkpoint_path(run_dir, "latest")
     method, tokenizer, encoder, splits = prepare(cfg, resume_dir)
     method.to(hooks.device)
     hooks.resume_from = resume_dir
-    return Loop(cfg, method, tokenizer, encoder, splits["train"], splits["validation"], run_dir, hooks)
+    if hooks.rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
+    return Loop(group(cfg, "train"), group(cfg, "outer"), group(cfg, "eval"), method, tokenizer, encoder,
+                splits["train"], splits["validation"], run_dir, hooks)
 
 
 def summary_values(summary: dict[str, Any]) -> dict[str, Any]:
@@ -271,7 +274,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     hooks = Hooks(rank=rank, world_size=world, device=device, all_reduce=all_reduce if world > 1 else None,
                   report=report, log=lambda m: print(m, flush=True), on_step=fault_injection(rank))
     loop = build_loop(cfg, run_dir, hooks)
-    planned.append(planned_validations(len(loop.train_records), cfg))
+    planned.append(planned_validations(len(loop.train_records), loop.train))
     if loop.finished and loop.history:
         # resumed after the run had finished: report its last result again, so that a host
         # that lost it (a Tune trial restored from an interrupted sweep) still sees it

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from reckoning_ray.checkpoint import checkpoint_path
-from reckoning_ray.config import load_config
+from reckoning_ray.config import group, load_config, save_config
 from reckoning_ray.loop import (
     Hooks,
     Loop,
@@ -33,7 +33,9 @@ def make_loop(tmp_path: Path, overrides: list[str], name: str = "run", resume_fr
     cfg = load_config(None, SMALL + overrides)
     method, tokenizer, encoder, splits = prepare(cfg)
     hooks = Hooks(log=log, resume_from=resume_from, progress=progress)
-    return Loop(cfg, method, tokenizer, encoder, splits["train"], splits["validation"], tmp_path / name, hooks)
+    save_config(cfg, tmp_path / name / "config.yaml")
+    return Loop(group(cfg, "train"), group(cfg, "outer"), group(cfg, "eval"), method, tokenizer, encoder,
+                splits["train"], splits["validation"], tmp_path / name, hooks)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -57,8 +59,8 @@ def test_shards_cover_every_task_once_even_when_uneven():
 def test_last_global_step_keeps_the_remainder():
     cfg = load_config(None, SMALL + ["train.batch_size=4", "train.grad_accum=2"])
     order = list(range(10))
-    assert global_step_tasks(order, 0, cfg) == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert global_step_tasks(order, 1, cfg) == [[8, 9]]
+    assert global_step_tasks(order, 0, cfg.train) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert global_step_tasks(order, 1, cfg.train) == [[8, 9]]
 
 
 def test_bucketed_allreduce_sums_every_gradient_once():
@@ -160,7 +162,7 @@ def test_recall_is_absent_without_the_multi_task_target_and_present_with_it(tmp_
 def test_the_global_batch_is_split_by_the_workers(tmp_path):
     # batch_size x grad_accum tasks per step whatever the worker count; each worker takes its share
     cfg = load_config(None, SMALL + ["train.batch_size=4", "train.grad_accum=2", "resources.num_workers=2"])
-    micro = global_step_tasks(list(range(16)), 0, cfg)
+    micro = global_step_tasks(list(range(16)), 0, cfg.train)
     assert micro == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert [shard(m, r, 2) for m in micro for r in range(2)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
 

@@ -27,7 +27,7 @@ from reckoning_ray.tracking import (
     safe_run_id,
     scrub,
 )
-from wandb_files import find_offline_runs, iter_records, read_offline_run, read_offline_run_merged
+from wandb_files import find_offline_runs, read_offline_run, read_offline_run_merged
 
 # A syntactically valid (40+ characters) but fake W&B API key.
 FAKE_KEY = "0123abcd" * 5

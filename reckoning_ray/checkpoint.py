@@ -34,9 +34,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
+from .config import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 RECORD = "checkpoints.json"
 CHECKPOINTS = "checkpoints"
@@ -46,7 +49,7 @@ TRAINER_STATE = "trainer_state.pt"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(InputError, FileNotFoundError):
     """A path that is not a checkpoint or a run directory with one; the message says what is there."""
 
 
@@ -76,14 +79,14 @@ def read_settings(directory: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_meta_parameters(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_meta_parameters(directory: str | os.PathLike) -> dict[str, "torch.Tensor"]:
     from safetensors.torch import load_file
 
     return load_file(str(Path(directory) / META_PARAMETERS))
 
 
-def load_pretrained(directory: str | os.PathLike, device: Optional[torch.device] = None,
-                    dtype: Optional[torch.dtype] = None) -> Any:
+def load_pretrained(directory: str | os.PathLike, device: Optional["torch.device"] = None,
+                    dtype: Optional["torch.dtype"] = None) -> Any:
     """The method saved by :func:`save_pretrained` in ``directory`` (a checkpoint directory, or a
     run directory: its best checkpoint), in evaluation mode on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -141,6 +144,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, method: Any, trainer_
                     best: bool, metric: str, value: Optional[float], task: Optional[dict[str, Any]] = None) -> Path:
     """Write the checkpoint of optimizer step ``step`` and make it the run's latest (and, with
     ``best``, its best); delete the checkpoints the record no longer names. Returns its directory."""
+    import torch
+
     run_dir = Path(run_dir)
     name = f"step-{step:06d}"
     final = run_dir / CHECKPOINTS / name
@@ -168,6 +173,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, method: Any, trainer_
 
 
 def load_trainer_state(directory: str | os.PathLike) -> dict[str, Any]:
+    import torch
+
     return torch.load(Path(directory) / TRAINER_STATE, weights_only=False)
 
 

@@ -12,6 +12,13 @@ What is here:
   ``validate_config``, what ``ray up`` runs) followed by the project's checks of the keys Ray does
   not look into (``node_config``, ``provider``, commands): instance types, the GPU resources on the
   right node types, a head without GPUs, the shared storage path.
+- ``NODE_PINS``: the versions of the node software (torch, Ray, transformers, W&B, ...), the
+  one place they are set. Every cluster YAML's setup commands and the README's GPU install pin
+  them with ``==`` (``python -m reckoning_ray.cluster pins`` prints the command); the check fails
+  on a YAML that installs them unpinned, at other versions, or not at all.
+- ``text_problems``: what must not be in a cluster YAML at all: ``YOUR-...`` placeholders and
+  W&B keys (a key in a tracked file; keys travel in the job's runtime environment instead,
+  ``job_runtime_env`` / ``cluster/submit_tune.py``).
 - ``pip_install_specs``: the packages a text's ``pip install`` commands install, to prove the
   cluster's ``setup_commands`` install what the top-level README's GPU install shows.
 - ``gpu_node_resources`` / ``python -m reckoning_ray.cluster node-resources``: the custom
@@ -65,6 +72,44 @@ GPU_INSTALL_MARKERS = ("<!-- gpu-install:start -->", "<!-- gpu-install:end -->")
 FAKE_HEAD_NODE_TYPE = "ray.head.default"
 # AWS instance families with GPUs (p3, p4d, p5, g4dn, g5, g6, ...): never the head's.
 _AWS_GPU_FAMILY = re.compile(r"^(p|g)\d")
+
+# The node software, pinned to the versions the project is tested with (the CPU test install has
+# torch==2.13.0 too): the one place to change them. Every cluster YAML's setup commands and the
+# README's GPU install carry `pip install "torch==2.13.0" ...` (`python -m reckoning_ray.cluster
+# pins` prints it); `cluster check` fails on a YAML whose pins differ. The project's
+# `pip install -e ".[cluster]"` after it keeps these versions; their own dependencies (numpy,
+# ...) are what pip resolves for them.
+NODE_PINS: Dict[str, str] = {
+    "torch": "2.13.0",
+    "ray": "2.60.0",
+    "transformers": "5.24.0",
+    "tokenizers": "0.23.3",
+    "wandb": "0.31.0",
+    "omegaconf": "2.4.0",
+    "datasets": "5.2.0",
+    "tqdm": "4.70.1",
+}
+# The nodes' Python (their virtual environment is made with `python3.11 -m venv`): the version
+# the project is tested with; transformers 5.21 and later need Python >= 3.11, while the GPU
+# image of cluster/a100.yaml (Ubuntu 22.04) has 3.10 as python3.
+NODE_PYTHON = "3.11"
+# Extras installed with a pinned package (the project's own dependency names them).
+NODE_PIN_EXTRAS: Dict[str, str] = {"ray": "default,train,tune"}
+# Cluster YAML keys whose commands install software on the nodes.
+INSTALL_KEYS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands")
+# Values a user replaces before the first `ray up`, and what with.
+PLACEHOLDER = re.compile(r"\bYOUR-[A-Z0-9]+(?:-[A-Z0-9]+)*")
+PLACEHOLDER_HINTS = {
+    "YOUR-BUCKET": "the name of an S3 bucket of yours (aws s3 mb s3://<name>)",
+    "YOUR-ACCOUNT-ID": "your 12-digit AWS account id (aws sts get-caller-identity --query Account --output text)",
+}
+# W&B settings a submitted job takes from the submitting shell (job_runtime_env); the key never
+# goes into a file.
+WANDB_JOB_ENV = ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_BASE_URL")
+# A W&B key given a value in a file: `WANDB_API_KEY=...`, `WANDB_API_KEY: ...`, `wandb login KEY`
+# (a `$VARIABLE` reference is no key).
+_WANDB_KEY_ASSIGNMENT = re.compile(r"WANDB_API_KEY[\"']?\s*[=:]\s*[\"']?(?P<value>[^\s\"'#;,}]*)")
+_WANDB_LOGIN_KEY = re.compile(r"\bwandb\s+login\s+(?:--\S+\s+)*(?P<value>[^\s\"'#;-][^\s\"'#;]*)")
 
 
 class ClusterConfigError(ValueError):
@@ -124,10 +169,11 @@ def project_problems(cfg: Mapping[str, Any]) -> List[str]:
     Each problem names the key and the fix. Checked: node types (AWS: instance types, the GPU
     custom resources on exactly the worker types with that GPU, one unit per GPU, min_workers <=
     max_workers, a head with ``GPU: 0`` on a CPU instance) or, on premises, that workers declare
-    their GPU resources at ``ray start`` and the head takes no GPU work; and the shared storage
-    path (s3:// on AWS, with an instance profile on the workers that write to it).
+    their GPU resources at ``ray start`` and the head takes no GPU work; the shared storage path
+    (s3:// on AWS, with an instance profile on the workers that write to it); and the node
+    software pinned to ``NODE_PINS`` (``pin_problems``).
     """
-    problems: List[str] = []
+    problems: List[str] = pin_problems(cfg)
     provider = (cfg.get("provider") or {}).get("type")
     storage = storage_path(cfg)
     if storage is None:
@@ -215,15 +261,108 @@ def _local_problems(cfg: Mapping[str, Any], storage: Optional[str]) -> List[str]
     return problems
 
 
+def pinned_specs() -> List[str]:
+    """``NODE_PINS`` as pip requirement specs, e.g. ``["torch==2.13.0", "ray[default,train,tune]==2.60.0", ...]``."""
+    return [f"{name}[{NODE_PIN_EXTRAS[name]}]=={version}" if name in NODE_PIN_EXTRAS else f"{name}=={version}"
+            for name, version in NODE_PINS.items()]
+
+
+def pins_command() -> str:
+    """The ``pip install`` command that installs the node software at ``NODE_PINS``."""
+    return "pip install " + " ".join(f'"{spec}"' for spec in pinned_specs())
+
+
+def _requirement(spec: str) -> tuple[str, str]:
+    """(normalized distribution name, version specifier) of a pip spec: ``Ray[tune]==2.60.0`` -> ("ray", "==2.60.0")."""
+    match = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?(.*)", spec)
+    if not match:
+        return "", ""
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower(), match.group(3).split(";", 1)[0].strip()
+
+
+def pin_problems(cfg: Mapping[str, Any]) -> List[str]:
+    """Where the node software of a cluster config is not installed at ``NODE_PINS``; [] when it is.
+
+    Each ``pip install`` of a pinned package in ``INSTALL_KEYS`` must read ``name==version`` with
+    the pinned version (a local build tag such as ``+cu126`` is allowed), and every pinned package
+    must be installed somewhere: otherwise each node gets whatever pip finds that day.
+    """
+    problems: List[str] = []
+    seen: set[str] = set()
+    venvs = 0
+    fix = ("the pins are NODE_PINS in reckoning_ray/cluster.py; "
+           "`python -m reckoning_ray.cluster pins` prints the command")
+    for key in INSTALL_KEYS:
+        for i, command in enumerate(cfg.get(key) or []):
+            for match in re.finditer(r"\b(python[\d.]*)\s+-m\s+venv\b", str(command)):
+                venvs += 1
+                if match.group(1) != f"python{NODE_PYTHON}":
+                    problems.append(f"{key}[{i}]: `{match.group(1)} -m venv` makes the nodes' environment with "
+                                    f"whatever Python that is (Ubuntu 22.04: 3.10); use python{NODE_PYTHON} -m venv "
+                                    f"(NODE_PYTHON in reckoning_ray/cluster.py)")
+            try:
+                specs = pip_install_specs(str(command))
+            except ValueError as exc:
+                problems.append(f"{key}[{i}]: {exc}")
+                continue
+            for spec in specs:
+                name, version = _requirement(spec)
+                if name not in NODE_PINS:
+                    continue
+                seen.add(name)
+                want = NODE_PINS[name]
+                exact = re.fullmatch(r"==\s*([^\s,]+)", version)
+                if not exact:
+                    problems.append(f"{key}[{i}]: {spec} is not pinned; install {name}=={want} ({fix})")
+                elif exact.group(1).split("+", 1)[0] != want:
+                    problems.append(f"{key}[{i}]: {spec} differs from the project's pin {name}=={want}; "
+                                    f"install {name}=={want}, or change NODE_PINS if the project moved ({fix})")
+    if not venvs:
+        problems.append(f"setup_commands make no virtual environment: add `python{NODE_PYTHON} -m venv ~/venv` "
+                        f"(NODE_PYTHON in reckoning_ray/cluster.py) and activate it in ~/.bashrc")
+    missing = [name for name in NODE_PINS if name not in seen]
+    if missing:
+        problems.append(f"setup_commands install no pinned {', '.join(missing)}: add the command "
+                        f"`python -m reckoning_ray.cluster pins` prints, before the project's install")
+    return problems
+
+
+def text_problems(text: str) -> List[str]:
+    """What a cluster YAML's text must not hold anywhere, comments included; one problem per line.
+
+    ``YOUR-...`` placeholders (fill them in before ``ray up``) and W&B keys: a
+    ``WANDB_API_KEY`` given a value or a ``wandb login <key>`` puts the key in a file that is
+    tracked and copied to every node; ``cluster/submit_tune.py`` passes the key from the
+    submitting shell through the job's runtime environment instead. The key itself is never
+    repeated in a message.
+    """
+    problems: List[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        for name in dict.fromkeys(PLACEHOLDER.findall(line)):
+            hint = PLACEHOLDER_HINTS.get(name, "your own value")
+            problems.append(f"line {number}: placeholder {name}: replace it with {hint} (cluster/README.md, "
+                            f"'Before the first start')")
+        assignment = _WANDB_KEY_ASSIGNMENT.search(line)
+        login = _WANDB_LOGIN_KEY.search(line)
+        for found, what in ((assignment, "WANDB_API_KEY is given a value"), (login, "`wandb login` is given a key")):
+            if found and found.group("value") and not found.group("value").startswith("$"):
+                problems.append(f"line {number}: {what} in this file: delete it (a key in a tracked file "
+                                f"leaks with the file) and submit with `python cluster/submit_tune.py --address "
+                                f"...`, which passes WANDB_API_KEY from your shell through the job's runtime "
+                                f"environment")
+    return problems
+
+
 def validate_cluster_file(path: str | Path) -> Dict[str, Any]:
     """Ray's validation then the project's checks of the cluster YAML at ``path``.
 
     Returns Ray's prepared config. Ray's own errors propagate unchanged (see ``ray_validate``);
-    the project's problems raise one ClusterConfigError listing them all.
+    the project's problems (``text_problems`` of the file, then ``project_problems``) raise one
+    ClusterConfigError listing them all, one line each.
     """
     cfg = load_cluster_yaml(path)
     prepared = ray_validate(cfg)
-    problems = project_problems(cfg)
+    problems = text_problems(Path(path).read_text()) + project_problems(cfg)
     if problems:
         raise ClusterConfigError(f"{path}:\n  - " + "\n  - ".join(problems))
     return prepared
@@ -382,6 +521,20 @@ def tune_argv(argv: Sequence[str], environ: Mapping[str, str]) -> List[str]:
     if storage and not any(a.startswith("tune.storage_path=") for a in out):
         out.append(f"tune.storage_path={storage}")
     return out
+
+
+def job_runtime_env(environ: Mapping[str, str], working_dir: str | Path) -> Dict[str, Any]:
+    """The runtime environment of a submitted sweep job: the project and the submitter's W&B settings.
+
+    ``working_dir`` (the project) is uploaded with the job (without what ``.gitignore`` lists);
+    the ``WANDB_JOB_ENV`` variables set (non-empty) in ``environ`` become ``env_vars``, which Ray
+    gives the job's driver and every worker and trial it starts. Nothing is written to a file.
+    """
+    env_vars = {name: environ[name] for name in WANDB_JOB_ENV if environ.get(name, "").strip()}
+    runtime_env: Dict[str, Any] = {"working_dir": str(working_dir)}
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    return runtime_env
 
 
 # -- fake multi-node cluster on this machine --------------------------------------------------------
@@ -613,12 +766,13 @@ def _wait_started(head: subprocess.Popen, cluster: FakeCluster, timeout_s: float
 # -- command line -----------------------------------------------------------------------------------
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m reckoning_ray.cluster check|node-resources|fake-config``; returns the exit code."""
+    """``python -m reckoning_ray.cluster check|node-resources|pins|fake-config``; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m reckoning_ray.cluster", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate cluster YAMLs (Ray's validation and the project's checks)")
     check.add_argument("paths", nargs="+", type=Path)
     sub.add_parser("node-resources", help="print this machine's GPU model resources as JSON (for ray start --resources)")
+    sub.add_parser("pins", help="print the pip install command of the node software at the project's pinned versions")
     fake = sub.add_parser("fake-config", help="print the fake multi-node config derived from a cluster YAML")
     fake.add_argument("path", type=Path)
     args = parser.parse_args(argv)
@@ -634,10 +788,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "fake-config":
         print(yaml.safe_dump(fake_cluster_config(args.path), sort_keys=False), end="")
         return 0
+    if args.command == "pins":
+        print(pins_command())
+        return 0
     status = 0
     for path in args.paths:
         try:
             prepared = validate_cluster_file(path)
+        except ClusterConfigError as exc:  # the message names the file, then one problem a line
+            print(f"FAIL {exc}", file=sys.stderr)
+            status = 1
+            continue
         except Exception as exc:  # Ray's errors come in several types; show them all the same way
             print(f"FAIL {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
             status = 1

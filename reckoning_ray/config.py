@@ -98,7 +98,14 @@ AUTO_NODE_TYPE = {"reckoning": "a100", "icr": "rtx3090", "icr_no_facts": "rtx309
 METRICS = ("val/label_accuracy", "val/answer_loss")
 
 
-class ConfigError(ValueError):
+class InputError(Exception):
+    """A problem of a run's input (config, data, model, checkpoint): the same every time the run
+    starts, so the run stops at once (exit status 2) and is never retried. The message names the
+    key or file and the fix. Subclasses: ConfigError, DataFormatError, EncodeError,
+    ModelLoadError, BilevelError, CheckpointError."""
+
+
+class ConfigError(InputError, ValueError):
     """A configuration problem; the message names the key, the value and what is allowed."""
 
 

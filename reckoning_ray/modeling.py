@@ -38,6 +38,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .config import InputError
 from .hub import endpoint as hub_endpoint
 from .hub import hub_offline, hub_reachable, looks_like_hub_id
 
@@ -59,7 +60,7 @@ DROPOUT_ATTRS = GPT2_DROPOUT_ATTRS + ("dropout", "attention_dropout", "hidden_dr
 _attention_logged = False
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(InputError, RuntimeError):
     """The model or tokenizer cannot be loaded; the message names model.name_or_path and the fix."""
 
 
@@ -157,7 +158,10 @@ def _from_pretrained(name: str, local_files_only: bool, dropout: float) -> tuple
     return model, tokenizer
 
 
-def _load_pretrained(name: str, dropout: float) -> tuple[PreTrainedModel, Any]:
+def pretrained_source(name: str) -> tuple[str, bool]:
+    """Where ``model.name_or_path=name`` loads from, checked in seconds without loading weights:
+    ``(path or hub id, local_files_only)``. Raises ModelLoadError naming the key and the fix for a
+    missing directory, a directory without a model, or a hub id neither cached nor reachable."""
     offline_fix = (
         "pass a local directory instead (model.name_or_path=/path/to/dir, written by "
         "save_pretrained or reckoning_ray.modeling.save_model_and_tokenizer), or use "
@@ -176,14 +180,11 @@ def _load_pretrained(name: str, dropout: float) -> tuple[PreTrainedModel, Any]:
                 f"model.name_or_path={name!r}: {path.resolve()} has no config.json; pass a directory "
                 "written by save_pretrained (config.json, model.safetensors and tokenizer files)"
             )
-        try:
-            return _from_pretrained(str(path), local_files_only=True, dropout=dropout)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"model.name_or_path={name!r}: cannot load from {path.resolve()}: {exc}") from exc
-
+        return str(path), True
     # A hub id: the local Hugging Face cache first, the network only when it is there.
     try:
-        return _from_pretrained(name, local_files_only=True, dropout=dropout)
+        AutoConfig.from_pretrained(name, local_files_only=True)
+        return name, True
     except OSError as cache_exc:
         if hub_offline():
             raise ModelLoadError(
@@ -193,13 +194,18 @@ def _load_pretrained(name: str, dropout: float) -> tuple[PreTrainedModel, Any]:
         if not hub_reachable():
             raise ModelLoadError(
                 f"model.name_or_path={name!r} is a hub id that is not in the local Hugging Face cache, "
-                f"and the hub ({hub_endpoint()}) cannot be "
-                f"reached; {offline_fix}"
+                f"and the hub ({hub_endpoint()}) cannot be reached; {offline_fix}"
             ) from cache_exc
+    return name, False
+
+
+def _load_pretrained(name: str, dropout: float) -> tuple[PreTrainedModel, Any]:
+    source, local_only = pretrained_source(name)
     try:
-        return _from_pretrained(name, local_files_only=False, dropout=dropout)
-    except OSError as exc:
-        raise ModelLoadError(f"model.name_or_path={name!r}: cannot load from the hub: {exc}; {offline_fix}") from exc
+        return _from_pretrained(source, local_files_only=local_only, dropout=dropout)
+    except (OSError, ValueError) as exc:
+        where = "the hub" if not local_only else source
+        raise ModelLoadError(f"model.name_or_path={name!r}: cannot load from {where}: {exc}") from exc
 
 
 def load_model_and_tokenizer(

@@ -117,7 +117,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         prog="python -m reckoning_ray.predict",
         description="Answer a question with a trained checkpoint: the knowledge is encoded into the weights "
                     "by the learned inner loop, then the answer is generated.",
-        epilog="example:\n  python -m reckoning_ray.predict runs/embedded --knowledge facts.txt "
+        epilog="example:\n  python -m reckoning_ray.predict runs/embedded-20261201-120000 --knowledge facts.txt "
                "--question \"Bob is big.\" --recall\n\nCHECKPOINT: a run directory (its best checkpoint) "
                "or a <run dir>/checkpoints/step-* directory.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -23,9 +23,8 @@ from typing import Any, Callable, Optional, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import Config, ConfigError, available_presets, flatten, load_config, node_type_for, to_yaml
+from .config import Config, ConfigError, InputError, available_presets, flatten, load_config, node_type_for, to_yaml
 from .checkpoint import checkpoint_path
-from .loop import planned_validations
 
 EPILOG = """\
 presets (reckoning_ray/conf/*.yaml): {presets}
@@ -49,7 +48,12 @@ validation metrics, and "test": the test split's metrics of the best checkpoint)
 (which of checkpoints/step-* is the latest and which the best; only those two are kept, each a
 loadable model: save_pretrained files, reckoning.json, meta_parameters.safetensors, and
 trainer_state.pt for resuming), W&B run files under wandb/ (offline unless tracking.mode=online)
-and wandb_run.json (what the W&B writer logged). Rerunning with the same run name resumes.
+and wandb_run.json (what the W&B writer logged). A run gets a fresh name, <preset>-<date>-<time>,
+unless train.run_name names it; continue a run with --resume [RUN] (or its train.run_name): its
+saved config must match, but for train.epochs / patience / max_steps, resources.* and tracking.*.
+Inputs are checked before any worker starts (data read, model found, resources available); an
+input error ends the run with exit status 2, a crashed worker is retried resources.max_failures
+times from the latest checkpoint.
 resources.num_workers=0 runs the same loop in this process, without Ray (debuggers, notebooks).
 Evaluate a run's checkpoint again: python -m reckoning_ray.evaluate <run dir>
 Answer a question with it:         python -m reckoning_ray.predict <run dir> --knowledge FILE --question TEXT
@@ -124,14 +128,108 @@ def run_command(args: argparse.Namespace, job: Callable[[DictConfig], Any],
             return 0
         print(OmegaConf.to_yaml(cfg))
         job(cfg)
-    except ConfigError as exc:
+    except InputError as exc:  # config, data, model, checkpoint: the same every time
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def run_name(cfg: DictConfig) -> str:
-    return cfg.train.run_name or cfg.preset
+def input_error(error: BaseException) -> Optional[BaseException]:
+    """The input error behind a failed Ray Train run (a worker raised an :class:`InputError`), or
+    None for a crash (a killed process, a lost node) that a retry may get past."""
+    kinds = InputError
+    candidates = [error, *getattr(error, "worker_failures", {}).values()]
+    for exc in candidates:
+        for candidate in (exc, getattr(exc, "cause", None), exc.__cause__):
+            if isinstance(candidate, kinds):
+                return candidate
+    return None
+
+
+# -- checks on the driver, before any worker starts -----------------------------------------------
+
+def check_inputs(cfg: DictConfig) -> dict[str, int]:
+    """Read the data and find the model as a worker would, in seconds: a missing or malformed data
+    file, a split left empty by the filters, a model directory without a model or a hub id that is
+    neither cached nor reachable fail here with one line naming the key, not inside a worker.
+    Returns the number of tasks per split."""
+    from .data.sources import filter_splits, read_records
+
+    try:
+        splits = filter_splits(read_records(cfg.data), cfg.data)  # what load_splits reads, as records
+    except (FileNotFoundError, ConnectionError) as exc:
+        raise ConfigError(f"data.path={cfg.data.path!r}: {exc}") from None
+    sizes = {name: len(splits[name]) for name in ("train", "validation", "test")}  # none is empty
+    if cfg.model.name_or_path != "embedded":
+        from .modeling import pretrained_source
+
+        pretrained_source(str(cfg.model.name_or_path))
+    return sizes
+
+
+def run_dir_for(cfg: DictConfig, resume: Optional[str] = None) -> Path:
+    """The run directory of ``cfg``, after naming the run; sets ``train.run_name``.
+
+    A fresh run gets a fresh name, ``<preset>-<date>-<time>``, so runs never mix. ``resume`` (the
+    ``--resume [RUN]`` flag: a run name under ``train.output_dir``, a run directory, or "" for the
+    latest run of this preset) or an explicit ``train.run_name`` continue a run, after
+    :func:`check_resumable` found the saved config to be the requested one.
+    """
+    import time
+
+    out = Path(cfg.train.output_dir).expanduser().resolve()
+    if resume is not None:
+        run_dir = _find_run(out, cfg, resume)
+    elif cfg.train.run_name:
+        run_dir = out / cfg.train.run_name
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir, n = out / f"{cfg.preset}-{stamp}", 1
+        while run_dir.exists():
+            n += 1
+            run_dir = out / f"{cfg.preset}-{stamp}-{n}"
+    cfg.train.run_name = run_dir.name
+    cfg.train.output_dir = str(run_dir.parent)
+    if (run_dir / "config.yaml").is_file():
+        check_resumable(load_config(str(run_dir / "config.yaml")), cfg, run_dir)
+    return run_dir
+
+
+def _find_run(out: Path, cfg: DictConfig, resume: str) -> Path:
+    if resume:
+        path = Path(resume).expanduser()
+        run_dir = path if (path / "config.yaml").is_file() else out / resume
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {resume}: no run there ({run_dir} has no config.yaml); pass a run "
+                              f"directory or the name of a run under train.output_dir={out}")
+        return run_dir.resolve()
+    runs = sorted((p for p in out.glob(f"{cfg.preset}-*") if (p / "config.yaml").is_file()),
+                  key=lambda p: (p / "config.yaml").stat().st_mtime)
+    if not runs:
+        raise ConfigError(f"--resume: no run of preset {cfg.preset!r} under train.output_dir={out}; name one "
+                          f"(--resume RUN) or start a fresh run without --resume")
+    return runs[-1]
+
+
+# keys that may differ between a run and its continuation: how long and where it runs
+RESUMABLE = ("train.epochs", "train.patience", "train.max_steps", "train.run_name", "train.output_dir",
+             "resources.", "tracking.", "tune.", "preset")
+
+
+def check_resumable(saved: DictConfig, requested: DictConfig, run_dir: Path) -> None:
+    """Refuse to continue ``run_dir`` with a config that differs from the one it was started with,
+    naming the keys, unless only :data:`RESUMABLE` keys differ."""
+    before, after = flatten(saved), flatten(requested)
+    changed = sorted(k for k in set(before) | set(after)
+                     if before.get(k) != after.get(k) and not k.startswith(RESUMABLE))
+    if changed:
+        shown = ", ".join(f"{k}: {before.get(k)!r} (run) -> {after.get(k)!r} (now)" for k in changed[:8])
+        more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+        raise ConfigError(
+            f"train.run_name={run_dir.name!r} is a run of another config ({shown}{more}); a run continues "
+            f"only with its own config (only {', '.join(k.rstrip('.') + ('*' if k.endswith('.') else '') for k in RESUMABLE[:3])}, "
+            f"resources.* and tracking.* may change): start a fresh run (leave train.run_name empty) or "
+            f"continue it with `python -m reckoning_ray.train --resume {run_dir}`")
 
 
 # -- the pure-PyTorch part ------------------------------------------------------------------------
@@ -242,7 +340,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import transformers
 
     from .config import from_container
-    from .loop import Hooks
+    from .loop import Hooks, planned_validations
 
     transformers.utils.logging.disable_progress_bar()
     # Ray workers log INFO from every library; keep the loop's own progress lines readable
@@ -288,23 +386,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def fault_injection(rank: int) -> Optional[Callable[[int], None]]:
-    """Crash this worker process once at a given step, for fault-tolerance tests and drills.
+    """Fail this worker at a given step, for fault-tolerance tests and drills.
 
     ``RECKONING_RAY_CRASH_AT=<step>:<marker file>``: rank 0 exits abruptly (``os._exit``, like a
     killed process) after optimizer step <step> if the marker file does not exist yet, creating it
     first, so the restarted run passes that step.
+    ``RECKONING_RAY_INPUT_ERROR_AT=<step>:<marker file>``: rank 0 raises a ``ConfigError`` after
+    step <step> every time, appending a line to the marker file (one line per attempt).
     """
-    spec = os.environ.get("RECKONING_RAY_CRASH_AT")
-    if not spec or rank != 0:
+    crash = os.environ.get("RECKONING_RAY_CRASH_AT")
+    error = os.environ.get("RECKONING_RAY_INPUT_ERROR_AT")
+    if rank != 0 or not (crash or error):
         return None
-    step_text, marker = spec.split(":", 1)
-    crash_step = int(step_text)
 
     def on_step(step: int) -> None:
-        if step == crash_step and not os.path.exists(marker):
-            Path(marker).write_text(f"crashed at step {step}\n")
-            print(f"RECKONING_RAY_CRASH_AT: worker exits at step {step}", flush=True)
-            os._exit(1)
+        if crash:
+            step_text, marker = crash.split(":", 1)
+            if step == int(step_text) and not os.path.exists(marker):
+                Path(marker).write_text(f"crashed at step {step}\n")
+                print(f"RECKONING_RAY_CRASH_AT: worker exits at step {step}", flush=True)
+                os._exit(1)
+        if error:
+            step_text, marker = error.split(":", 1)
+            if step == int(step_text):
+                with open(marker, "a") as f:
+                    f.write(f"input error at step {step}\n")
+                raise ConfigError(f"RECKONING_RAY_INPUT_ERROR_AT: an input error at step {step}")
 
     return on_step
 
@@ -354,6 +461,18 @@ def check_placement(cfg: DictConfig) -> str:
             f"resources.cpus_per_worker={res.cpus_per_worker} is more than any node of this cluster has "
             f"(largest: {max(r.get('CPU', 0) for r in available)}); lower it"
         )
+    if not autoscaler_types:
+        # a fixed cluster: Ray would wait forever for workers it cannot place
+        need = {"CPU": res.num_workers * res.cpus_per_worker}
+        if res.use_gpu:
+            need["GPU"] = res.num_workers * res.gpus_per_worker
+        for kind, amount in need.items():
+            if amount > totals.get(kind, 0):
+                per = "cpus_per_worker" if kind == "CPU" else "gpus_per_worker"
+                raise ConfigError(
+                    f"resources.num_workers={res.num_workers} x resources.{per}={res[per]} needs {amount:g} "
+                    f"{kind}s but this cluster has {totals.get(kind, 0):g}; lower resources.num_workers "
+                    f"(the batch stays the same: train.batch_size is global) or join a larger cluster (RAY_ADDRESS)")
     return node
 
 
@@ -397,8 +516,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = No
            "TOKENIZERS_PARALLELISM": "false",
            # Ray Train tees print() into its logger too, which doubles every progress line
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    if os.environ.get("RECKONING_RAY_CRASH_AT"):
-        env["RECKONING_RAY_CRASH_AT"] = os.environ["RECKONING_RAY_CRASH_AT"]
+    for name in ("RECKONING_RAY_CRASH_AT", "RECKONING_RAY_INPUT_ERROR_AT"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "run_dir": str(run_dir),
@@ -408,13 +528,37 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = No
         run_config=RunConfig(
             name=run_dir.name,
             storage_path=storage_path or str(run_dir.parent),
-            failure_config=FailureConfig(max_failures=int(cfg.resources.max_failures)),
+            # the driver decides (train.run): crashes are retried, input errors are not
+            failure_config=FailureConfig(max_failures=0),
             callbacks=callbacks,
             worker_runtime_env={"env_vars": env},
             # Ray Train's per-report INFO lines would drown the loop's own progress lines
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
+
+
+def fit(cfg: DictConfig, run_dir: Path, **trainer_args: Any) -> None:
+    """Fit the run's ``TorchTrainer`` (:func:`build_trainer` with ``trainer_args``). A worker that
+    raised an input error (:class:`InputError`) ends it at once with that error as a
+    ``ConfigError``; a crash (a killed worker, a lost node) is retried from the run's latest
+    checkpoint, up to ``resources.max_failures`` times."""
+    from ray.train import TrainingFailedError
+
+    failures = 0
+    while True:
+        try:
+            build_trainer(cfg, run_dir, **trainer_args).fit()
+            return
+        except TrainingFailedError as exc:
+            cause = input_error(exc)
+            if cause is not None:
+                raise ConfigError(f"{type(cause).__name__}: {cause}") from None
+            failures += 1
+            if failures > int(cfg.resources.max_failures):
+                raise
+            print(f"training failed ({str(exc).strip().splitlines()[-1][:200]}); restart {failures} of "
+                  f"resources.max_failures={cfg.resources.max_failures} from the latest checkpoint", flush=True)
 
 
 def init_ray() -> None:
@@ -430,16 +574,23 @@ def init_ray() -> None:
              configure_logging=True, logging_level="WARNING")
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig, resume: Optional[str] = None) -> dict[str, Any]:
     """Run one training (starting or joining Ray; without Ray for ``resources.num_workers=0``);
-    returns the run's summary."""
+    returns the run's summary. ``resume``: see :func:`run_dir_for`.
+
+    Inputs are checked here before any worker starts (:func:`check_inputs`). Ray does not retry a
+    failed run by itself: a worker that raised an input error ends the run (``ConfigError``, exit
+    status 2); a crash is retried from the run's latest checkpoint, ``resources.max_failures``
+    times.
+    """
     import json
 
     from .tracking import run_names
 
-    name = run_name(cfg)
-    run_dir = Path(cfg.train.output_dir).expanduser().resolve() / name
+    run_dir = run_dir_for(cfg, resume)
     print(f"run directory: {run_dir}" + (" (resuming)" if checkpoint_path(run_dir) else ""))
+    sizes = check_inputs(cfg)
+    print(f"data: {sizes['train']} train / {sizes['validation']} validation / {sizes['test']} test tasks")
     if int(cfg.resources.num_workers) == 0:
         run_in_process(cfg, run_dir)
     else:
@@ -448,10 +599,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         init_ray()
         node = check_placement(cfg)
         tracking = TrainTracking(cfg.tracking, run_dir, run_names(cfg), flatten(cfg))
-        trainer = build_trainer(cfg, run_dir, callbacks=[tracking], node_type=node)
-        result = trainer.fit()
-        if result.error:
-            raise result.error
+        fit(cfg, run_dir, callbacks=[tracking], node_type=node)
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"best {summary['metric']}: {summary['best_metric']} at step {summary['best_step']}; "
           f"best checkpoint: {summary['best_checkpoint']}")
@@ -463,9 +611,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv, "python -m reckoning_ray.train",
-                      "Train RECKONING (or an in-context baseline) with Ray Train.", EPILOG)
-    return run_command(args, run)
+    args = parse_args(
+        argv, "python -m reckoning_ray.train", "Train RECKONING (or an in-context baseline) with Ray Train.", EPILOG,
+        extra=lambda p: p.add_argument(
+            "--resume", nargs="?", const="", default=None, metavar="RUN",
+            help="continue a run: RUN is a run directory or a run name under train.output_dir (without RUN: "
+                 "the latest run of the preset); without a preset or --config the run's own config.yaml is "
+                 "used, and overrides may change only train.epochs, train.patience, train.max_steps, "
+                 "resources.* and tracking.* (write --resume=RUN or put --resume last)"))
+    if args.resume and args.preset is None:
+        for candidate in (Path(args.resume).expanduser(), Path("runs") / args.resume):
+            if (candidate / "config.yaml").is_file():
+                args.preset = str(candidate / "config.yaml")  # the run's own config
+                break
+    return run_command(args, lambda cfg: run(cfg, resume=args.resume))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,12 @@ from .config import ConfigError, from_container, load_config, node_type_for, sav
 from .tracking import run_names
 from .train import parse_args, run_command
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "tune_spaces"
+# The search spaces: the top-level tune_spaces/ directory ships in the wheel as the package data
+# reckoning_ray/tune_spaces/ (pyproject.toml); a source checkout or an editable install (whose
+# finder does not map that data-only package) reads the top-level directory itself.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+SPACES_DIR = (_PACKAGE_DIR / "tune_spaces" if (_PACKAGE_DIR / "tune_spaces").is_dir()
+              else _PACKAGE_DIR.parent / "tune_spaces")
 # Distribution name -> (argument form, builder). Arguments come as a list in the YAML.
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint", "qloguniform")
 
@@ -59,6 +64,7 @@ W&B: runs are written offline under each trial's directory; upload them as one W
 # -- search spaces ---------------------------------------------------------------------------------
 
 def space_path(space: str) -> Path:
+    """The file of a search space: ``space`` is a YAML path or the name of one in SPACES_DIR."""
     path = Path(space)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
@@ -67,7 +73,8 @@ def space_path(space: str) -> Path:
     candidate = SPACES_DIR / f"{space}.yaml"
     if not candidate.is_file():
         names = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
-        raise ConfigError(f"tune.space={space!r} is not a search space: choose one of {names} or a YAML path")
+        raise ConfigError(f"tune.space={space!r} is not a search space: choose one of {names} "
+                          f"(the files of {SPACES_DIR}) or a YAML path")
     return candidate
 
 
@@ -152,7 +159,7 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .train import build_trainer
+    from .train import fit
 
     config = setup
     trial_id = ray.tune.get_context().get_trial_id()
@@ -164,11 +171,8 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
         node = ""
     run_dir = Path(config["trials_local"]) / trial_id
     # W&B is written by the sweep's driver (TrackingCallback), which outlives the trial
-    trainer = build_trainer(cfg, run_dir, callbacks=[TuneReportCallback()], node_type=node,
-                            storage_path=config["trials_storage"], test=False)
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    fit(cfg, run_dir, callbacks=[TuneReportCallback()], node_type=node, storage_path=config["trials_storage"],
+        test=False)
 
 
 class ResumableASHA(ASHAScheduler):
@@ -297,14 +301,8 @@ def placement(cfg: DictConfig, space: dict[str, tuple[str, list]]) -> tuple[list
         fit = min(fit, int(totals.get("GPU", 0) // (res.num_workers * res.gpus_per_worker)))
     if autoscaler_node_resources():  # an autoscaler adds nodes: leave concurrency to the config
         fit = cfg.tune.max_concurrent
-    if fit < 1:
-        raise ConfigError(
-            f"one trial needs {res.num_workers} worker(s) x {res.cpus_per_worker} CPU"
-            + (f" + {res.gpus_per_worker} GPU" if res.use_gpu else "")
-            + f" but the cluster has {dict((k, v) for k, v in totals.items() if k in ('CPU', 'GPU'))}; "
-            "lower resources.num_workers / resources.cpus_per_worker or start a bigger cluster"
-        )
-    return sorted(set(usable)), min(fit, cfg.tune.max_concurrent)
+    # check_placement refused a trial this cluster cannot hold, so at least one fits
+    return sorted(set(usable)), max(1, min(fit, cfg.tune.max_concurrent))
 
 
 def is_uri(path: str) -> bool:
@@ -566,13 +564,17 @@ def start_wandb_sweep(cfg: DictConfig, space: dict[str, tuple[str, list]], fresh
 
 
 def run(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
-    from .train import init_ray
+    from .train import check_inputs, init_ray
 
     saved = local_dir(cfg) / "sweep_config.yaml"
     if resume and saved.exists():
         print(f"resuming with the sweep's saved config {saved}")
         cfg = load_config(str(saved))
     space = load_space(cfg.tune.space, cfg)  # fails before any work starts
+    if int(cfg.resources.num_workers) == 0:
+        raise ConfigError("resources.num_workers=0 runs one training without Ray; a sweep's trials are Ray Train "
+                          "runs: set resources.num_workers >= 1")
+    check_inputs(cfg)  # the data and the model, before any trial starts
     if not resume:
         save_config(cfg, saved)
         (local_dir(cfg) / "asha_state.pkl").unlink(missing_ok=True)  # rungs of an earlier sweep
@@ -599,7 +601,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return publish_main(argv[1:])
     # space=<name> is short for tune.space=<name>
     argv = [f"tune.{a}" if a.startswith("space=") else a for a in argv]
-    names = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
+    names = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))) + f" (in {SPACES_DIR})"
     args = parse_args(
         argv, "python -m reckoning_ray.tune",
         "Sweep RECKONING's inner-loop settings with Ray Tune + ASHA (the project's main job). "

@@ -1,11 +1,14 @@
-"""Cluster YAMLs under cluster/: Ray's validation, the project's checks, the README's install and
-commands, and a fake autoscaling cluster with the same node types (no cloud account, no GPU)."""
+"""Cluster YAMLs under cluster/: Ray's validation, the project's checks (node types, storage, the
+pinned node software, placeholders, W&B keys), the README's install and commands, the job
+submission that carries W&B keys, and a fake autoscaling cluster with the same node types (no
+cloud account, no GPU)."""
 
 from __future__ import annotations
 
 import copy
 import importlib.util
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -26,6 +29,17 @@ CLUSTER_DIR = REPO / "cluster"
 A100_YAML = CLUSTER_DIR / "a100.yaml"
 LOCAL_YAML = CLUSTER_DIR / "local.yaml"
 CLUSTER_YAMLS = sorted(CLUSTER_DIR.glob("*.yaml"))
+# What a user fills in for the placeholders of the shipped a100.yaml.
+FILLED = {"YOUR-BUCKET": "my-results-bucket", "YOUR-ACCOUNT-ID": "123456789012"}
+
+
+def _filled_copy(path: Path, tmp_path: Path) -> Path:
+    text = path.read_text()
+    for placeholder, value in FILLED.items():
+        text = text.replace(placeholder, value)
+    copy_path = tmp_path / path.name
+    copy_path.write_text(text)
+    return copy_path
 
 
 def test_every_cluster_yaml_is_found():
@@ -33,11 +47,31 @@ def test_every_cluster_yaml_is_found():
 
 
 @pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=lambda p: p.name)
-def test_cluster_yaml_passes_ray_validation_and_project_checks(path: Path):
-    prepared = rc.validate_cluster_file(path)
+def test_cluster_yaml_passes_ray_validation_and_project_checks(path: Path, tmp_path: Path):
+    filled = _filled_copy(path, tmp_path)
+    prepared = rc.validate_cluster_file(filled)
     # prepare_config merged Ray's defaults: these only exist after it ran.
     assert "cluster_synced_files" in prepared and prepared["head_node_type"] in prepared["available_node_types"]
     assert rc.project_problems(rc.load_cluster_yaml(path)) == []
+    assert rc.text_problems(filled.read_text()) == []
+
+
+def test_shipped_a100_yaml_fails_only_on_its_placeholders(capsys):
+    text = A100_YAML.read_text()
+    expected = [(number, name) for number, line in enumerate(text.splitlines(), start=1)
+                for name in dict.fromkeys(re.findall(r"YOUR-[A-Z0-9-]*[A-Z0-9]", line))]
+    assert sorted({name for _, name in expected}) == sorted(FILLED)
+    with pytest.raises(rc.ClusterConfigError) as info:
+        rc.validate_cluster_file(A100_YAML)
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"{A100_YAML}:"
+    assert lines[1:] == [f"  - line {n}: placeholder {name}: replace it with {rc.PLACEHOLDER_HINTS[name]} "
+                         f"(cluster/README.md, 'Before the first start')" for n, name in expected]
+    # The command line: non-zero, the same lines, nothing about local.yaml but its summary.
+    assert rc.main(["check", str(A100_YAML), str(LOCAL_YAML)]) == 1
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"FAIL {line}" if i == 0 else line for i, line in enumerate(lines)]
+    assert out.startswith(f"ok   {LOCAL_YAML}: storage /mnt/shared/reckoning-ray")
 
 
 def test_a100_yaml_node_types():
@@ -61,7 +95,39 @@ def test_a100_yaml_node_types():
 
 def test_readme_gpu_install_section():
     section = rc.readme_section((REPO / "README.md").read_text())
-    assert rc.pip_install_specs(section) == ["torch>=2.4", "-e .[cluster]"]
+    assert rc.pip_install_specs(section) == rc.pinned_specs() + ["-e .[cluster]"]
+    assert rc.pinned_specs()[:2] == ["torch==2.13.0", "ray[default,train,tune]==2.60.0"]
+
+
+def test_pins_command_installs_the_pins():
+    assert rc.pip_install_specs(rc.pins_command()) == rc.pinned_specs()
+    assert [rc._requirement(s) for s in rc.pinned_specs()] == [(n, f"=={v}") for n, v in rc.NODE_PINS.items()]
+
+
+def test_node_pins_meet_the_project_requirements():
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["cluster"]]
+    by_name = {}
+    for req in requirements:
+        by_name.setdefault(rc._requirement(req.name)[0], []).append(req)
+    # Every runtime dependency of the project is pinned, at a version its requirement allows.
+    assert set(rc.NODE_PINS) == {rc._requirement(r)[0] for r in project["dependencies"]}
+    for name, version in rc.NODE_PINS.items():
+        for req in by_name[name]:
+            assert req.specifier.contains(version), f"NODE_PINS {name}=={version} is outside pyproject's {req}"
+    assert set(rc.NODE_PIN_EXTRAS["ray"].split(",")) == next(r.extras for r in by_name["ray"] if r.extras >= {"train"})
+
+
+def test_readme_pins_agree_with_node_pins():
+    # Wherever the README pins a node package (the CPU install's torch too), it is the pinned version.
+    text = (REPO / "README.md").read_text()
+    found = re.findall(r"\b([a-z][a-z0-9_-]*)(?:\[[^\]]*\])?==([0-9][^\s\"'`]*)", text)
+    pinned = [(name, version) for name, version in found if name in rc.NODE_PINS]
+    assert ("torch", "2.13.0") in pinned
+    assert all(rc.NODE_PINS[name] == version for name, version in pinned), pinned
 
 
 @pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=lambda p: p.name)
@@ -155,6 +221,26 @@ def _storage_command(replacement: str | None) -> Callable[[Dict[str, Any]], None
     return mutate
 
 
+def _pins_command(replacement: str | None) -> Callable[[Dict[str, Any]], None]:
+    """Replace (None: drop) the setup command that installs the pinned node software."""
+    def mutate(cfg: Dict[str, Any]) -> None:
+        commands = cfg["setup_commands"]
+        index = commands.index(rc.pins_command())
+        if replacement is None:
+            del commands[index]
+        else:
+            commands[index] = replacement
+    return mutate
+
+
+def _venv_command(replacement: str) -> Callable[[Dict[str, Any]], None]:
+    def mutate(cfg: Dict[str, Any]) -> None:
+        commands = cfg["setup_commands"]
+        index = next(i for i, c in enumerate(commands) if " -m venv " in c)
+        commands[index] = replacement
+    return mutate
+
+
 _DELETE = object()
 W = "available_node_types"
 
@@ -192,6 +278,19 @@ BROKEN = [
     ("storage_path_missing", _storage_command(None), None, "no shared storage path"),
     ("storage_path_not_s3", _storage_command("echo 'export RECKONING_STORAGE_PATH=/tmp/results' >> ~/.bashrc"), None,
      "use an S3 URI"),
+    # The node software: unpinned, drifted from the project's pins, missing; the venv's Python.
+    ("torch_unpinned", _pins_command(rc.pins_command().replace('"torch==2.13.0"', '"torch>=2.4"')), None,
+     "setup_commands[3]: torch>=2.4 is not pinned; install torch==2.13.0"),
+    ("torch_bare", _pins_command(rc.pins_command().replace('"torch==2.13.0"', "torch")), None,
+     "setup_commands[3]: torch is not pinned; install torch==2.13.0"),
+    ("ray_drift", _pins_command(rc.pins_command().replace("==2.60.0", "==2.50.0")), None,
+     "setup_commands[3]: ray[default,train,tune]==2.50.0 differs from the project's pin ray==2.60.0"),
+    ("pins_missing", _pins_command(None), None,
+     "setup_commands install no pinned torch, ray, transformers, tokenizers, wandb, omegaconf, datasets, tqdm"),
+    ("pins_unquoted", _pins_command("pip install torch>=2.4"), None,
+     "setup_commands[3]: unquoted version specifier"),
+    ("venv_python3", _venv_command("test -x ~/venv/bin/pip || python3 -m venv ~/venv"), None,
+     "setup_commands[0]: `python3 -m venv` makes the nodes' environment"),
 ]
 
 
@@ -228,6 +327,86 @@ def test_local_provider_rejects_node_types_so_local_yaml_uses_ray_start_resource
     local = rc.load_cluster_yaml(LOCAL_YAML)
     assert '--resources="$(python -m reckoning_ray.cluster node-resources)"' in local["worker_start_ray_commands"][-1]
     assert "--num-gpus=0" in local["head_start_ray_commands"][-1]
+
+
+def test_pins_allow_a_local_build_tag_and_ignore_other_packages():
+    cfg = rc.load_cluster_yaml(LOCAL_YAML)
+    _pins_command(rc.pins_command().replace('"torch==2.13.0"', '"torch==2.13.0+cu126" boto3 "numpy<3"'))(cfg)
+    assert rc.project_problems(cfg) == []
+    cfg["worker_setup_commands"] = ['pip install "transformers==5.0.0"']  # drift anywhere that installs
+    assert rc.project_problems(cfg) == ["worker_setup_commands[0]: transformers==5.0.0 differs from the project's pin "
+                                        "transformers==5.24.0; install transformers==5.24.0, or change NODE_PINS if the "
+                                        "project moved (the pins are NODE_PINS in reckoning_ray/cluster.py; "
+                                        "`python -m reckoning_ray.cluster pins` prints the command)"]
+
+
+def test_yaml_setup_commands_are_the_pins_command():
+    for path in CLUSTER_YAMLS:
+        commands = rc.load_cluster_yaml(path)["setup_commands"]
+        assert commands[-2:] == [rc.pins_command(), 'cd ~/reckoning-ray && pip install -e ".[cluster]"'], path
+        assert any(f"python{rc.NODE_PYTHON} -m venv" in c for c in commands), path
+
+
+# -- what must not be in a cluster YAML: placeholders, W&B keys ----------------------------------
+
+SECRET = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize("line", [
+    f"  - echo 'export WANDB_API_KEY={SECRET}' >> ~/.bashrc",
+    f'  - export WANDB_API_KEY="{SECRET}" && ray stop',
+    f"  - wandb login {SECRET}",
+    f"  - wandb login --relogin {SECRET}",
+    f"# WANDB_API_KEY: {SECRET}",
+])
+def test_wandb_key_in_a_cluster_yaml_fails_the_check(tmp_path: Path, line: str):
+    text = _filled_copy(A100_YAML, tmp_path).read_text()
+    # a command goes first under setup_commands, a comment at the top
+    text = text.replace("setup_commands:\n", f"setup_commands:\n{line}\n", 1) if line.startswith("  - ") \
+        else f"{line}\n{text}"
+    broken = tmp_path / "with_key.yaml"
+    broken.write_text(text)
+    number = text.splitlines().index(line) + 1
+    with pytest.raises(rc.ClusterConfigError) as info:
+        rc.validate_cluster_file(broken)
+    problems = str(info.value).splitlines()[1:]
+    assert len(problems) == 1 and problems[0].startswith(f"  - line {number}: "), problems
+    assert "submit with `python cluster/submit_tune.py --address ...`" in problems[0]
+    assert SECRET not in str(info.value)  # the check never repeats the key
+
+
+def test_wandb_key_in_a_yaml_mapping():
+    problems = rc.text_problems(f"runtime_env:\n  env_vars: {{WANDB_API_KEY: {SECRET}}}\n")
+    assert len(problems) == 1 and problems[0].startswith("line 2: WANDB_API_KEY is given a value in this file")
+
+
+@pytest.mark.parametrize("line", [
+    "  - echo 'export WANDB_API_KEY=$WANDB_API_KEY' >> ~/.bashrc",  # a reference, no key
+    "  - wandb login",  # asks for the key
+    "# W&B keys never go in here",
+    "  - export WANDB_API_KEY_FILE_HINT",
+])
+def test_no_wandb_key_no_problem(line: str):
+    assert rc.text_problems(line) == []
+
+
+def test_placeholders_are_found_anywhere_with_their_fix():
+    problems = rc.text_problems("a: 1\n# bucket s3://YOUR-BUCKET/x\nb: arn:aws:iam::YOUR-ACCOUNT-ID:role\nc: YOUR-REGION\n")
+    assert problems == [
+        "line 2: placeholder YOUR-BUCKET: replace it with the name of an S3 bucket of yours (aws s3 mb s3://<name>) "
+        "(cluster/README.md, 'Before the first start')",
+        "line 3: placeholder YOUR-ACCOUNT-ID: replace it with your 12-digit AWS account id (aws sts "
+        "get-caller-identity --query Account --output text) (cluster/README.md, 'Before the first start')",
+        "line 4: placeholder YOUR-REGION: replace it with your own value (cluster/README.md, 'Before the first start')",
+    ]
+
+
+def test_docs_never_put_a_wandb_key_in_a_file():
+    for doc in (REPO / "README.md", CLUSTER_DIR / "README.md"):
+        for line in doc.read_text().splitlines():
+            if "WANDB_API_KEY" in line:
+                assert "setup_commands" not in line and not re.search(r">>?\s*[~/$\w]", line), (doc, line)
+                assert "--runtime-env-json" not in line, (doc, line)  # a key on a command line
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -325,16 +504,21 @@ def test_readme_ray_submit_command_parses_and_targets_the_tune_entry_point(tmp_p
         "paper", "s3://YOUR-BUCKET/reckoning-ray", "a100")
 
 
-def test_readme_job_submit_command_parses():
-    from ray.dashboard.modules.job.cli import submit
-
-    commands = _readme_commands("ray job submit ")
-    assert len(commands) == 1
-    ctx = submit.make_context("submit", commands[0][3:])
-    assert ctx.params["address"] == "http://127.0.0.1:8265" and ctx.params["working_dir"] == "."
-    entrypoint = list(ctx.params["entrypoint"])
-    assert entrypoint[:5] == ["python", "-m", rc.TUNE_MODULE, "paper", "space=paper"]
-    assert "tune.storage_path=s3://YOUR-BUCKET/reckoning-ray" in entrypoint
+def test_readme_job_commands_parse_and_target_the_tune_entry_point(tmp_path: Path):
+    submit_tune = _load_submit_tune()
+    commands = _readme_commands("python cluster/submit_tune.py ")
+    assert len(commands) == 2  # the sweep, and the same with W&B online
+    for command in commands:
+        options, tune_args = submit_tune.parse_submit_args(command[2:])
+        assert options.address == "http://127.0.0.1:8265" and not options.no_wait
+        assert tune_args[:2] == ["paper", "space=paper"]
+        # what the head then runs is valid for the tune entry point (data.path pointed at a real dir)
+        final = rc.tune_argv(tune_args, {rc.STORAGE_ENV: "s3://b/reckoning-ray"})
+        overrides = [f"tune.{a}" if a.startswith("space=") else a for a in final[1:]]
+        overrides = [f"data.path={tmp_path}" if a.startswith("data.path=") else a for a in overrides]
+        cfg = load_config(final[0], overrides)
+        assert (cfg.tune.space, cfg.tune.storage_path, node_type_for(cfg)) == ("paper", "s3://b/reckoning-ray", "a100")
+    assert "tracking.mode=online" in commands[1]
 
 
 def _load_submit_tune():
@@ -361,6 +545,83 @@ def test_submit_tune_runs_the_tune_module_with_the_storage_path(monkeypatch):
     calls.clear()
     submit_tune.main(["paper", "tune.storage_path=/tmp/x"])
     assert calls[-1][2] == ["reckoning_ray.tune", "paper", "tune.storage_path=/tmp/x"]
+
+
+class _FakeJobClient:
+    """Stands in for ray.job_submission.JobSubmissionClient: records the submission, streams two lines."""
+
+    submitted: List[Dict[str, Any]] = []
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def submit_job(self, **kwargs: Any) -> str:
+        self.submitted.append({"address": self.address, **kwargs})
+        return "raysubmit_test"
+
+    async def tail_job_logs(self, job_id: str):
+        for lines in ("sweep paper-sweep: ...\n", "sweep took 1s\n"):
+            yield lines
+
+    def get_job_status(self, job_id: str):
+        from ray.job_submission import JobStatus
+
+        return JobStatus.SUCCEEDED
+
+
+@pytest.fixture
+def fake_job_client(monkeypatch):
+    import ray.job_submission
+
+    _FakeJobClient.submitted = []
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", _FakeJobClient)
+    return _FakeJobClient
+
+
+def test_submit_tune_job_carries_wandb_settings_in_the_runtime_env(fake_job_client, monkeypatch, capsys, tmp_path):
+    submit_tune = _load_submit_tune()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    monkeypatch.setenv("WANDB_PROJECT", "reckoning")
+    monkeypatch.setenv("WANDB_ENTITY", "")  # set but empty: not passed
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    code = submit_tune.main(["--address", "http://127.0.0.1:8265", "--", "paper", "space=paper",
+                             "data.path=/data/my proofwriter", "tracking.mode=online", "--resume"])
+    assert code == 0
+    job, = fake_job_client.submitted
+    assert job == {
+        "address": "http://127.0.0.1:8265",
+        "entrypoint": "python cluster/submit_tune.py paper space=paper 'data.path=/data/my proofwriter' "
+                      "tracking.mode=online --resume",
+        "runtime_env": {"working_dir": str(REPO), "env_vars": {"WANDB_API_KEY": SECRET, "WANDB_PROJECT": "reckoning"}},
+    }
+    out, err = capsys.readouterr()
+    assert SECRET not in out + err  # never printed ...
+    assert "environment from this shell: WANDB_API_KEY, WANDB_PROJECT" in out and "sweep took 1s" in out
+    assert list(tmp_path.iterdir()) == []  # ... nor written here
+    # the entrypoint, run on the head, is the head mode of the same file with the same arguments
+    options, tune_args = submit_tune.parse_submit_args(shlex.split(job["entrypoint"])[2:])
+    assert options is None and tune_args[-1] == "--resume" and tune_args[2] == "data.path=/data/my proofwriter"
+
+
+def test_submit_tune_job_without_a_key(fake_job_client, monkeypatch, capsys):
+    submit_tune = _load_submit_tune()
+    for name in rc.WANDB_JOB_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert submit_tune.main(["--address", "http://h:8265", "--no-wait", "--", "paper", "tracking.mode=online"]) == 0
+    job, = fake_job_client.submitted
+    assert job["runtime_env"] == {"working_dir": str(REPO)}
+    out, err = capsys.readouterr()
+    assert "WANDB_API_KEY is not set in this shell" in err
+    assert "follow: ray job logs --address http://h:8265 --follow raysubmit_test" in out
+    assert "sweep took" not in out  # --no-wait: no log following
+
+
+def test_submit_tune_options_need_the_separator():
+    submit_tune = _load_submit_tune()
+    with pytest.raises(SystemExit):
+        submit_tune.parse_submit_args(["--address", "http://h:8265", "paper"])
+    assert submit_tune.parse_submit_args(["paper", "--resume"]) == (None, ["paper", "--resume"])
 
 
 def test_tune_argv_without_cluster_storage_keeps_arguments():
@@ -425,7 +686,7 @@ def test_fake_cluster_places_work_on_the_node_type_it_asks_for(fake_a100_cluster
     finally:
         ray.shutdown()
 
-    # The `ray job submit` form of cluster/README.md against this cluster's dashboard.
+    # A Ray job (what cluster/submit_tune.py --address submits) against this cluster's dashboard.
     probe = tmp_path / "job"
     probe.mkdir()
     (probe / "probe.py").write_text(

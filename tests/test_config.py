@@ -64,7 +64,7 @@ def test_paper_variants_extend_the_paper_preset_and_change_only_their_keys():
     # FT-ICR: batch 16, validation once per epoch, lr 3e-5, 6 epochs, dropout 0.1
     assert (icr.train.batch_size, icr.train.grad_accum, icr.train.validations_per_epoch) == (16, 1, 1)
     assert (icr.outer.lr, icr.train.epochs, icr.model.dropout) == (3e-5, 6, 0.1)
-    changed = {"preset", "data.distractors", "train.run_name", "tune.name"}
+    changed = {"preset", "data.distractors", "tune.name"}  # runs are named per run, not per preset
     flat_paper, flat_variant = flatten(paper), flatten(distractors)
     assert {k for k in flat_paper if flat_paper[k] != flat_variant[k]} == changed
 
@@ -176,3 +176,31 @@ def test_model_dropout_defaults_to_zero_and_accepts_values_below_one():
     assert Config().model.dropout == 0.0
     assert load_config(None, ["model.dropout=0.0"]).model.dropout == 0.0
     assert load_config(None, ["model.dropout=0.5"]).model.dropout == 0.5
+
+
+def test_a_fresh_run_gets_a_fresh_directory_and_a_rerun_with_another_config_is_refused(tmp_path):
+    """Runs never mix: without train.run_name every run has its own directory; continuing a run
+    (its name, or --resume) with a changed config names the keys; epochs, patience, max_steps,
+    resources and tracking may change."""
+    from reckoning_ray.config import save_config
+    from reckoning_ray.train import run_dir_for
+
+    base = [f"train.output_dir={tmp_path}"]
+    first = run_dir_for(load_config("embedded", base))
+    first.mkdir()
+    save_config(load_config("embedded", base + [f"train.run_name={first.name}"]), first / "config.yaml")
+    second = run_dir_for(load_config("embedded", base))
+    assert first != second and first.name.startswith("embedded-") and second.parent == first.parent
+    named = base + [f"train.run_name={first.name}"]
+    assert run_dir_for(load_config("embedded", named + ["train.epochs=9", "resources.num_workers=2",
+                                                         "tracking.mode=disabled"])) == first
+    with pytest.raises(ConfigError) as info:
+        run_dir_for(load_config("embedded", named + ["inner.lr_init=0.5", "data.num_train=64"]))
+    message = str(info.value)
+    assert "data.num_train: 1024 (run) -> 64 (now)" in message and "inner.lr_init: 0.1 (run) -> 0.5 (now)" in message
+    assert f"--resume {first}" in message
+    # --resume without a name: the latest run of the preset; with a name or a directory: that one
+    assert run_dir_for(load_config("embedded", base), resume="") == first
+    assert run_dir_for(load_config("embedded", base), resume=str(first)) == first
+    with pytest.raises(ConfigError, match="no run there"):
+        run_dir_for(load_config("embedded", base), resume="nope")

@@ -103,7 +103,7 @@ TINY_PAPER = [
 def test_each_paper_preset_ends_with_test_metrics_per_hop(ray_local, tmp_path, preset):
     from wandb_files import read_offline_run_merged
 
-    cfg = load_config(preset, TINY_PAPER + [f"train.output_dir={tmp_path}"])
+    cfg = load_config(preset, TINY_PAPER + [f"train.output_dir={tmp_path}", f"train.run_name={preset}"])
     summary = run(cfg)
     test = summary["test"]
     hops = sorted(int(k.rsplit("_", 1)[1]) for k in test if k.startswith("test/label_accuracy/hops_"))
@@ -173,3 +173,21 @@ def test_a_batch_the_workers_cannot_split_is_a_config_error(capsys):
 def test_bad_override_fails_before_any_work(capsys):
     assert main(["train.batch_size=0"]) == 2
     assert "train.batch_size=0 is invalid: must be >= 1" in capsys.readouterr().err
+
+
+def test_an_input_error_in_a_worker_is_not_retried(reference, tmp_path, monkeypatch, capsys):
+    """A worker that raises a config error ends the run at once (exit 2, one line), although
+    resources.max_failures would allow restarts; a crash is restarted (the test above)."""
+    out, _ = reference
+    marker = tmp_path / "attempts"
+    monkeypatch.setenv("RECKONING_RAY_INPUT_ERROR_AT", f"2:{marker}")
+    code = main(BASE + [f"train.output_dir={out}", "train.run_name=input-error", "resources.max_failures=2"])
+    assert code == 2
+    assert marker.read_text().splitlines() == ["input error at step 2"]  # one attempt, no restart
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: ConfigError: RECKONING_RAY_INPUT_ERROR_AT: an input error at step 2"
+
+
+def test_an_impossible_resource_request_fails_at_once(ray_local, capsys):
+    assert main(BASE + ["resources.num_workers=8", "train.batch_size=8"]) == 2
+    assert "resources.num_workers=8 x resources.cpus_per_worker=1.0 needs 8 CPUs" in capsys.readouterr().err

@@ -71,7 +71,8 @@ def test_placement_reports_impossible_requests_at_once(capsys):
         with pytest.raises(ConfigError, match=r"resources.cpus_per_worker=4.0 is more than any node"):
             placement(cfg, {})
         cfg = load_config(None, ["resources.num_workers=4"])
-        with pytest.raises(ConfigError, match=r"one trial needs 4 worker\(s\).*lower resources.num_workers"):
+        with pytest.raises(ConfigError, match=r"resources.num_workers=4 x resources.cpus_per_worker=1.0 needs 4 "
+                                              r"CPUs but this cluster has 2; lower resources.num_workers"):
             placement(cfg, {})
         cfg = load_config(None, ["resources.use_gpu=true"])
         with pytest.raises(ConfigError, match=r"resources.use_gpu=true but no node"):

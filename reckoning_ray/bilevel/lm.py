@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
+from ..config import InputError
 from ..data.encode import IGNORE_INDEX, Encoder, TaskBatch
 from ..metrics import fact_recall, normalize_label
 
 
-class BilevelError(ValueError):
+class BilevelError(InputError, ValueError):
     """Bad input to a method or an engine; the message names the field and the fix."""
 
 

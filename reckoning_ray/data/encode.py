@@ -42,6 +42,8 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+from reckoning_ray.config import InputError
+
 IGNORE_INDEX = -100
 RECKONING = "reckoning"
 IN_CONTEXT_METHODS = ("icr", "icr_no_facts", "icr_random_facts")
@@ -56,7 +58,7 @@ _TRAILING_PUNCT = ".,;:!?"
 _IDS_CACHE_SIZE = 1 << 20
 
 
-class EncodeError(ValueError):
+class EncodeError(InputError, ValueError):
     """A task cannot be encoded; the message names the task id, the field and the fix."""
 
 

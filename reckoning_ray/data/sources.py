@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from reckoning_ray.config import SELECTIONS
+from reckoning_ray.config import SELECTIONS, ConfigError, InputError
 from reckoning_ray.hub import hub_offline, hub_reachable, looks_like_hub_id
 from reckoning_ray.data.schema import FIELDS, make_record, validate_record, without_distractors
 
@@ -56,7 +56,7 @@ Record = dict[str, Any]
 Splits = dict[str, list[Record]]
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InputError, ValueError):
     """A data file that cannot be parsed.
 
     The message names the file, the (1-based) line, optionally the column, and what was expected,
@@ -794,13 +794,13 @@ def filter_splits(splits: Splits, data_cfg: Any) -> Splits:
             available = sorted({r["hops"] for r in records})
             where = f"data.source={data_cfg.source}" + (f" data.path={data_cfg.path}" if data_cfg.path else "")
             if records:
-                raise ValueError(
+                raise ConfigError(
                     f"split {split!r} is empty after filtering by {key}={sorted(hops)}: {where} has hop "
                     f"counts {available} in that split; set {key} to some of them (or [] for all)"
                 )
             if generated:
-                raise ValueError(f"split {split!r} of generated data has no tasks: set data.num_{split} >= 1")
-            raise ValueError(f"split {split!r} of {where} has no tasks; check the source (or the split fractions)")
+                raise ConfigError(f"split {split!r} of generated data has no tasks: set data.num_{split} >= 1")
+            raise ConfigError(f"split {split!r} of {where} has no tasks; check the source (or the split fractions)")
         out[split] = kept
     return out
 

@@ -130,7 +130,7 @@ def test_offline_run_round_trip(finished_run):
     assert run["config"]["inner.lr_init"] == 0.1
     assert run["config"]["train.batch_size"] == 32
     assert run["config"]["data.hops"] == [2]  # a list survives the round trip
-    assert run["config"]["train.run_name"] == "embedded"
+    assert run["config"]["preset"] == "embedded" and run["config"]["train.run_name"] == ""
     assert run["config"]["notes.long"] == "n" * 100_000  # reassembled from first/middle/last chunks
     for secret_key in ("hf_token", "copied_key", "tracking.api_key"):
         assert secret_key not in run["config"]

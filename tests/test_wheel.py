@@ -177,21 +177,3 @@ def test_wheel_ships_spaces_and_presets(tmp_path: Path):
     assert all(set(by_space) == set(result["spaces"]) and all(by_space.values())
                for by_space in result["loaded"].values())
     assert "search spaces:" in result["help"] and result["ray_initialized"] is False
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_editable_install_reads_the_top_level_spaces(tmp_path: Path):
-    src = _copy_sources(tmp_path / "src")
-    python = _fresh_venv(tmp_path / "venv")
-    # pip runs in the fresh interpreter and builds there without isolation: setuptools comes from
-    # this environment through PYTHONPATH (for the build only).
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-build-isolation",
-          "-e", str(src)], cwd=tmp_path, env={"PYTHONPATH": os.pathsep.join(site.getsitepackages())})
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
-    result = _probe(python, outside)
-    assert Path(result["package"]).resolve() == (src / "reckoning_ray" / "__init__.py").resolve()
-    assert Path(result["spaces_dir"]) == (src / "tune_spaces").resolve()
-    assert result["spaces"] == sorted(p.stem for p in (REPO / "tune_spaces").glob("*.yaml"))
-    assert result["ray_initialized"] is False

@@ -134,6 +134,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--recall", action="store_true", help="also print the facts the model recalls")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the answer is the output: no "Loading weights" bar around it
     try:
         knowledge = read_knowledge(args.knowledge)
         model = ReckoningModel.from_pretrained(args.checkpoint, device=args.device, family=args.family)

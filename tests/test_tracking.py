@@ -406,7 +406,7 @@ def test_reader_tolerates_a_truncated_tail(finished_run, tmp_path):
     cut = tmp_path / "cut.wandb"
     history_start = data.rindex(b"n" * 1000)  # the run record (with the long config) comes first
     cut.write_bytes(data[: (history_start + len(data)) // 2])  # a run killed mid-write
-    run = read_offline_run(cut)
+    run = read_offline_run(cut, wait_s=0)
     assert run["exit_code"] is None and run["config"]["inner.lr_init"] == 0.1
     steps = [row["_step"] for row in run["history"]]
     assert 0 < len(steps) < len(STEPS) and steps == STEPS[: len(steps)]
@@ -419,9 +419,9 @@ def test_reader_rejects_corrupt_files(finished_run, tmp_path):
     bad = tmp_path / "bad.wandb"
     bad.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"bad\.wandb: checksum mismatch in the chunk at byte \d+"):
-        read_offline_run(bad)
+        read_offline_run(bad, wait_s=0)
     other = tmp_path / "other.wandb"
     shutil.copy(run_file, other)
     other.write_bytes(b"PK\x03\x04" + other.read_bytes()[4:])
     with pytest.raises(ValueError, match=r"other\.wandb: not a W&B run file"):
-        read_offline_run(other)
+        read_offline_run(other, wait_s=0)

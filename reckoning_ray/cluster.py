@@ -88,6 +88,7 @@ NODE_PINS: Dict[str, str] = {
     "omegaconf": "2.4.0",
     "datasets": "5.2.0",
     "tqdm": "4.70.1",
+    "pyarrow": "26.0.1",
 }
 # The nodes' Python (their virtual environment is made with `python3.11 -m venv`): the version
 # the project is tested with; transformers 5.21 and later need Python >= 3.11, while the GPU

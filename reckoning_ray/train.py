@@ -330,8 +330,12 @@ def run_in_process(cfg: DictConfig, run_dir: Path, test: bool = True) -> dict[st
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point: ``config = {"cfg": resolved config dict, "run_dir": str,
-    "test": bool}``. Reports every validation's metrics; with ``test``, rank 0 evaluates the best
-    checkpoint at the end and every rank reports once more, ``{"final": 1, "summary": {...}}``."""
+    "test": bool, "storage": URI or None}``. Reports every validation's metrics; with ``test``,
+    rank 0 evaluates the best checkpoint at the end and every rank reports once more,
+    ``{"final": 1, "summary": {...}}``. With ``storage`` (the run directory's copy in an object
+    store, :mod:`reckoning_ray.storage`), the first worker of each node brings the node's run
+    directory up to the stored one before the loop starts, and rank 0 pushes the run directory
+    after every validation and at the end."""
     import logging
 
     import ray.train
@@ -360,8 +364,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if cfg.resources.use_gpu else torch.device("cpu")
     run_dir = Path(config["run_dir"])
     planned: list[int] = []
+    mirror = None
+    if config.get("storage"):
+        from .storage import RunMirror
+
+        mirror = RunMirror(run_dir, config["storage"])
+        if ctx.get_local_rank() == 0 and mirror.sync_down():
+            print(f"[storage] {run_dir.name}: continuing from the run directory in {mirror.remote}", flush=True)
+        if world > 1:
+            dist.barrier()  # every node has the run directory before any rank reads it
 
     def report(metrics: dict[str, Any]) -> None:
+        if mirror is not None and rank == 0:
+            mirror.sync_up()  # this validation's metrics and checkpoint, before anyone hears of them
         # the validation rounds a full run makes: Tune's trial status reads it
         metrics = dict(metrics, rounds_planned=planned[0])
         ray.train.report({k: v for k, v in metrics.items() if v is not None})
@@ -382,6 +397,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         values = summary_values(summary)
         if rank == 0:
             values.update(test_best(run_dir, device))
+    if mirror is not None and rank == 0:
+        mirror.sync_up()  # summary.json (with the test metrics)
+    if config.get("test", True):
         ray.train.report({"final": 1, "summary": values if rank == 0 else {}})
 
 
@@ -499,12 +517,14 @@ def autoscaler_node_resources() -> list[dict[str, float]]:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None,
-                  node_type: Optional[str] = None, storage_path: Optional[str] = None, test: bool = True):
+                  node_type: Optional[str] = None, storage_path: Optional[str] = None, test: bool = True,
+                  mirror_to: Optional[str] = None):
     """A ``TorchTrainer`` for one training run named ``run_dir.name``.
 
     The run's files (metrics, checkpoints and their record) are written by rank 0 into
-    ``run_dir``; Ray keeps its own run state under ``storage_path`` (default ``run_dir``'s
-    parent). ``callbacks``: Ray Train callbacks (W&B: ``wandb_callbacks.TrainTracking``; a Tune
+    ``run_dir`` and, with ``mirror_to`` (a storage URI), mirrored there as they are written; Ray
+    keeps its own run state under ``storage_path`` (default ``run_dir``'s parent). ``callbacks``:
+    Ray Train callbacks (W&B: ``wandb_callbacks.TrainTracking``; a Tune
     trial: Tune's report callback). ``test``: rank 0 evaluates the best checkpoint on the test
     split at the end and all ranks report once more (``{"final": 1, "summary": ...}``); a Tune
     sweep evaluates its trials after the sweep instead (ASHA may stop a trial before its end).
@@ -522,7 +542,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = No
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "run_dir": str(run_dir),
-                           "test": test},
+                           "test": test, "storage": mirror_to},
         torch_config=TorchConfig(backend="nccl" if cfg.resources.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg, node_type),
         run_config=RunConfig(

@@ -30,6 +30,7 @@ from ray.tune import Callback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 
 from .config import ConfigError, from_container, load_config, node_type_for, save_config, validate
+from .storage import SWEEP_RESULTS, SweepStore, cache_root, is_uri, join
 from .tracking import run_names
 from .train import parse_args, run_command
 
@@ -58,6 +59,17 @@ tune.metric (tune.mode). At the end the sweep prints a table of trials and write
 W&B: runs are written offline under each trial's directory; upload them as one W&B sweep with
   python -m reckoning_ray.tune publish <tune.storage_path>/<tune.name> [--dry-run]
 --resume continues an interrupted sweep (finished trials stay finished).
+
+files, all under <tune.storage_path>/<tune.name>/ (default runs/tune/<name>):
+  sweep_config.yaml asha_state.pkl wandb_sweep.yaml   at the start, the rungs after every result
+  sweep_summary.json best_config.yaml                 the table and the best trial's config, at the end
+  trials/<trial id>/   config.yaml metrics.jsonl checkpoints.json checkpoints/step-*/ summary.json,
+                       wandb/ wandb_run.json          after every validation
+  Ray Tune's experiment state beside them, Ray Train's under ray_train/.
+With an object store (tune.storage_path=s3://bucket/prefix, gs://...) each node writes into its
+cache ($RECKONING_RUNS_CACHE, default ~/reckoning-ray-runs) and copies every file to the bucket as
+it is written; --resume and publish read the bucket. Credentials and endpoints come from the
+environment (AWS_* variables, an instance profile; AWS_ENDPOINT_URL for MinIO and the like).
 """
 
 
@@ -169,10 +181,12 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     node = node_type_for(cfg)
     if node not in config["node_types"]:
         node = ""
-    run_dir = Path(config["trials_local"]) / trial_id
+    # the run directory on this node (with an object store, a cache the worker mirrors to it)
+    run_dir = local_dir(cfg) / "trials" / trial_id
+    remote = join(config["trials_remote"], trial_id) if config["trials_remote"] else None
     # W&B is written by the sweep's driver (TrackingCallback), which outlives the trial
-    fit(cfg, run_dir, callbacks=[TuneReportCallback()], node_type=node, storage_path=config["trials_storage"],
-        test=False)
+    fit(cfg, run_dir, callbacks=[TuneReportCallback()], node_type=node, storage_path=config["ray_train_storage"],
+        test=False, mirror_to=remote)
 
 
 class ResumableASHA(ASHAScheduler):
@@ -183,12 +197,16 @@ class ResumableASHA(ASHAScheduler):
     records after every result and reloads them before it schedules again.
     """
 
-    _own = ("_state_path", "_loaded")
+    _own = ("_sweep_root", "_loaded")
 
-    def __init__(self, state_path: Path, **kwargs: Any) -> None:
+    def __init__(self, sweep_root: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._state_path = str(state_path)
+        self._sweep_root = sweep_root  # the sweep directory (path or URI): its file is found where it runs
         self._loaded = False
+
+    @property
+    def _state_path(self) -> str:
+        return str(local_path(self._sweep_root) / "asha_state.pkl")
 
     def _load(self) -> None:
         if not self._loaded and os.path.exists(self._state_path):
@@ -205,6 +223,7 @@ class ResumableASHA(ASHAScheduler):
         self._load()
         decision = super().on_trial_result(tune_controller, trial, result)
         state = {k: v for k, v in self.__dict__.items() if k not in self._own}
+        Path(self._state_path).parent.mkdir(parents=True, exist_ok=True)
         tmp = self._state_path + ".tmp"
         with open(tmp, "wb") as f:
             pickle.dump(state, f)
@@ -227,10 +246,29 @@ class TrackingCallback(Callback):
     filled in from the trial's metrics.jsonl when the trial starts again and when it ends.
     """
 
-    def __init__(self, base: dict, trials_local: str) -> None:
+    def __init__(self, base: dict, sweep_root: str) -> None:
         self.base = base
-        self.trials_local = trials_local
+        # the sweep directory (path or URI); a sweep resumed by another driver finds its own copy
+        self.sweep_root = sweep_root
         self.writers: dict[str, Any] = {}
+        self._store: Optional[SweepStore] = None
+
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks with the experiment
+        return {"base": self.base, "sweep_root": self.sweep_root}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["base"], state["sweep_root"])
+
+    @property
+    def trials_local(self) -> Path:
+        return local_path(self.sweep_root) / "trials"
+
+    @property
+    def store(self) -> Optional[SweepStore]:
+        """Mirrors the trials' W&B files and the sweep's files to an object store (None for a path)."""
+        if self._store is None and is_uri(self.sweep_root):
+            self._store = SweepStore(local_path(self.sweep_root), self.sweep_root)
+        return self._store
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from .config import flatten
@@ -244,8 +282,10 @@ class TrackingCallback(Callback):
         best = {cfg.train.metric: METRIC_MODES[cfg.train.metric], cfg.tune.metric: cfg.tune.mode}
         # the W&B sweep recorded in the sweep directory (created at the start of an online sweep, or
         # by an earlier publish): read at every trial start, so it holds after --resume too
-        sweep_id = sweep_id_for(Path(self.trials_local).parent, cfg.tracking)
-        writer = RunWriter(cfg.tracking, Path(self.trials_local) / trial_id, run_names(cfg, trial_id=trial_id),
+        sweep_id = sweep_id_for(self.trials_local.parent, cfg.tracking)
+        if self.store is not None:
+            self.store.pull_trial(trial_id)  # the metrics its workers wrote, for the backfill
+        writer = RunWriter(cfg.tracking, self.trials_local / trial_id, run_names(cfg, trial_id=trial_id),
                            config=flatten(cfg), sweep_id=sweep_id, best=best)
         self.writers[trial_id] = writer.start()
         writer.backfill()
@@ -254,12 +294,20 @@ class TrackingCallback(Callback):
         writer = self.writers.get(trial.trial_id)
         if writer is not None:
             writer.log(result)
+        if self.store is not None:
+            self.store.push_trial(trial.trial_id)
+            self.store.push_sweep()  # the ASHA rungs
 
     def _finish(self, trial: Any, exit_code: int) -> None:
         writer = self.writers.pop(trial.trial_id, None)
         if writer is not None:
+            if self.store is not None:
+                self.store.pull_trial(trial.trial_id)
             writer.backfill()
             writer.finish(exit_code=exit_code)
+            if self.store is not None:
+                self.store.push_trial(trial.trial_id)
+                self.store.push_sweep()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, 0)
@@ -305,10 +353,6 @@ def placement(cfg: DictConfig, space: dict[str, tuple[str, list]]) -> tuple[list
     return sorted(set(usable)), max(1, min(fit, cfg.tune.max_concurrent))
 
 
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def sweep_dir(cfg: DictConfig) -> str:
     """Where Tune writes the sweep: a local absolute path or a storage URI (s3://, gs://, ...)."""
     storage = os.environ.get("RECKONING_STORAGE_PATH") if cfg.tune.storage_path == "" else cfg.tune.storage_path
@@ -318,13 +362,21 @@ def sweep_dir(cfg: DictConfig) -> str:
     return str(Path(storage).expanduser().resolve() / cfg.tune.name)
 
 
+def local_path(root: str) -> Path:
+    """The sweep directory ``root`` (path or URI) on this machine: the path itself, else this
+    node's cache of the URI (``$RECKONING_RUNS_CACHE/<tune.name>``, default
+    ``~/reckoning-ray-runs``), mirrored to it as it is written (:mod:`reckoning_ray.storage`)."""
+    return cache_root() / root.rstrip("/").rsplit("/", 1)[-1] if is_uri(root) else Path(root)
+
+
 def local_dir(cfg: DictConfig) -> Path:
-    """Local directory for the sweep's own files (the table, best_config.yaml) and, with URI
-    storage, for the trials' run files on the node of their rank-0 worker."""
+    return local_path(sweep_dir(cfg))
+
+
+def sweep_store(cfg: DictConfig) -> Optional[SweepStore]:
+    """The mirror of the sweep directory in its object store (None for a path)."""
     root = sweep_dir(cfg)
-    if is_uri(root):
-        return Path("~/reckoning-ray-runs").expanduser() / cfg.tune.name
-    return Path(root)
+    return SweepStore(local_dir(cfg), root) if is_uri(root) else None
 
 
 def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: bool = False):
@@ -337,8 +389,10 @@ def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: boo
     setup = {
         "base": OmegaConf.to_container(cfg, resolve=True),
         "sweep": cfg.tune.name,
-        "trials_storage": root + "/trials",
-        "trials_local": str(local_dir(cfg) / "trials"),
+        # Ray Train's own run state (no checkpoints: the run directories hold those)
+        "ray_train_storage": join(root, "ray_train"),
+        # with an object store, where each trial's rank-0 worker mirrors its run directory
+        "trials_remote": join(root, "trials") if is_uri(root) else None,
         "node_types": node_types,
     }
     # the trial function only drives its TorchTrainer: it needs memory but no CPU of its own, so
@@ -350,7 +404,7 @@ def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: boo
             raise ConfigError(f"--resume: no sweep to resume at {root} (tune.storage_path / tune.name)")
         return tune.Tuner.restore(root, trainable=trainable, resume_unfinished=True, resume_errored=True)
     param_space = to_tune_space(space)
-    scheduler = ResumableASHA(local_dir(cfg) / "asha_state.pkl", time_attr="round", max_t=cfg.tune.max_rounds,
+    scheduler = ResumableASHA(root, time_attr="round", max_t=cfg.tune.max_rounds,
                               grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
     return tune.Tuner(
         trainable,
@@ -359,7 +413,7 @@ def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: boo
                                     num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrent,
                                     trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname),
         run_config=tune.RunConfig(name=cfg.tune.name, storage_path=root.rsplit("/", 1)[0],
-                                  callbacks=[TrackingCallback(setup["base"], setup["trials_local"])]),
+                                  callbacks=[TrackingCallback(setup["base"], root)]),
     )
 
 
@@ -396,6 +450,9 @@ def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]])
     """
     root = local_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
+    store = sweep_store(cfg)
+    if store is not None:
+        store.pull()  # the trials' metrics and records, as their workers stored them
     metric, mode = cfg.tune.metric, cfg.tune.mode
     rows = []
     for result in results:
@@ -421,8 +478,8 @@ def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]])
     # CPUs: it is tested when `--resume` has finished it, not now.
     finished = getattr(results, "num_terminated", len(rows)) + getattr(results, "num_errors", 0) >= len(rows)
     if finished:
-        tested = test_trials(cfg, scored, root / "trials")
-        record_trials(cfg, rows, root / "trials", tested)
+        tested = test_trials(cfg, scored, root / "trials", store)
+        record_trials(cfg, rows, root / "trials", tested, store)
     else:
         print("note: the sweep was interrupted; its trials are tested on the test split when "
               "`--resume` has finished it")
@@ -445,43 +502,51 @@ def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]])
                              + OmegaConf.to_yaml(best_cfg))
     from .checkpoint import checkpoint_path
 
-    best_ckpt = str(checkpoint_path(root / "trials" / best["trial"], "best") or "")
+    best_ckpt = checkpoint_path(root / "trials" / best["trial"], "best")
+    if best_ckpt is not None and store is not None:
+        best_ckpt = join(store.remote, "trials", best["trial"], "checkpoints", best_ckpt.name)
+    best_ckpt = str(best_ckpt or "")
     out = {"table": table, "best_trial": best["trial"], "best_value": best["best"],
            "best_test": best.get("test"), "best_config": str(best_cfg_path), "best_checkpoint": best_ckpt,
            "trials": [{k: v for k, v in r.items() if k != "_config"} for r in rows]}
     (root / "sweep_summary.json").write_text(json.dumps(out, indent=2, default=str))
+    if store is not None:
+        store.push_sweep()
     return out
 
 
-def test_trials(cfg: DictConfig, rows: list[dict[str, Any]], trials_dir: Path) -> dict[str, dict[str, float]]:
+def test_trials(cfg: DictConfig, rows: list[dict[str, Any]], trials_dir: Path,
+                store: Optional[SweepStore] = None) -> dict[str, dict[str, float]]:
     """Evaluate every trial's best checkpoint (chosen on validation) on the test split.
 
     Trials are tested after the sweep, not at their end, because ASHA stops a trial by ending its
     workers. Each evaluation is a Ray task with one training worker's resources (a GPU when the
     trials use one); the metrics go to ``row["test"]`` and are returned ``{trial: metrics}`` for
     ``record_trials`` to write. A trial tested before (a resumed sweep) keeps its recorded result.
-    A trial whose best checkpoint is not on this machine is left untested and says so.
+    With ``store`` (an object store), the evaluating node fetches the checkpoint from it; else a
+    trial whose best checkpoint is not on this machine is left untested and says so.
     """
     import ray
 
     from .checkpoint import checkpoint_path
-    from .evaluate import evaluate_checkpoint
 
     res = cfg.resources
     options: dict[str, Any] = {"num_cpus": float(res.cpus_per_worker)}
     if res.use_gpu:
         options["num_gpus"] = float(res.gpus_per_worker)
-    remote = ray.remote(evaluate_checkpoint).options(**options)
+    remote = ray.remote(test_trial).options(**options)
     pending = {}
     for row in rows:
         run_dir = trials_dir / row["trial"]
         summary_file = run_dir / "summary.json"
         recorded = json.loads(summary_file.read_text()).get("test") if summary_file.exists() else None
+        best = checkpoint_path(run_dir, "best")
         if recorded:
             row["test"] = recorded
-        elif checkpoint_path(run_dir, "best") is not None and (run_dir / "config.yaml").exists():
+        elif best is not None and (run_dir / "config.yaml").exists() and (store is not None or best.is_dir()):
             trial_cfg = load_config(str(run_dir / "config.yaml"))
-            pending[row["trial"]] = remote.remote(trial_cfg, str(checkpoint_path(run_dir, "best")), "test")
+            pending[row["trial"]] = remote.remote(trial_cfg, row["trial"],
+                                                  store.trial(row["trial"]).remote if store else None)
         else:
             print(f"note: trial {row['trial']}: no best checkpoint under {run_dir} on this machine; not tested")
     if pending:
@@ -494,8 +559,20 @@ def test_trials(cfg: DictConfig, rows: list[dict[str, Any]], trials_dir: Path) -
     return tested
 
 
+def test_trial(cfg: DictConfig, trial_id: str, remote: Optional[str]) -> dict[str, float]:
+    """The test metrics of a trial's best checkpoint, on the node this runs on (a Ray task):
+    its run directory there, the checkpoint fetched from the object store ``remote`` first."""
+    from .checkpoint import checkpoint_path
+    from .evaluate import evaluate_checkpoint
+    from .storage import pull_checkpoint
+
+    run_dir = local_dir(cfg) / "trials" / trial_id
+    best = pull_checkpoint(run_dir, remote) if remote else checkpoint_path(run_dir, "best")
+    return evaluate_checkpoint(cfg, str(best), "test")
+
+
 def record_trials(cfg: DictConfig, rows: list[dict[str, Any]], trials_dir: Path,
-                  tested: dict[str, dict[str, float]]) -> None:
+                  tested: dict[str, dict[str, float]], store: Optional[SweepStore] = None) -> None:
     """Write each trial's outcome into its W&B run: ``trial/status`` and ``trial/rounds`` (the
     sweep table's columns) and, for the trials just tested, the test metrics (``record_test``:
     also the trial's ``summary.json``). The run is resumed once per trial, from the driver, and
@@ -519,6 +596,8 @@ def record_trials(cfg: DictConfig, rows: list[dict[str, Any]], trials_dir: Path,
             writer.summary(outcome)
             if trial in tested:
                 record_test(run_dir, tested[trial], "best", writer=writer)
+        if store is not None:
+            store.push_trial(trial, files=("summary.json",))
 
 
 def trial_history(result: Any, run_dir: Path) -> Any:
@@ -566,6 +645,12 @@ def start_wandb_sweep(cfg: DictConfig, space: dict[str, tuple[str, list]], fresh
 def run(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     from .train import check_inputs, init_ray
 
+    if not cfg.tune.storage_path:  # every node reads the sweep's storage from the config, not its environment
+        cfg.tune.storage_path = sweep_dir(cfg).rsplit("/", 1)[0]
+    store = sweep_store(cfg)
+    if resume and store is not None:
+        print(f"fetching the sweep's files from {store.remote} into {store.local}")
+        store.pull()  # all but the checkpoints: the trials' workers fetch theirs
     saved = local_dir(cfg) / "sweep_config.yaml"
     if resume and saved.exists():
         print(f"resuming with the sweep's saved config {saved}")
@@ -577,8 +662,11 @@ def run(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     check_inputs(cfg)  # the data and the model, before any trial starts
     if not resume:
         save_config(cfg, saved)
-        (local_dir(cfg) / "asha_state.pkl").unlink(missing_ok=True)  # rungs of an earlier sweep
+        for name in SWEEP_RESULTS:  # the rungs and results of an earlier sweep of this name
+            (local_dir(cfg) / name).unlink(missing_ok=True)
     start_wandb_sweep(cfg, space, fresh=not resume)
+    if store is not None:
+        store.push_sweep()
     init_ray()
     t0 = time.time()
     tuner = build_tuner(cfg, space, resume=resume)

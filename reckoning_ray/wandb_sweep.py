@@ -286,8 +286,15 @@ def publish(sweep_dir: str | Path, dry_run: bool = False, out: Callable[[str], N
     ``dry_run``: print the commands and the config (with every trial id) and touch no network.
     """
     from .config import load_config
-    from .tune import load_space
+    from .storage import SweepStore, is_uri
+    from .tune import load_space, local_path
 
+    store = None
+    if is_uri(str(sweep_dir)):  # a sweep in an object store: its files but the checkpoints, here
+        store = SweepStore(local_path(str(sweep_dir)), str(sweep_dir))
+        out(f"# fetching {store.remote} into {store.local}")
+        store.pull()
+        sweep_dir = store.local
     sweep_dir = Path(sweep_dir).expanduser().resolve()
     saved = sweep_dir / "sweep_config.yaml"
     if not saved.is_file():
@@ -353,6 +360,8 @@ def publish(sweep_dir: str | Path, dry_run: bool = False, out: Callable[[str], N
             sweep_id = create_sweep(config, entity, project, run_ids)
             out(f"created W&B sweep {sweep_id} with {len(run_ids)} run(s)")
         record_sweep(sweep_dir, sweep_id, entity, project)
+        if store is not None:
+            store.push_sweep()
         if finished:
             finish_sweep(sweep_id, entity, project)
     except Exception as exc:  # no key, no network, server errors: say so, keep the files
@@ -371,8 +380,9 @@ def publish_main(argv: list[str]) -> int:
         prog="python -m reckoning_ray.tune publish",
         description="Upload a Ray Tune sweep's offline W&B runs (wandb sync) and show them as one W&B sweep "
                     "(parallel coordinates, parameter importance, runs ranked by the sweep's metric).",
-        epilog="SWEEP_DIR is <tune.storage_path>/<tune.name> (default runs/tune/<name>). Running it again "
-               "reuses the sweep recorded in SWEEP_DIR/wandb_sweep.json and adds new trials' runs.",
+        epilog="SWEEP_DIR is <tune.storage_path>/<tune.name> (default runs/tune/<name>): a path, or the object "
+               "store URI itself (s3://..., fetched into $RECKONING_RUNS_CACHE, default ~/reckoning-ray-runs). "
+               "Running it again reuses the sweep recorded in SWEEP_DIR/wandb_sweep.json and adds new trials' runs.",
     )
     parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep's directory (holds sweep_config.yaml)")
     parser.add_argument("--dry-run", action="store_true",

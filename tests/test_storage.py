@@ -1,0 +1,142 @@
+"""The storage mirrors (reckoning_ray.storage) on a real S3-compatible server and on file:// URIs:
+what a push uploads, deletes and skips, what a pull fetches, and which copy of a run directory wins."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from s3_server import create_bucket, s3_server
+from reckoning_ray.storage import Mirror, RunMirror, StorageError, SweepStore, cache_root, pull_checkpoint
+
+
+def _run_dir(path: Path, latest: int, best: int) -> Path:
+    """A run directory as checkpoint.save_checkpoint leaves it (latest and best kept)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for step in {latest, best}:
+        ckpt = path / "checkpoints" / f"step-{step:06d}"
+        if ckpt.exists():
+            continue  # a checkpoint is written once
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.safetensors").write_bytes(bytes([step]) * 64)
+        if step == latest:
+            (ckpt / "trainer_state.pt").write_bytes(b"s" * 32)
+    for old in (path / "checkpoints").iterdir():
+        if old.name not in {f"step-{latest:06d}", f"step-{best:06d}"}:
+            shutil.rmtree(old)
+    if best != latest:
+        (path / "checkpoints" / f"step-{best:06d}" / "trainer_state.pt").unlink(missing_ok=True)
+    (path / "checkpoints.json").write_text(json.dumps({"latest": f"step-{latest:06d}", "best": f"step-{best:06d}"}))
+    with open(path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": latest}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("s3")
+    with s3_server(log_dir) as env:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        create_bucket(env, "runs")
+        try:
+            yield "s3://runs"
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def test_run_mirror_on_s3_keeps_the_record_and_its_checkpoints_only(tmp_path, bucket):
+    remote = f"{bucket}/a/trials/t1"
+    run = _run_dir(tmp_path / "node-a" / "t1", latest=2, best=2)
+    (run / "wandb").mkdir()
+    (run / "wandb" / "run.wandb").write_text("owned by the W&B writer")
+    mirror = RunMirror(run, remote)
+    assert mirror.sync_up() == 4  # config-less run: 2 checkpoint files, record, metrics
+    assert mirror.sync_up() == 0  # nothing changed
+    _run_dir(run, latest=4, best=2)
+    assert mirror.sync_up() == 4  # the new checkpoint's 2 files, the record, the metrics
+    files = mirror.remote_files()
+    assert "wandb/run.wandb" not in files
+    assert sorted(f for f in files if f.startswith("checkpoints/")) == [
+        "checkpoints/step-000002/model.safetensors",  # the best lost its trainer state, remotely too
+        "checkpoints/step-000004/model.safetensors", "checkpoints/step-000004/trainer_state.pt"]
+    _run_dir(run, latest=6, best=6)
+    mirror.sync_up()
+    # the superseded checkpoints are gone from the store, directories included
+    from pyarrow import fs
+
+    infos = mirror.fs.get_file_info(fs.FileSelector(f"{mirror.root}/checkpoints", recursive=True))
+    assert sorted(i.path.rsplit("/", 1)[-1] for i in infos if i.type == fs.FileType.Directory) == ["step-000006"]
+
+    # another node: an empty run directory takes the store's; a current one is left alone
+    other = RunMirror(tmp_path / "node-b" / "t1", remote)
+    assert other.sync_down()
+    assert json.loads((other.local / "checkpoints.json").read_text())["latest"] == "step-000006"
+    assert (other.local / "checkpoints" / "step-000006" / "trainer_state.pt").is_file()
+    assert not (other.local / "wandb").exists()
+    assert not other.sync_down()
+    assert other.sync_up() == 0  # what the store holds is not uploaded again
+
+    # node A comes back with an older run directory than the store's (the trial went on on node B)
+    _run_dir(other.local, latest=8, best=6)
+    other.sync_up()
+    stale = RunMirror(run, remote)
+    assert stale.sync_down()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000006", "step-000008"]
+    assert (run / "metrics.jsonl").read_text() == (other.local / "metrics.jsonl").read_text()
+
+
+def test_pull_takes_missing_and_newer_files_and_checkpoints_once(tmp_path):
+    remote = f"file://{tmp_path / 'store'}"
+    writer = Mirror(tmp_path / "worker", remote)
+    (writer.local / "trials" / "t").mkdir(parents=True)
+    (writer.local / "trials" / "t" / "metrics.jsonl").write_text("1\n")
+    writer.push()
+    reader = Mirror(tmp_path / "driver", remote)
+    assert reader.pull() == 1 and reader.pull() == 0
+    (writer.local / "trials" / "t" / "metrics.jsonl").write_text("1\n2\n")
+    os.utime(writer.local / "trials" / "t" / "metrics.jsonl", ns=(2 * 10**18, 2 * 10**18))  # later
+    writer.push()
+    assert reader.pull() == 1
+    assert (reader.local / "trials" / "t" / "metrics.jsonl").read_text() == "1\n2\n"
+    # a local file written after the stored one stays (the driver's own W&B files, an unpushed round)
+    (reader.local / "trials" / "t" / "metrics.jsonl").write_text("1\n2\n3\n")
+    os.utime(reader.local / "trials" / "t" / "metrics.jsonl", ns=(3 * 10**18, 3 * 10**18))
+    assert reader.pull() == 0
+
+    run = _run_dir(tmp_path / "run", latest=3, best=1)
+    RunMirror(run, f"{remote}/run").sync_up()
+    best = pull_checkpoint(tmp_path / "tester" / "run", f"{remote}/run", "best")
+    assert best.name == "step-000001" and (best / "model.safetensors").read_bytes() == bytes([1]) * 64
+    assert not (tmp_path / "tester" / "run" / "checkpoints" / "step-000003").exists()  # only the best
+
+
+def test_sweep_store_splits_files_by_writer(tmp_path):
+    remote = f"file://{tmp_path / 'store'}/sweep"
+    store = SweepStore(tmp_path / "driver", remote)
+    (store.local / "trials" / "t").mkdir(parents=True)
+    for name in ("sweep_config.yaml", "asha_state.pkl", "stray.txt"):
+        (store.local / name).write_text(name)
+    (store.local / "trials" / "t" / "wandb_run.json").write_text("{}")
+    (store.local / "trials" / "t" / "metrics.jsonl").write_text("from the driver's stale copy\n")
+    assert store.push_sweep() == 2  # the sweep's own files, nothing else
+    assert store.push_trial("t") == 1  # the W&B writer's record, never the workers' metrics
+    assert sorted(store.sweep.remote_files()) == ["asha_state.pkl", "sweep_config.yaml", "trials/t/wandb_run.json"]
+    (store.local / "asha_state.pkl").unlink()  # a fresh sweep of the same name
+    store.push_sweep()
+    assert "asha_state.pkl" not in store.sweep.remote_files()
+
+
+def test_bad_storage_uri_names_the_setting(tmp_path, monkeypatch):
+    with pytest.raises(StorageError, match="tune.storage_path"):
+        Mirror(tmp_path, "nosuchscheme://bucket/x")
+    monkeypatch.setenv("RECKONING_RUNS_CACHE", str(tmp_path / "cache"))
+    assert cache_root() == tmp_path / "cache"

@@ -2,6 +2,7 @@
 
     python -m reckoning_ray.tune [preset | --config FILE] [space=<name or path>] [key=value ...] [--resume]
     python -m reckoning_ray.tune publish SWEEP_DIR [--dry-run]
+    python -m reckoning_ray.tune soup SWEEP_DIR [--top K]
 
 Each trial is a function that builds and fits a ``TorchTrainer`` (``reckoning_ray.train``) with
 Ray's ``TuneReportCallback``: the current Train + Tune pattern. Trials are named by their trial
@@ -687,13 +688,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .wandb_sweep import publish_main
 
         return publish_main(argv[1:])
+    if argv[:1] == ["soup"]:
+        from .soup import main as soup_main
+
+        return soup_main(argv[1:])
     # space=<name> is short for tune.space=<name>
     argv = [f"tune.{a}" if a.startswith("space=") else a for a in argv]
     names = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))) + f" (in {SPACES_DIR})"
     args = parse_args(
         argv, "python -m reckoning_ray.tune",
         "Sweep RECKONING's inner-loop settings with Ray Tune + ASHA (the project's main job). "
-        "`python -m reckoning_ray.tune publish SWEEP_DIR [--dry-run]` uploads a sweep to W&B.",
+        "`python -m reckoning_ray.tune publish SWEEP_DIR [--dry-run]` uploads a sweep to W&B; "
+        "`python -m reckoning_ray.tune soup SWEEP_DIR` averages its trials' best checkpoints (model soups).",
         EPILOG.replace("{spaces}", names),
         extra=lambda p: p.add_argument("--resume", action="store_true",
                                        help="continue the interrupted sweep tune.storage_path/tune.name"),

@@ -3,12 +3,15 @@
 A run directory keeps its checkpoints as::
 
     <run_dir>/checkpoints.json               the record: {"latest": "step-000012", "best": "step-000008",
-                                             "metric": ..., "best_metric": ...}
+                                             "metric": ..., "best_metric": ..., "planned_steps": 16,
+                                             "stable": "step-000010" (wsd schedules only)}
     <run_dir>/checkpoints/step-000012/       a checkpoint (below)
 
 Only the latest and the best checkpoint are kept (one directory when they are the same step), and
 only the latest keeps ``trainer_state.pt`` (the outer optimizer's moments are twice the model);
 resume reads ``latest``, test evaluation and prediction read ``best``, both from the same record.
+A run with a warmup-stable-decay schedule also keeps ``stable``, its state at the start of the
+cooldown (with ``trainer_state.pt``): a longer run continues from there (``reckoning_ray.schedules``).
 The record is replaced atomically after the checkpoint directory is complete, so a process killed
 while saving leaves the previous record and checkpoints intact.
 
@@ -113,9 +116,10 @@ def read_record(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def checkpoint_path(run_dir: str | os.PathLike, which: str = "latest") -> Optional[Path]:
-    """The run's ``latest`` or ``best`` checkpoint directory, or None before its first one."""
-    if which not in ("latest", "best"):
-        raise ValueError(f"which={which!r}: choose 'latest' or 'best'")
+    """The run's ``latest``, ``best`` (or ``stable``: a wsd run's start of cooldown) checkpoint
+    directory, or None when the record names none."""
+    if which not in ("latest", "best", "stable"):
+        raise ValueError(f"which={which!r}: choose 'latest', 'best' or 'stable'")
     name = read_record(run_dir).get(which)
     return Path(run_dir) / CHECKPOINTS / name if name else None
 
@@ -141,9 +145,12 @@ def resolve(path: str | os.PathLike, which: str = "best") -> Path:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, method: Any, trainer_state: dict[str, Any],
-                    best: bool, metric: str, value: Optional[float], task: Optional[dict[str, Any]] = None) -> Path:
+                    best: bool, metric: str, value: Optional[float], task: Optional[dict[str, Any]] = None,
+                    stable: bool = False, planned_steps: Optional[int] = None) -> Path:
     """Write the checkpoint of optimizer step ``step`` and make it the run's latest (and, with
-    ``best``, its best); delete the checkpoints the record no longer names. Returns its directory."""
+    ``best``, its best; with ``stable``, the state at the start of a wsd cooldown); delete the
+    checkpoints the record no longer names. ``planned_steps``: the run's length the schedule was
+    made for. Returns its directory."""
     import torch
 
     run_dir = Path(run_dir)
@@ -157,17 +164,22 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, method: Any, trainer_
     tmp.rename(final)
     record = read_record(run_dir)
     record.update(latest=name, metric=metric)
-    if best or "best" not in record:
+    if planned_steps is not None:
+        record["planned_steps"] = int(planned_steps)
+    if best or ("best" not in record and not stable):
         record.update(best=name, best_metric=value, best_step=step)
+    if stable:
+        record.update(stable=name, stable_step=step)
     tmp_record = run_dir / (RECORD + ".tmp")
     tmp_record.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp_record, run_dir / RECORD)
-    keep = {record["latest"], record["best"]}
+    keep = {record[k] for k in ("latest", "best", "stable") if record.get(k)}
     for old in (run_dir / CHECKPOINTS).iterdir():
         if old.name not in keep:
             shutil.rmtree(old, ignore_errors=True)
-    if record["best"] != record["latest"]:
-        # only the latest resumes: the best keeps the model, not the outer optimizer's moments
+    if record.get("best") and record["best"] not in (record["latest"], record.get("stable")):
+        # only the latest (and a wsd run's stable state) resumes: the best keeps the model, not
+        # the outer optimizer's moments
         (run_dir / CHECKPOINTS / record["best"] / TRAINER_STATE).unlink(missing_ok=True)
     return final
 

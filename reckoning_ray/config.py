@@ -67,6 +67,12 @@ class LrSpace(Choice):
     log = "log"
 
 
+class Schedule(Choice):
+    linear = "linear"  # warmup, then linear decay to 0 (the paper's)
+    cosine = "cosine"  # warmup, then half a cosine to 0
+    wsd = "wsd"  # warmup, constant, linear cooldown over the last outer.cooldown_fraction (extendable)
+
+
 class Autocast(Choice):
     none = "none"
     bf16 = "bf16"
@@ -252,8 +258,14 @@ class OuterConfig:
     weight_decay: float = 0.0
     # Gradient-norm clip over all meta-parameters; 0 disables.
     clip: float = 1.0
-    # Fraction of optimizer steps spent in linear warmup (then linear decay to 0).
+    # Fraction of optimizer steps spent in linear warmup (kept in steps when a run is extended).
     warmup_ratio: float = 0.0
+    # Outer learning-rate schedule after the warmup (reckoning_ray/schedules.py): linear decay to
+    # 0 (the paper's), cosine, or wsd: constant, then a linear cooldown to 0 over the last
+    # cooldown_fraction of the steps. A wsd run keeps its checkpoint at the start of the cooldown
+    # and can be extended from it (python -m reckoning_ray.train --resume RUN --extend-to STEPS).
+    schedule: Schedule = Schedule.linear
+    cooldown_fraction: float = 0.2
     # Multi-task target "<label> because <relevant facts>" (paper) or the label only.
     multi_task: bool = True
 
@@ -519,6 +531,7 @@ def _check_outer(o: Any) -> None:
     _check(o.eps > 0, "outer.eps", o.eps, "must be > 0")
     _check(o.clip >= 0, "outer.clip", o.clip, "must be >= 0 (0 disables clipping)")
     _check(0 <= o.warmup_ratio < 1, "outer.warmup_ratio", o.warmup_ratio, "must be in [0, 1)")
+    _check(0 < o.cooldown_fraction <= 1, "outer.cooldown_fraction", o.cooldown_fraction, "must be in (0, 1]")
 
 
 def _check_train(t: Any) -> None:

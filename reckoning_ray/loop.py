@@ -268,11 +268,11 @@ class Loop:
             self.total_steps = min(self.total_steps, train.max_steps)
         self.val_points = validation_points(self.steps_per_epoch, train.validations_per_epoch)
         self.optimizer = torch.optim.AdamW(method.parameter_groups(), eps=outer.eps)
-        from transformers import get_linear_schedule_with_warmup
+        from .schedules import build_scheduler, schedule_of
 
-        self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, int(outer.warmup_ratio * self.total_steps), self.total_steps
-        )
+        self.scheduler = build_scheduler(self.optimizer, outer.schedule, self.total_steps, outer.warmup_ratio,
+                                         outer.cooldown_fraction)
+        self.schedule = schedule_of(self.scheduler)
         self.progress = Progress()
         self.history: list[dict] = []
         self.mode = metric_mode(train.metric)
@@ -293,13 +293,55 @@ class Loop:
 
     # -- resume ----------------------------------------------------------------------------
     def _resume(self, path: Path) -> None:
+        from .checkpoint import read_record
+
+        record = read_record(self.run_dir)
+        extend = self._extension(record)
+        if extend is not None:
+            path = extend
         state = restore_method(self.method, path)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.load_state_dict(state["scheduler"])  # restores the schedule's fields too
+        # the run's length now (a longer run: the same warmup steps, the cooldown at the new end)
+        self.schedule.extend_to(self.total_steps)
         _set_rng_state(state["rng"])
         self.progress = Progress(**state["progress"])
         self.history = list(state["history"])
+        if extend is not None:
+            self._forget_cooldown(record)
         self.log(f"resumed from {path} at epoch {self.progress.epoch} step {self.progress.global_step}")
+
+    def _extension(self, record: dict[str, Any]) -> Optional[Path]:
+        """The stable checkpoint to continue from when a wsd run is resumed with more steps than it
+        was planned for and its cooldown has begun; else None (resume from the latest)."""
+        if self.outer.schedule != "wsd" or not record.get("stable"):
+            return None
+        planned = record.get("planned_steps")
+        latest_step = int(str(record.get("latest", "step-0")).rsplit("-", 1)[-1])
+        if planned is None or self.total_steps <= planned or latest_step <= int(record["stable_step"]):
+            return None
+        return self.run_dir / "checkpoints" / record["stable"]
+
+    def _forget_cooldown(self, record: dict[str, Any]) -> None:
+        """After continuing from the stable checkpoint: the earlier cooldown's validations leave
+        metrics.jsonl (kept aside in metrics.cooldown-<step>.jsonl) and the best value stays the
+        record's (a cooldown checkpoint may be the best so far, and it is kept)."""
+        p = self.progress
+        self.log(f"extending the run to {self.total_steps} steps from its state at the start of the cooldown "
+                 f"(step {p.global_step}); the earlier cooldown's validations are set aside")
+        p.stopped_early = False
+        if record.get("best_metric") is not None and _better(record["best_metric"], p.best_metric, self.mode):
+            p.best_metric, p.best_step = record["best_metric"], int(record.get("best_step", p.best_step))
+        if self.is_main:
+            metrics = self.run_dir / "metrics.jsonl"
+            if metrics.exists():
+                rows = metrics.read_text().splitlines()
+                keep = [r for r in rows if r.strip() and json.loads(r)["step"] <= p.global_step]
+                rest = [r for r in rows if r.strip() and json.loads(r)["step"] > p.global_step]
+                if rest:  # named after the length the earlier cooldown ended the run at
+                    aside = self.run_dir / f"metrics.cooldown-{int(record['planned_steps']):06d}.jsonl"
+                    aside.write_text("".join(r + "\n" for r in rest))
+                metrics.write_text("".join(r + "\n" for r in keep))
 
     # -- one optimizer step -------------------------------------------------------------------
     def _train_step(self, order: list[int], step: int) -> dict[str, float]:
@@ -365,10 +407,9 @@ class Loop:
         if self.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            trainer_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                             "rng": _rng_state(), "progress": p.__dict__.copy(), "history": self.history}
-            save_checkpoint(self.run_dir, p.global_step, self.method, trainer_state, improved,
-                            self.train.metric, p.best_metric, task={"family": self.train_records[0]["family"]})
+            save_checkpoint(self.run_dir, p.global_step, self.method, self._trainer_state(), improved,
+                            self.train.metric, p.best_metric, task={"family": self.train_records[0]["family"]},
+                            planned_steps=self.total_steps)
         per_hop = " ".join(f"h{k.rsplit('_', 1)[1]}={v:.3f}" for k, v in metrics.items()
                            if k.startswith("val/label_accuracy/hops_"))
         self.log(
@@ -380,6 +421,22 @@ class Loop:
         if self.hooks.report is not None:
             self.hooks.report(metrics)
         return stop
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": _rng_state(), "progress": self.progress.__dict__.copy(), "history": self.history}
+
+    def _maybe_save_stable(self) -> None:
+        """A wsd run's state at the start of its cooldown, kept as the record's ``stable``
+        checkpoint: a longer run continues from here (after this step's validation, if any)."""
+        p = self.progress
+        start = self.schedule.cooldown_start
+        if self.outer.schedule != "wsd" or p.global_step != start or start >= self.total_steps or not self.is_main:
+            return
+        save_checkpoint(self.run_dir, p.global_step, self.method, self._trainer_state(), False, self.train.metric,
+                        p.best_metric, task={"family": self.train_records[0]["family"]}, stable=True,
+                        planned_steps=self.total_steps)
+        self.log(f"step {p.global_step}: cooldown starts; its starting state is kept (checkpoints.json \"stable\")")
 
     # -- the run ----------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -440,11 +497,15 @@ class Loop:
                     stats = dict(last_stats, **{"train/loss": float(np.mean(losses))})
                     losses = []
                     epoch_float = p.epoch + (p.step_in_epoch / self.steps_per_epoch if not at_end else 0.0)
-                    if self._validate(epoch_float, stats) or p.global_step >= self.total_steps:
+                    stop = self._validate(epoch_float, stats)
+                    self._maybe_save_stable()
+                    if stop or p.global_step >= self.total_steps:
                         done = True
                         break
                     if at_end:
                         break
+                else:
+                    self._maybe_save_stable()
             if not done:
                 self.log(f"epoch {p.epoch} took {time.time() - t_epoch:.1f}s")
 

@@ -154,6 +154,13 @@ def _from_pretrained(name: str, local_files_only: bool, dropout: float) -> tuple
     for attribute, value in dropout_overrides(config, dropout).items():
         setattr(config, attribute, value)
     model = AutoModelForCausalLM.from_pretrained(name, config=config, local_files_only=local_files_only)
+    # Weights read from safetensors sit at the file's offsets, not at the allocator's alignment,
+    # and CPU kernels then sum in another order: the same weights give gradients that differ in
+    # the last bit from a model built in memory. Copies in fresh storage make a resumed run
+    # continue exactly (and release the file).
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            tensor.data = tensor.data.clone()
     tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
     return model, tokenizer
 

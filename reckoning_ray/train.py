@@ -594,9 +594,31 @@ def init_ray() -> None:
              configure_logging=True, logging_level="WARNING")
 
 
-def run(cfg: DictConfig, resume: Optional[str] = None) -> dict[str, Any]:
+def extend(cfg: DictConfig, run_dir: Path, steps: int, train_tasks: int) -> None:
+    """Make ``cfg`` the config of the wsd run in ``run_dir`` extended to ``steps`` optimizer steps
+    (``train.max_steps``, and ``train.epochs`` raised to hold them); refuse what cannot be extended."""
+    from .checkpoint import read_record
+    from .config import group
+    from .loop import steps_per_epoch
+
+    record = read_record(run_dir)
+    if cfg.outer.schedule != "wsd":
+        raise ConfigError(f"--extend-to: the run's outer.schedule is {cfg.outer.schedule}, whose rate has decayed "
+                          "along the whole run; only outer.schedule=wsd runs (constant rate, then a cooldown) extend")
+    if not record:
+        raise ConfigError(f"--extend-to: {run_dir} has no checkpoint yet; start the run with train.max_steps={steps}")
+    planned = int(record.get("planned_steps") or 0)
+    if steps <= planned:
+        raise ConfigError(f"--extend-to {steps}: the run was planned for {planned} steps; give more steps than that")
+    per_epoch = steps_per_epoch(train_tasks, group(cfg, "train"))
+    cfg.train.max_steps = int(steps)
+    cfg.train.epochs = max(int(cfg.train.epochs), -(-int(steps) // per_epoch))
+
+
+def run(cfg: DictConfig, resume: Optional[str] = None, extend_to: Optional[int] = None) -> dict[str, Any]:
     """Run one training (starting or joining Ray; without Ray for ``resources.num_workers=0``);
-    returns the run's summary. ``resume``: see :func:`run_dir_for`.
+    returns the run's summary. ``resume``: see :func:`run_dir_for`; ``extend_to``: continue the
+    wsd run being resumed to that many optimizer steps (:func:`extend`).
 
     Inputs are checked here before any worker starts (:func:`check_inputs`). Ray does not retry a
     failed run by itself: a worker that raised an input error ends the run (``ConfigError``, exit
@@ -611,6 +633,10 @@ def run(cfg: DictConfig, resume: Optional[str] = None) -> dict[str, Any]:
     print(f"run directory: {run_dir}" + (" (resuming)" if checkpoint_path(run_dir) else ""))
     sizes = check_inputs(cfg)
     print(f"data: {sizes['train']} train / {sizes['validation']} validation / {sizes['test']} test tasks")
+    if extend_to:
+        extend(cfg, run_dir, extend_to, sizes["train"])
+        print(f"extending to {cfg.train.max_steps} steps ({cfg.train.epochs} epochs at most) from the start of "
+              "the cooldown")
     if int(cfg.resources.num_workers) == 0:
         run_in_process(cfg, run_dir)
     else:
@@ -633,18 +659,26 @@ def run(cfg: DictConfig, resume: Optional[str] = None) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(
         argv, "python -m reckoning_ray.train", "Train RECKONING (or an in-context baseline) with Ray Train.", EPILOG,
-        extra=lambda p: p.add_argument(
+        extra=lambda p: (p.add_argument(
             "--resume", nargs="?", const="", default=None, metavar="RUN",
             help="continue a run: RUN is a run directory or a run name under train.output_dir (without RUN: "
                  "the latest run of the preset); without a preset or --config the run's own config.yaml is "
                  "used, and overrides may change only train.epochs, train.patience, train.max_steps, "
-                 "resources.* and tracking.* (write --resume=RUN or put --resume last)"))
+                 "resources.* and tracking.* (write --resume=RUN or put --resume last)"),
+            p.add_argument(
+            "--extend-to", type=int, default=None, metavar="STEPS",
+            help="with --resume: extend an outer.schedule=wsd run to STEPS optimizer steps in all. It continues "
+                 "from its state at the start of the cooldown (checkpoints.json \"stable\") at the constant rate "
+                 "and cools down again at the new end, making exactly the steps of a run planned for STEPS")))
+    if args.extend_to is not None and args.resume is None:
+        print("error: --extend-to continues a run: give it with --resume RUN", file=sys.stderr)
+        return 2
     if args.resume and args.preset is None:
         for candidate in (Path(args.resume).expanduser(), Path("runs") / args.resume):
             if (candidate / "config.yaml").is_file():
                 args.preset = str(candidate / "config.yaml")  # the run's own config
                 break
-    return run_command(args, lambda cfg: run(cfg, resume=args.resume))
+    return run_command(args, lambda cfg: run(cfg, resume=args.resume, extend_to=args.extend_to))
 
 
 if __name__ == "__main__":

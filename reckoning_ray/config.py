@@ -73,6 +73,12 @@ class Schedule(Choice):
     wsd = "wsd"  # warmup, constant, linear cooldown over the last outer.cooldown_fraction (extendable)
 
 
+class TrialScheduler(Choice):
+    asha = "asha"  # asynchronous successive halving (the default)
+    curve = "curve"  # learning-curve extrapolation (reckoning_ray/curve.py)
+    none = "none"  # every trial runs its rounds (a full grid or random search)
+
+
 class Autocast(Choice):
     none = "none"
     bf16 = "bf16"
@@ -343,6 +349,13 @@ class TuneConfig:
     grace_period: int = 1
     reduction_factor: int = 2
     max_rounds: int = 12
+    # Which trials stop early: asha (rungs at grace_period x reduction_factor^k), curve (fits each
+    # trial's validation curve and stops it when it is unlikely to beat the curve_top_k-th best
+    # trial: its chance below 1 - curve_confidence, judged from curve_min_rounds rounds on), or none.
+    scheduler: TrialScheduler = TrialScheduler.asha
+    curve_top_k: int = 1
+    curve_confidence: float = 0.95
+    curve_min_rounds: int = 4
     # Sweep name (also the W&B group) and where Tune writes results: a local dir or a URI
     # (s3://bucket/path; multi-node clusters need shared storage). "" uses the environment
     # variable RECKONING_STORAGE_PATH (set by cluster/a100.yaml), else runs/tune.
@@ -570,6 +583,10 @@ def _check_tune(t: Any) -> None:
     _check(t.reduction_factor >= 2, "tune.reduction_factor", t.reduction_factor, "must be >= 2")
     _check(1 <= t.grace_period <= t.max_rounds, "tune.grace_period", t.grace_period,
            f"must be between 1 and tune.max_rounds={t.max_rounds}")
+    _check(t.curve_top_k >= 1, "tune.curve_top_k", t.curve_top_k, "must be >= 1")
+    _check(0.5 <= t.curve_confidence < 1, "tune.curve_confidence", t.curve_confidence, "must be in [0.5, 1)")
+    _check(t.curve_min_rounds >= 4, "tune.curve_min_rounds", t.curve_min_rounds,
+           "must be >= 4 (a curve of 3 parameters and its uncertainty need 4 points)")
 
 
 GROUP_CHECKS = {"model": _check_model, "data": _check_data, "inner": _check_inner, "outer": _check_outer,

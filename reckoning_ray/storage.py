@@ -253,10 +253,10 @@ def pull_checkpoint(run_dir: str | os.PathLike, remote: str, which: str = "best"
 # -- a sweep directory ---------------------------------------------------------------------------
 
 # The sweep's own files, written by its driver (Ray Tune keeps its experiment state beside them).
-SWEEP_FILES = ("sweep_config.yaml", "asha_state.pkl", "wandb_sweep.yaml", "wandb_sweep.json",
+SWEEP_FILES = ("sweep_config.yaml", "asha_state.pkl", "curve_state.pkl", "wandb_sweep.yaml", "wandb_sweep.json",
                "best_config.yaml", "sweep_summary.json")
 # Files a fresh sweep of the same name starts without (an earlier sweep's rungs and results).
-SWEEP_RESULTS = ("asha_state.pkl", "best_config.yaml", "sweep_summary.json")
+SWEEP_RESULTS = ("asha_state.pkl", "curve_state.pkl", "best_config.yaml", "sweep_summary.json")
 TRIAL_CHECKPOINTS = "trials/*/checkpoints"
 
 

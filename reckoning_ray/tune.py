@@ -30,6 +30,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 from ray.tune import Callback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 
+from .curve import CurveStopping  # noqa: E402
+
 from .config import ConfigError, from_container, load_config, node_type_for, save_config, validate
 from .storage import SWEEP_RESULTS, SweepStore, cache_root, is_uri, join
 from .tracking import run_names
@@ -53,7 +55,8 @@ search spaces: tune_spaces/<name>.yaml (name without .yaml) or any YAML path: sp
   distributions: choice [values], grid [values], uniform [low, high], loguniform [low, high],
   randint [low, high) , qloguniform [low, high, q]
 
-ASHA stops weak trials early, using validation rounds (tune.max_rounds) as time; it ranks by
+ASHA stops weak trials early (tune.scheduler=asha; curve: learning-curve extrapolation, none: no
+early stop), using validation rounds (tune.max_rounds) as time; it ranks by
 tune.metric (tune.mode). At the end the sweep prints a table of trials and writes
 <tune.storage_path>/<tune.name>/best_config.yaml, re-runnable with
   python -m reckoning_ray.train --config <that file>
@@ -63,6 +66,7 @@ W&B: runs are written offline under each trial's directory; upload them as one W
 
 files, all under <tune.storage_path>/<tune.name>/ (default runs/tune/<name>):
   sweep_config.yaml asha_state.pkl wandb_sweep.yaml   at the start, the rungs after every result
+                                                      (curve_state.pkl: the curves, tune.scheduler=curve)
   sweep_summary.json best_config.yaml                 the table and the best trial's config, at the end
   trials/<trial id>/   config.yaml metrics.jsonl checkpoints.json checkpoints/step-*/ summary.json,
                        wandb/ wandb_run.json          after every validation
@@ -190,24 +194,26 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
         test=False, mirror_to=remote)
 
 
-class ResumableASHA(ASHAScheduler):
-    """ASHA whose rungs survive ``--resume``.
+class Resumable:
+    """A scheduler whose state survives ``--resume``: mixed in before a Tune scheduler class.
 
     Tune restores trials and the searcher but rebuilds the scheduler empty, so after a resume
-    ASHA would judge the remaining trials only against each other. This one saves its rung
-    records after every result and reloads them before it schedules again.
+    ASHA would judge the remaining trials only against each other (and curve stopping would
+    forget the other trials' curves). This saves the scheduler's state after every result, in
+    the sweep directory where this process runs it (``STATE_FILE``), and reloads it before it
+    schedules again.
     """
 
+    STATE_FILE = ""
     _own = ("_sweep_root", "_loaded")
 
-    def __init__(self, sweep_root: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def _init_state(self, sweep_root: str) -> None:
         self._sweep_root = sweep_root  # the sweep directory (path or URI): its file is found where it runs
         self._loaded = False
 
     @property
     def _state_path(self) -> str:
-        return str(local_path(self._sweep_root) / "asha_state.pkl")
+        return str(local_path(self._sweep_root) / self.STATE_FILE)
 
     def _load(self) -> None:
         if not self._loaded and os.path.exists(self._state_path):
@@ -215,21 +221,64 @@ class ResumableASHA(ASHAScheduler):
                 self.__dict__.update(pickle.load(f))
         self._loaded = True
 
-    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        self._load()
-        if trial.trial_id not in self._trial_info:
-            super().on_trial_add(tune_controller, trial)
-
-    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        self._load()
-        decision = super().on_trial_result(tune_controller, trial, result)
+    def _save(self) -> None:
         state = {k: v for k, v in self.__dict__.items() if k not in self._own}
         Path(self._state_path).parent.mkdir(parents=True, exist_ok=True)
         tmp = self._state_path + ".tmp"
         with open(tmp, "wb") as f:
             pickle.dump(state, f)
         os.replace(tmp, self._state_path)
+
+    def _known(self, trial_id: str) -> bool:
+        return False
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._load()
+        if not self._known(trial.trial_id):
+            super().on_trial_add(tune_controller, trial)  # type: ignore[misc]
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        self._load()
+        decision = super().on_trial_result(tune_controller, trial, result)  # type: ignore[misc]
+        self._save()
         return decision
+
+
+class ResumableASHA(Resumable, ASHAScheduler):
+    """ASHA (the default ``tune.scheduler``) whose rungs survive ``--resume``."""
+
+    STATE_FILE = "asha_state.pkl"
+
+    def __init__(self, sweep_root: str, **kwargs: Any) -> None:
+        ASHAScheduler.__init__(self, **kwargs)
+        self._init_state(sweep_root)
+
+    def _known(self, trial_id: str) -> bool:
+        return trial_id in self._trial_info
+
+
+class ResumableCurve(Resumable, CurveStopping):
+    """Learning-curve stopping (``tune.scheduler=curve``) whose curves survive ``--resume``."""
+
+    STATE_FILE = "curve_state.pkl"
+
+    def __init__(self, sweep_root: str, **kwargs: Any) -> None:
+        CurveStopping.__init__(self, **kwargs)
+        self._init_state(sweep_root)
+
+
+def build_scheduler(cfg: DictConfig, root: str) -> Any:
+    """The Tune scheduler ``tune.scheduler`` names: ASHA, curve stopping, or FIFO (none stops)."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    t = cfg.tune
+    if t.scheduler == "asha":
+        return ResumableASHA(root, time_attr="round", max_t=t.max_rounds, grace_period=t.grace_period,
+                             reduction_factor=t.reduction_factor)
+    if t.scheduler == "curve":
+        return ResumableCurve(root, max_t=t.max_rounds, top_k=t.curve_top_k, confidence=t.curve_confidence,
+                              min_rounds=t.curve_min_rounds)
+    return FIFOScheduler()
 
 
 class TrackingCallback(Callback):
@@ -405,8 +454,7 @@ def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: boo
             raise ConfigError(f"--resume: no sweep to resume at {root} (tune.storage_path / tune.name)")
         return tune.Tuner.restore(root, trainable=trainable, resume_unfinished=True, resume_errored=True)
     param_space = to_tune_space(space)
-    scheduler = ResumableASHA(root, time_attr="round", max_t=cfg.tune.max_rounds,
-                              grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+    scheduler = build_scheduler(cfg, root)
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -418,7 +466,7 @@ def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: boo
     )
 
 
-def trial_outcome(last: Optional[dict], error: bool, max_rounds: int) -> tuple[str, int]:
+def trial_outcome(last: Optional[dict], error: bool, max_rounds: int, stopper: str = "ASHA") -> tuple[str, int]:
     """A trial's status and validation rounds, as Ray Tune recorded them.
 
     ``last``: the last result Tune received for the trial (``Result.metrics``: the loop's
@@ -428,7 +476,7 @@ def trial_outcome(last: Optional[dict], error: bool, max_rounds: int) -> tuple[s
     ``metrics.jsonl`` and W&B), but Tune and ASHA never saw it, so it neither counts as a round
     nor makes the trial ``completed``. Status: ``error``; ``patience stop`` (the loop stopped
     early); ``completed`` (reached its planned rounds or ``tune.max_rounds``, where ASHA stops
-    every trial); else ``ASHA stop``.
+    every trial); else ``<stopper> stop`` (``ASHA stop``, ``curve stop``: the scheduler stopped it).
     """
     last = last or {}
     rounds = int(last.get("round") or 0)
@@ -439,7 +487,7 @@ def trial_outcome(last: Optional[dict], error: bool, max_rounds: int) -> tuple[s
     planned = int(last.get("rounds_planned") or max_rounds)
     if rounds >= min(planned, max_rounds):
         return "completed", rounds
-    return "ASHA stop", rounds
+    return f"{stopper} stop", rounds
 
 
 def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]]) -> dict[str, Any]:
@@ -466,7 +514,8 @@ def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]])
         values = history[metric].dropna()
         best = float(values.max() if mode == "max" else values.min())
         tune_last = result.metrics if result.metrics and "round" in result.metrics else history.iloc[-1].to_dict()
-        status, rounds = trial_outcome(tune_last, bool(result.error), cfg.tune.max_rounds)
+        status, rounds = trial_outcome(tune_last, bool(result.error), cfg.tune.max_rounds,
+                                       "curve" if cfg.tune.scheduler == "curve" else "ASHA")
         params = dict(result.config)
         rows.append({"trial": trial_id, "best": best, "rounds": rounds, "status": status,
                      "label_accuracy": float(history["val/label_accuracy"].max()), **params,

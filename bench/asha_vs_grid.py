@@ -393,14 +393,15 @@ def report(args: argparse.Namespace, runs: dict[str, dict[str, Any]], keys: Sequ
                           for k in ("grace_period", "reduction_factor", "max_rounds")}}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    import ray
-
+def start(args: argparse.Namespace, title: str) -> Optional[tuple[dict[str, str], list[str], Path, Path]]:
+    """The common start of the sweep benchmarks: header, source fingerprint, the grid's space file
+    (checked before Ray starts), W&B off, Ray up. Returns (fingerprint, grid keys, output root,
+    space file), or None after printing a bad key or value."""
     from reckoning_ray.config import ConfigError, load_config
     from reckoning_ray.train import init_ray
+    from reckoning_ray.tune import load_space
 
-    print_header("ASHA vs the full grid: trial-validation rounds spent and the best configuration found")
+    print_header(title)
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     sources = source_fingerprint()
     print(f"package: reckoning_ray at {code_version()}")
@@ -410,14 +411,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     root = Path(args.out).expanduser().resolve()
     space = write_space(args.grid, root / "grid_space.yaml")
     try:  # fails on a bad key or value before Ray starts
-        from reckoning_ray.tune import load_space
-
         load_space(str(space), load_config(args.preset, ["tracking.mode=disabled", *args.overrides]))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return None
     os.environ["WANDB_MODE"] = "disabled"
     init_ray()
+    return sources, keys, root, space
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    import ray
+
+    started = start(args, "ASHA vs the full grid: trial-validation rounds spent and the best configuration found")
+    if started is None:
+        return EXIT_CONFIG
+    sources, keys, root, space = started
     try:
         runs = {name: sweep(args, name, space, root, grid_run=(name == "grid")) for name in RUNS}
     finally:

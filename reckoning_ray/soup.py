@@ -175,17 +175,9 @@ def make_soups(sweep_dir: str | Path, top: Optional[int] = None, log: Any = prin
     returns what is recorded in ``soups.json``."""
     from .checkpoint import checkpoint_path
     from .config import ConfigError, load_config
-    from .storage import SweepStore, is_uri, pull_checkpoint
+    from .storage import open_sweep, pull_checkpoint
 
-    store = None
-    if is_uri(str(sweep_dir)):
-        from .tune import local_path
-
-        store = SweepStore(local_path(str(sweep_dir)), str(sweep_dir))
-        log(f"fetching {store.remote} (all but the checkpoints) into {store.local}")
-        store.pull()
-        sweep_dir = store.local
-    sweep_dir = Path(sweep_dir).expanduser().resolve()
+    sweep_dir, store = open_sweep(sweep_dir, log)
     summary_file = sweep_dir / "sweep_summary.json"
     if not summary_file.is_file():
         raise ConfigError(f"{sweep_dir} holds no finished sweep (no sweep_summary.json): pass "

@@ -28,7 +28,7 @@ import fnmatch
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 CACHE_ENV = "RECKONING_RUNS_CACHE"
 DEFAULT_CACHE = "~/reckoning-ray-runs"
@@ -48,6 +48,12 @@ def cache_root() -> Path:
     """This node's cache for files mirrored to an object store: ``$RECKONING_RUNS_CACHE``, else
     ``~/reckoning-ray-runs``. Resolved in the process that uses it, so each node uses its own."""
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+
+
+def local_path(root: str) -> Path:
+    """The sweep directory ``root`` (path or URI) on this machine: the path itself, else this
+    node's cache of the URI (``<cache_root()>/<last part of the URI>``)."""
+    return cache_root() / root.rstrip("/").rsplit("/", 1)[-1] if is_uri(root) else Path(root)
 
 
 class StorageError(OSError):
@@ -292,8 +298,20 @@ class SweepStore:
 
     def pull(self) -> int:
         """Everything of the sweep but the checkpoints (a resumed sweep, a summary, publish)."""
-        return self.sweep.pull(include=(*SWEEP_FILES, "trials"), exclude=(TRIAL_CHECKPOINTS,))
+        return self.sweep.pull(include=(*SWEEP_FILES, "soups", "trials"), exclude=(TRIAL_CHECKPOINTS,))
+
+
+def open_sweep(sweep_dir: str | os.PathLike, log: Any = print) -> "tuple[Path, Optional[SweepStore]]":
+    """A finished sweep's directory on this machine, for commands that read it (``publish``,
+    ``soup``): a path as it is; an object store URI fetched (all but the checkpoints) into this
+    node's cache, with the :class:`SweepStore` to write results back through."""
+    if not is_uri(str(sweep_dir)):
+        return Path(sweep_dir).expanduser().resolve(), None
+    store = SweepStore(local_path(str(sweep_dir)), str(sweep_dir))
+    log(f"fetching {store.remote} (all but the checkpoints) into {store.local}")
+    store.pull()
+    return store.local.resolve(), store
 
 
 __all__ = ["CACHE_ENV", "Mirror", "RunMirror", "StorageError", "SweepStore", "cache_root", "is_uri", "join",
-           "pull_checkpoint"]
+           "local_path", "open_sweep", "pull_checkpoint"]

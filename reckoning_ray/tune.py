@@ -33,7 +33,7 @@ from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from .curve import CurveStopping  # noqa: E402
 
 from .config import ConfigError, from_container, load_config, node_type_for, save_config, validate
-from .storage import SWEEP_RESULTS, SweepStore, cache_root, is_uri, join
+from .storage import SWEEP_RESULTS, SweepStore, is_uri, join, local_path
 from .tracking import run_names
 from .train import parse_args, run_command
 
@@ -412,14 +412,10 @@ def sweep_dir(cfg: DictConfig) -> str:
     return str(Path(storage).expanduser().resolve() / cfg.tune.name)
 
 
-def local_path(root: str) -> Path:
-    """The sweep directory ``root`` (path or URI) on this machine: the path itself, else this
-    node's cache of the URI (``$RECKONING_RUNS_CACHE/<tune.name>``, default
-    ``~/reckoning-ray-runs``), mirrored to it as it is written (:mod:`reckoning_ray.storage`)."""
-    return cache_root() / root.rstrip("/").rsplit("/", 1)[-1] if is_uri(root) else Path(root)
-
-
 def local_dir(cfg: DictConfig) -> Path:
+    """The sweep directory on this machine: ``sweep_dir`` itself for a path, else this node's
+    cache of it (``$RECKONING_RUNS_CACHE/<tune.name>``, default ``~/reckoning-ray-runs``),
+    mirrored to the storage URI as it is written (:mod:`reckoning_ray.storage`)."""
     return local_path(sweep_dir(cfg))
 
 

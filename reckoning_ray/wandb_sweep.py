@@ -286,16 +286,10 @@ def publish(sweep_dir: str | Path, dry_run: bool = False, out: Callable[[str], N
     ``dry_run``: print the commands and the config (with every trial id) and touch no network.
     """
     from .config import load_config
-    from .storage import SweepStore, is_uri
-    from .tune import load_space, local_path
+    from .storage import open_sweep
+    from .tune import load_space
 
-    store = None
-    if is_uri(str(sweep_dir)):  # a sweep in an object store: its files but the checkpoints, here
-        store = SweepStore(local_path(str(sweep_dir)), str(sweep_dir))
-        out(f"# fetching {store.remote} into {store.local}")
-        store.pull()
-        sweep_dir = store.local
-    sweep_dir = Path(sweep_dir).expanduser().resolve()
+    sweep_dir, store = open_sweep(sweep_dir, log=lambda m: out("# " + m))
     saved = sweep_dir / "sweep_config.yaml"
     if not saved.is_file():
         out(f"error: {sweep_dir} is not a sweep directory (no sweep_config.yaml); pass "

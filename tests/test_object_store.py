@@ -3,8 +3,8 @@
 its cluster torn down (Ray's temporary directory goes with it) and every node's local run files
 deleted, then resumed by a fresh driver on a new cluster. What is checked is read from the bucket
 alone, with pyarrow, after every local copy is gone: the sweep's table, its best config, every
-trial's metrics, checkpoints (loadable models) and W&B runs; and ``publish`` reads the sweep from
-the bucket too."""
+trial's metrics, checkpoints (loadable models) and W&B runs; and ``publish`` and ``soup`` read
+the sweep from the bucket too (the soups are written back to it)."""
 
 from __future__ import annotations
 
@@ -142,3 +142,12 @@ def test_interrupted_sweep_resumes_from_the_bucket_alone(tmp_path: Path, monkeyp
         for r in rows:
             assert r["trial"] in published.stdout
         assert "mark the W&B sweep finished" in published.stdout
+
+        # 5. soups of the sweep, from the bucket and back into it
+        env[CACHE_ENV] = str(tmp_path / "cook")
+        souped = subprocess.run([sys.executable, "-m", "reckoning_ray.tune", "soup", f"{STORAGE}/{SWEEP}"],
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert souped.returncode == 0, souped.stdout[-3000:] + souped.stderr[-3000:]
+        stored = _bucket_files(s3env, f"results/sweeps/{SWEEP}/soups")
+        assert any(p.endswith("soups/soups.json") for p in stored), stored
+        assert any(p.endswith("soups/greedy/model.safetensors") for p in stored), stored

@@ -24,6 +24,42 @@ from omegaconf import DictConfig
 SPLITS = ("test", "validation")
 
 
+class Evaluator:
+    """A checkpoint's method with ``cfg``'s data and encoder, built once and evaluated on any
+    split; other weights can be loaded into it (``load``: the model soups)."""
+
+    def __init__(self, cfg: DictConfig, checkpoint: str | Path, device: Optional[Any] = None) -> None:
+        from .checkpoint import CheckpointError, is_checkpoint
+        from .loop import restore_method
+        from .train import prepare
+
+        checkpoint = Path(checkpoint)
+        if not is_checkpoint(checkpoint):
+            raise CheckpointError(f"{checkpoint} is not a checkpoint directory (expected config.json and "
+                                  "reckoning.json)")
+        self.cfg = cfg
+        self.method, _, self.encoder, self.splits = prepare(cfg, checkpoint)
+        restore_method(self.method, checkpoint, weights=False)  # prepare built the model from the checkpoint
+        if device is not None:
+            self.method.to(device)
+
+    def load(self, weights: dict[str, Any], meta_parameters: dict[str, Any]) -> None:
+        self.method.model.load_state_dict(weights)
+        self.method.load_extra_state(meta_parameters)
+
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        import torch
+
+        from .loop import evaluate_records
+
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is invalid: choose one of {SPLITS}")
+        prefix = "test" if split == "test" else "val"
+        with torch.random.fork_rng():  # evaluation draws no randomness, but leave the caller's RNG alone
+            return evaluate_records(self.method, self.encoder, self.splits[split], self.cfg.train.batch_size,
+                                    self.cfg.outer.multi_task, prefix)
+
+
 def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, split: str = "test",
                         device: Optional[Any] = None) -> dict[str, float]:
     """Metrics of the checkpoint directory ``checkpoint`` (``reckoning_ray.checkpoint``) on
@@ -33,24 +69,9 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, split: str = "t
     trained beside. Keys: ``<split prefix>/label_accuracy``, ``.../hops_<k>``, ``answer_loss``,
     ``recall`` (multi-task runs only), ``tasks``; the prefix is ``test`` or ``val``.
     """
-    import torch
-
-    from .checkpoint import CheckpointError, is_checkpoint
-    from .loop import evaluate_records, restore_method
-    from .train import prepare
-
-    checkpoint = Path(checkpoint)
-    if not is_checkpoint(checkpoint):
-        raise CheckpointError(f"{checkpoint} is not a checkpoint directory (expected config.json and reckoning.json)")
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is invalid: choose one of {SPLITS}")
-    method, _, encoder, splits = prepare(cfg, checkpoint)
-    restore_method(method, checkpoint, weights=False)  # prepare built the model from the checkpoint
-    if device is not None:
-        method.to(device)
-    prefix = "test" if split == "test" else "val"
-    with torch.random.fork_rng():  # evaluation draws no randomness, but leave the caller's RNG alone
-        return evaluate_records(method, encoder, splits[split], cfg.train.batch_size, cfg.outer.multi_task, prefix)
+    return Evaluator(cfg, checkpoint, device).evaluate(split)
 
 
 def record_test(run_dir: str | Path, metrics: dict[str, float], checkpoint: str, writer: Any = None) -> dict:

@@ -335,9 +335,10 @@ class Loop:
         if self.is_main:
             metrics = self.run_dir / "metrics.jsonl"
             if metrics.exists():
-                rows = metrics.read_text().splitlines()
-                keep = [r for r in rows if r.strip() and json.loads(r)["step"] <= p.global_step]
-                rest = [r for r in rows if r.strip() and json.loads(r)["step"] > p.global_step]
+                rows = [r for r in metrics.read_text().splitlines() if r.strip()]
+                after = [json.loads(r)["step"] > p.global_step for r in rows]
+                keep = [r for r, a in zip(rows, after) if not a]
+                rest = [r for r, a in zip(rows, after) if a]
                 if rest:  # named after the length the earlier cooldown ended the run at
                     aside = self.run_dir / f"metrics.cooldown-{int(record['planned_steps']):06d}.jsonl"
                     aside.write_text("".join(r + "\n" for r in rest))
@@ -407,9 +408,7 @@ class Loop:
         if self.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            save_checkpoint(self.run_dir, p.global_step, self.method, self._trainer_state(), improved,
-                            self.train.metric, p.best_metric, task={"family": self.train_records[0]["family"]},
-                            planned_steps=self.total_steps)
+            self._save_checkpoint(best=improved)
         per_hop = " ".join(f"h{k.rsplit('_', 1)[1]}={v:.3f}" for k, v in metrics.items()
                            if k.startswith("val/label_accuracy/hops_"))
         self.log(
@@ -422,9 +421,14 @@ class Loop:
             self.hooks.report(metrics)
         return stop
 
-    def _trainer_state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": _rng_state(), "progress": self.progress.__dict__.copy(), "history": self.history}
+    def _save_checkpoint(self, best: bool, stable: bool = False) -> None:
+        """This step's checkpoint with everything a resume needs (``checkpoint.save_checkpoint``)."""
+        p = self.progress
+        trainer_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                         "rng": _rng_state(), "progress": p.__dict__.copy(), "history": self.history}
+        save_checkpoint(self.run_dir, p.global_step, self.method, trainer_state, best, self.train.metric,
+                        p.best_metric, task={"family": self.train_records[0]["family"]}, stable=stable,
+                        planned_steps=self.total_steps)
 
     def _maybe_save_stable(self) -> None:
         """A wsd run's state at the start of its cooldown, kept as the record's ``stable``
@@ -433,9 +437,7 @@ class Loop:
         start = self.schedule.cooldown_start
         if self.outer.schedule != "wsd" or p.global_step != start or start >= self.total_steps or not self.is_main:
             return
-        save_checkpoint(self.run_dir, p.global_step, self.method, self._trainer_state(), False, self.train.metric,
-                        p.best_metric, task={"family": self.train_records[0]["family"]}, stable=True,
-                        planned_steps=self.total_steps)
+        self._save_checkpoint(best=False, stable=True)
         self.log(f"step {p.global_step}: cooldown starts; its starting state is kept (checkpoints.json \"stable\")")
 
     # -- the run ----------------------------------------------------------------------------------

@@ -115,35 +115,24 @@ def average(ingredients: Iterable[tuple[dict, dict]]) -> tuple[dict[str, torch.T
 # -- the soups of a sweep --------------------------------------------------------------------------
 
 class SoupKitchen:
-    """The best trial's method, data and encoder, into which soups are loaded to be evaluated and saved."""
+    """The best trial's method, data and encoder (an :class:`~reckoning_ray.evaluate.Evaluator`),
+    into which soups are loaded to be evaluated and saved."""
 
     def __init__(self, cfg: Any, best_checkpoint: Path) -> None:
-        from .loop import restore_method
-        from .train import prepare
+        from .evaluate import Evaluator
 
-        self.cfg = cfg
-        self.method, _, self.encoder, self.splits = prepare(cfg, best_checkpoint)
-        restore_method(self.method, best_checkpoint, weights=False)
+        self.evaluator = Evaluator(cfg, best_checkpoint)
         self.task = json.loads((best_checkpoint / "reckoning.json").read_text()).get("task") or {}
 
-    def load(self, soup: tuple[dict, dict]) -> None:
-        self.method.model.load_state_dict(soup[0])
-        self.method.load_extra_state(soup[1])
-
     def evaluate(self, soup: tuple[dict, dict], split: str) -> dict[str, float]:
-        from .loop import evaluate_records
-
-        self.load(soup)
-        prefix = "test" if split == "test" else "val"
-        with torch.random.fork_rng():
-            return evaluate_records(self.method, self.encoder, self.splits[split], self.cfg.train.batch_size,
-                                    self.cfg.outer.multi_task, prefix)
+        self.evaluator.load(*soup)
+        return self.evaluator.evaluate(split)
 
     def save(self, soup: tuple[dict, dict], directory: Path) -> Path:
         from .checkpoint import save_pretrained
 
-        self.load(soup)
-        return save_pretrained(self.method, directory, task=self.task)
+        self.evaluator.load(*soup)
+        return save_pretrained(self.evaluator.method, directory, task=self.task)
 
 
 def _better_or_equal(value: float, reference: float, mode: str) -> bool:

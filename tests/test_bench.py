@@ -47,6 +47,36 @@ def test_every_benchmark_answers_help():
         assert "--" in out
 
 
+def gpu_script_commands() -> list[tuple[str, list[str]]]:
+    """(benchmark, arguments) of every ``bench/<name>.py`` call in bench/gpu.sh, with the
+    script's defaults (MODEL=gpt2, DEVICE=cuda) substituted."""
+    import shlex
+
+    text = (BENCH / "gpu.sh").read_text().replace("\\\n", " ")
+    values = {"$model": "gpt2", "$device": "cuda"}
+    calls = []
+    for line in text.splitlines():
+        words = shlex.split(line.split("2>&1")[0], comments=True)
+        for i, word in enumerate(words):
+            if word.startswith("bench/") and word.endswith(".py"):
+                calls.append((Path(word).stem, [values.get(w, w) for w in words[i + 1:]]))
+    return calls
+
+
+def test_gpu_script_calls_only_flags_and_implementations_that_exist():
+    # The GPU script runs where nothing can be fixed on the spot: every benchmark call in it must
+    # parse with that benchmark's own argument parser (implementation names, modes, flags).
+    calls = gpu_script_commands()
+    assert {name for name, _ in calls} == {"bilevel_step", "memory_modes"}
+    for name, argv in calls:
+        args = load(name).parse_args(argv)
+        assert args.device == "cuda" and "gpt2" in args.models
+        if name == "bilevel_step":
+            cases = load(name).cases(args)
+            assert {c.tasks for c in cases} == {1, 2, 8} and {c.inner_steps for c in cases} == {4}
+            assert set(args.impls) == {"fused", "higher"}
+
+
 @pytest.fixture(scope="module")
 def bilevel_step():
     return load("bilevel_step")

@@ -187,8 +187,10 @@ def test_fused_adamw_step_equals_the_op_by_op_step_in_values_and_derivatives(ste
 
     values, grads = run(fused=True)
     ref_values, ref_grads = run(fused=False)
+    # atol 1e-14: at the first step w' ~ w - lr sign(g), so d w' / d g is two terms of size ~1
+    # cancelling to ~1e-14; the two computations round them in different orders.
     for a, b in zip(values + list(grads), ref_values + list(ref_grads)):
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
 
     def as_function(*xs):
         w, g, m, v = xs[:n], xs[n : 2 * n], xs[2 * n : 3 * n], xs[3 * n : 4 * n]

@@ -32,6 +32,7 @@ step's random-number state, so the recomputed steps see the forward pass's masks
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -213,10 +214,6 @@ class _InnerUpdate:
             return g * (1.0 - b1), torch.mul(g, g).mul_(1.0 - b2)
         return torch.lerp(state[i], g, 1.0 - b1), torch.mul(state[n + i], b2).addcmul_(g, g, value=1.0 - b2)
 
-    def _rsqrt_(self, v: Tensor, c2: float) -> Tensor:
-        """``(v / c2 + eps^2)^-1/2`` in ``v``'s own memory."""
-        return v.div_(c2).add_(self.eps * self.eps).rsqrt_()
-
     def apply(self, step: int, weights: Sequence[Tensor], grads: Sequence[Tensor], state: Sequence[Tensor],
               lrs: Tensor, release: bool = False, directions: Optional[list[Tensor]] = None
               ) -> tuple[list[Tensor], list[Tensor]]:
@@ -228,30 +225,33 @@ class _InnerUpdate:
         SGD: the gradient), all that :meth:`adjoint_constant` needs.
         """
         n = len(weights)
-        rates = lrs.unbind(0)
         if not self.adamw:
             new = []
-            for i, g in enumerate(grads):
-                new.append(torch.mul(g, -rates[i]).add_(weights[i]))
+            for i, (g, lr) in enumerate(zip(grads, lrs.tolist())):
+                new.append(torch.add(weights[i], g, alpha=-lr))
                 if directions is not None:
                     directions.append(g)
                 if release:
                     weights[i] = None  # type: ignore[index]
             return new, []
-        # In-place arithmetic on fresh buffers wherever possible: on a CPU, writing a new buffer
-        # costs several times an in-place pass over one in cache.
+        # Fewest passes over weight-sized memory (the step is bound by them): with
+        # rho = (v' + c2 eps^2)^-1/2, r = sqrt(c2) rho, so w' = w (1 - lr wd) + s m' rho with
+        # s = -lr sqrt(c2) / c1 folded into one scalar. Rates as Python numbers: scalar
+        # operands of the fused kernels (addcmul's value, add's alpha) instead of 0-dim tensors.
         c1, c2 = 1.0 - self.beta1**step, 1.0 - self.beta2**step
-        decay, size = (1.0 - lrs * self.weight_decay).unbind(0), (lrs / -c1).unbind(0)
+        floor = c2 * self.eps * self.eps
         new_w, new_m, new_v = [], [], []
-        for i, g in enumerate(grads):
+        for i, (g, lr) in enumerate(zip(grads, lrs.tolist())):
             m, v = self._moments(g, state, i, n)
-            t = torch.div(v, c2).add_(self.eps * self.eps).rsqrt_().mul_(m)
+            rho = torch.add(v, floor).rsqrt_()
+            decay = 1.0 - lr * self.weight_decay
             if directions is not None:
+                t = rho.mul_(m).mul_(math.sqrt(c2))
                 directions.append(t)
-                t = t * size[i]
+                new_w.append(torch.mul(weights[i], decay).add_(t, alpha=-lr / c1))
             else:
-                t.mul_(size[i])
-            new_w.append(t.addcmul_(weights[i], decay[i]))
+                new_w.append(torch.mul(weights[i], decay).addcmul_(m, rho, value=-lr * math.sqrt(c2) / c1))
+            del rho
             new_m.append(m)
             new_v.append(v)
             if release:
@@ -283,13 +283,12 @@ class _InnerUpdate:
         d_g: list[Optional[Tensor]] = [None] * n
         d_s: list[Optional[Tensor]] = [None] * len(state)
         d_lr = torch.zeros_like(lrs) if need_lr else None
-        rates = lrs.unbind(0)
         if not self.adamw:
-            for i, g in enumerate(grads):
+            for i, (g, lr) in enumerate(zip(grads, lrs.tolist())):
                 gw = d_weights[i]
                 if gw is not None:
                     d_w[i] = gw if need_w[i] else None
-                    d_g[i] = gw * -rates[i] if need_g[i] else None
+                    d_g[i] = gw * -lr if need_g[i] else None
                     if d_lr is not None:
                         d_lr[i] = -torch.vdot(gw.reshape(-1), g.reshape(-1))
                 if release:
@@ -298,11 +297,12 @@ class _InnerUpdate:
             return d_w, d_g, d_s, d_lr
         b1, b2, wd = self.beta1, self.beta2, self.weight_decay
         c1, c2 = 1.0 - b1**step, 1.0 - b2**step
-        # With t = m' r: G_m' = -(lr / c1) G_w' r, G_v' = (lr / (2 c1 c2)) G_w' r^2 t. Fresh buffers
-        # only for m' (then t), v' (then r), G_w' r and the outputs G_w, G_g.
-        decay = (1.0 - lrs * wd).unbind(0)
-        size, half = (lrs / -c1).unbind(0), (lrs / (2.0 * c1 * c2)).unbind(0)
-        for i in range(n):
+        floor, root = c2 * self.eps * self.eps, math.sqrt(c2)
+        # With rho = (v' + c2 eps^2)^-1/2 (so r = sqrt(c2) rho), s = -lr sqrt(c2) / c1 and q = G_w' rho:
+        # G_m' = G_m'(out) + s q, G_v' = G_v'(out) - (s / 2) q m' rho^2,
+        # G_lr = -wd <G_w', w> - (sqrt(c2) / c1) <q, m'>. Fresh buffers only for m', v' (then rho),
+        # q and the outputs.
+        for i, lr in enumerate(lrs.tolist()):
             gw = d_weights[i]
             gm, gv = (d_state[i], d_state[n + i]) if d_state else (None, None)
             if gw is None and gm is None and gv is None:
@@ -311,25 +311,24 @@ class _InnerUpdate:
                         _release(items, items, i, n)
                 continue
             g = grads[i]
-            t, r = self._moments(g, state, i, n)
-            r = self._rsqrt_(r, c2)
-            t = t.mul_(r)
+            m, rho = self._moments(g, state, i, n)
+            rho = rho.add_(floor).rsqrt_()
             if gw is None:  # no gradient reaches the new weights: the moments' own gradients only
                 dm = None if gm is None else gm.clone()
                 dv = None if gv is None else gv.clone()
             else:
+                s = -lr * root / c1
                 if need_w[i]:
-                    d_w[i] = gw * decay[i]
+                    d_w[i] = gw * (1.0 - lr * wd)
+                q = gw * rho
                 if d_lr is not None:
-                    flat = gw.reshape(-1)
-                    d_lr[i] = -(wd * torch.vdot(flat, weights[i].reshape(-1)) + torch.vdot(flat, t.reshape(-1)) / c1)
-                dv = t.mul_(half[i]).mul_(gw).mul_(r).mul_(r)
-                dm = r.mul_(gw).mul_(size[i])
-                if gm is not None:
-                    dm.add_(gm)
-                if gv is not None:
-                    dv.add_(gv)
-            del t, r
+                    d_lr[i] = -(wd * torch.vdot(gw.reshape(-1), weights[i].reshape(-1))
+                                + (root / c1) * torch.vdot(q.reshape(-1), m.reshape(-1)))
+                p = rho.mul_(rho).mul_(m)
+                dv = p.mul_(q).mul_(-0.5 * s) if gv is None else torch.addcmul(gv, q, p, value=-0.5 * s)
+                dm = q.mul_(s) if gm is None else torch.add(gm, q, alpha=s)
+                del p, q
+            del m, rho
             if need_g[i]:
                 d = None if dm is None else dm * (1.0 - b1)
                 if dv is not None:

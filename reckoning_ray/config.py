@@ -356,6 +356,10 @@ class TuneConfig:
     curve_top_k: int = 1
     curve_confidence: float = 0.95
     curve_min_rounds: int = 4
+    # ASHA promotion beyond the planned rounds (outer.schedule=wsd, tune.scheduler=asha): a trial
+    # ASHA keeps at the end of its planned rounds continues from the start of its cooldown at the
+    # constant rate to the next rung, cools down again there, and so on up to tune.max_rounds.
+    extend: bool = False
     # Sweep name (also the W&B group) and where Tune writes results: a local dir or a URI
     # (s3://bucket/path; multi-node clusters need shared storage). "" uses the environment
     # variable RECKONING_STORAGE_PATH (set by cluster/a100.yaml), else runs/tune.
@@ -495,6 +499,13 @@ def validate(cfg: DictConfig) -> None:
            f"the batch is global (tasks per optimizer step = train.batch_size x train.grad_accum, whatever "
            f"the number of workers) and resources.num_workers={c.resources.num_workers} workers split each "
            f"micro-batch: choose a batch size divisible by {c.resources.num_workers} or another worker count")
+    if c.tune.extend:
+        _check(c.outer.schedule == "wsd", "tune.extend", True,
+               f"extends trials from the start of their cooldown, which needs outer.schedule=wsd (it is "
+               f"{c.outer.schedule}); set outer.schedule=wsd or tune.extend=false")
+        _check(c.tune.scheduler == "asha", "tune.extend", True,
+               f"follows ASHA's promotions, which needs tune.scheduler=asha (it is {c.tune.scheduler}); set "
+               f"tune.scheduler=asha or tune.extend=false")
 
 
 def _check_data(d: Any) -> None:

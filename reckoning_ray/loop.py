@@ -237,6 +237,41 @@ def planned_validations(num_tasks: int, train: TrainConfig) -> int:
     return sum(1 for s in range(1, total + 1) if (s - 1) % per_epoch + 1 in points or s == total)
 
 
+def steps_for_validations(num_tasks: int, train: TrainConfig, rounds: int) -> int:
+    """The optimizer step of a run's ``rounds``-th validation when nothing limits its length:
+    the run length (``train.max_steps``) whose last validation is that round."""
+    per_epoch = steps_per_epoch(num_tasks, train)
+    points = validation_points(per_epoch, train.validations_per_epoch)
+    epoch, k = divmod(int(rounds) - 1, len(points))
+    return epoch * per_epoch + points[k]
+
+
+def validations_through(num_tasks: int, train: TrainConfig, steps: int) -> int:
+    """Validations a run made up to and including optimizer step ``steps``, which is a validation
+    point or the run's last step (where it validates as well)."""
+    per_epoch = steps_per_epoch(num_tasks, train)
+    points = validation_points(per_epoch, train.validations_per_epoch)
+    full, rest = divmod(int(steps), per_epoch)
+    within = sum(1 for p in points if p <= rest)
+    return full * len(points) + within + (1 if rest and rest not in points else 0)
+
+
+COOLDOWN_METRICS = "metrics.cooldown-{steps:06d}.jsonl"
+
+
+def rounds_set_aside(run_dir: Path) -> int:
+    """The last validation round of the cooldowns an extended wsd run set aside
+    (``metrics.cooldown-*.jsonl``), 0 for a run never extended. The extension repeats the rounds
+    up to it (from the cooldown's start, at the constant rate); hosts that need increasing rounds
+    (Ray Tune, W&B) heard of them already and get only the later ones."""
+    last = 0
+    for path in Path(run_dir).glob(COOLDOWN_METRICS.replace("{steps:06d}", "*")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                last = max(last, int(json.loads(line).get("round") or 0))
+    return last
+
+
 def _better(value: float, best: Optional[float], mode: str) -> bool:
     if best is None:
         return True
@@ -278,6 +313,9 @@ class Loop:
         self.mode = metric_mode(train.metric)
         self._bar: Optional[ProgressBar] = None  # during fit() on rank 0 with hooks.progress
         self._step_tasks = 0  # tasks (all workers) of the last optimizer step
+        # validation rounds hosts with increasing rounds (Tune, W&B) already heard of: an extended
+        # wsd run repeats those after its cooldown's start (see rounds_set_aside)
+        self.rounds_heard = 0
         if self.hooks.resume_from is not None:
             self._resume(Path(self.hooks.resume_from))
 
@@ -308,7 +346,10 @@ class Loop:
         self.progress = Progress(**state["progress"])
         self.history = list(state["history"])
         if extend is not None:
+            latest = int(str(record.get("latest", "step-0")).rsplit("-", 1)[-1])
+            self.rounds_heard = validations_through(len(self.train_records), self.train, latest)
             self._forget_cooldown(record)
+        self.rounds_heard = max(self.rounds_heard, rounds_set_aside(self.run_dir))
         self.log(f"resumed from {path} at epoch {self.progress.epoch} step {self.progress.global_step}")
 
     def _extension(self, record: dict[str, Any]) -> Optional[Path]:
@@ -340,7 +381,7 @@ class Loop:
                 keep = [r for r, a in zip(rows, after) if not a]
                 rest = [r for r, a in zip(rows, after) if a]
                 if rest:  # named after the length the earlier cooldown ended the run at
-                    aside = self.run_dir / f"metrics.cooldown-{int(record['planned_steps']):06d}.jsonl"
+                    aside = self.run_dir / COOLDOWN_METRICS.format(steps=int(record["planned_steps"]))
                     aside.write_text("".join(r + "\n" for r in rest))
                 metrics.write_text("".join(r + "\n" for r in keep))
 

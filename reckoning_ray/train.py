@@ -377,6 +377,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, Any]) -> None:
         if mirror is not None and rank == 0:
             mirror.sync_up()  # this validation's metrics and checkpoint, before anyone hears of them
+        # An extended wsd run repeats the rounds after its cooldown's start; Tune and W&B heard of
+        # them already and take increasing rounds only (metrics.jsonl has the repeated ones).
+        if int(metrics.get("round") or 0) <= loop.rounds_heard:
+            return
         # the validation rounds a full run makes: Tune's trial status reads it
         metrics = dict(metrics, rounds_planned=planned[0])
         ray.train.report({k: v for k, v in metrics.items() if v is not None})
@@ -598,8 +602,6 @@ def extend(cfg: DictConfig, run_dir: Path, steps: int, train_tasks: int) -> None
     """Make ``cfg`` the config of the wsd run in ``run_dir`` extended to ``steps`` optimizer steps
     (``train.max_steps``, and ``train.epochs`` raised to hold them); refuse what cannot be extended."""
     from .checkpoint import read_record
-    from .config import group
-    from .loop import steps_per_epoch
 
     record = read_record(run_dir)
     if cfg.outer.schedule != "wsd":
@@ -610,6 +612,14 @@ def extend(cfg: DictConfig, run_dir: Path, steps: int, train_tasks: int) -> None
     planned = int(record.get("planned_steps") or 0)
     if steps <= planned:
         raise ConfigError(f"--extend-to {steps}: the run was planned for {planned} steps; give more steps than that")
+    set_length(cfg, steps, train_tasks)
+
+
+def set_length(cfg: DictConfig, steps: int, train_tasks: int) -> None:
+    """``train.max_steps = steps``, with ``train.epochs`` raised to hold them."""
+    from .config import group
+    from .loop import steps_per_epoch
+
     per_epoch = steps_per_epoch(train_tasks, group(cfg, "train"))
     cfg.train.max_steps = int(steps)
     cfg.train.epochs = max(int(cfg.train.epochs), -(-int(steps) // per_epoch))

@@ -57,7 +57,9 @@ search spaces: tune_spaces/<name>.yaml (name without .yaml) or any YAML path: sp
 
 ASHA stops weak trials early (tune.scheduler=asha; curve: learning-curve extrapolation, none: no
 early stop), using validation rounds (tune.max_rounds) as time; it ranks by
-tune.metric (tune.mode). At the end the sweep prints a table of trials and writes
+tune.metric (tune.mode). With outer.schedule=wsd and tune.extend=true, a trial ASHA keeps at
+the end of its planned rounds continues from its cooldown's start to the next rung (up to
+tune.max_rounds). At the end the sweep prints a table of trials and writes
 <tune.storage_path>/<tune.name>/best_config.yaml, re-runnable with
   python -m reckoning_ray.train --config <that file>
 W&B: runs are written offline under each trial's directory; upload them as one W&B sweep with
@@ -172,11 +174,12 @@ def trial_dirname(trial: Any) -> str:
 def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     """Tune trainable: the sampled ``params`` ({config key: value}) on top of the sweep's base
     config (``setup``, passed with ``tune.with_parameters``); fits a TorchTrainer that reports to
-    Tune through ``TuneReportCallback``."""
+    Tune through ``TuneReportCallback``. With ``tune.extend``, a trial that ASHA keeps at the end
+    of its planned rounds fits again, extended to the next rung (:func:`promoted_length`)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .train import fit
+    from .train import check_inputs, fit, set_length
 
     config = setup
     trial_id = ray.tune.get_context().get_trial_id()
@@ -189,9 +192,129 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     # the run directory on this node (with an object store, a cache the worker mirrors to it)
     run_dir = local_dir(cfg) / "trials" / trial_id
     remote = join(config["trials_remote"], trial_id) if config["trials_remote"] else None
-    # W&B is written by the sweep's driver (TrackingCallback), which outlives the trial
-    fit(cfg, run_dir, callbacks=[TuneReportCallback()], node_type=node, storage_path=config["ray_train_storage"],
-        test=False, mirror_to=remote)
+    train_tasks = check_inputs(cfg)["train"] if cfg.tune.extend else 0
+    if cfg.tune.extend:  # a trial started again (a resumed sweep) goes on at the length it had reached
+        record, _ = _trial_files(run_dir, remote)
+        if int(record.get("planned_steps") or 0) > _planned_steps(cfg, train_tasks):
+            set_length(cfg, int(record["planned_steps"]), train_tasks)
+    while True:
+        # W&B is written by the sweep's driver (TrackingCallback), which outlives the trial
+        fit(cfg, run_dir, callbacks=[TuneReportCallback()], node_type=node,
+            storage_path=config["ray_train_storage"], test=False, mirror_to=remote)
+        steps = promoted_length(cfg, trial_id, run_dir, remote, train_tasks, config["board"]) \
+            if cfg.tune.extend else None
+        if steps is None:
+            return
+        print(f"{trial_id}: ASHA keeps the trial at the end of its planned rounds; extending it to {steps} steps "
+              "from the start of its cooldown", flush=True)
+        set_length(cfg, steps, train_tasks)
+
+
+def _planned_steps(cfg: DictConfig, train_tasks: int) -> int:
+    from .config import group
+    from .loop import steps_per_epoch
+
+    train = group(cfg, "train")
+    total = steps_per_epoch(train_tasks, train) * train.epochs
+    return min(total, train.max_steps) if train.max_steps else total
+
+
+def _trial_files(run_dir: Path, remote: Optional[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trial's checkpoint record and summary, fetched from the object store first when there
+    is one (the workers may run on other nodes)."""
+    from .checkpoint import RECORD, read_record
+    from .storage import Mirror
+
+    if remote:
+        Mirror(run_dir, remote).pull(include=(RECORD, "summary.json"), overwrite=True)
+    summary = run_dir / "summary.json"
+    return read_record(run_dir), (json.loads(summary.read_text()) if summary.is_file() else {})
+
+
+def next_rung(rounds: int, tune_cfg: Any) -> int:
+    """The first ASHA rung (``grace_period x reduction_factor^k``) after ``rounds``, at most
+    ``tune.max_rounds``."""
+    rung = int(tune_cfg.grace_period)
+    while rung <= rounds:
+        rung *= int(tune_cfg.reduction_factor)
+    return min(rung, int(tune_cfg.max_rounds))
+
+
+def promoted_length(cfg: DictConfig, trial_id: str, run_dir: Path, remote: Optional[str], train_tasks: int,
+                    board_name: str, wait_s: float = 600.0) -> Optional[int]:
+    """The optimizer steps a finished wsd trial continues to, or None when it ends here.
+
+    It ends when it stopped early (``train.patience``), when its planned rounds reach
+    ``tune.max_rounds``, or when ASHA stopped it on its last round; otherwise the new length ends
+    at the next rung. ASHA's decision on that round comes from the :class:`PromotionBoard` the
+    scheduler writes it to (a trial ASHA stops is normally killed while it waits).
+    """
+    from .config import group
+    from .loop import planned_validations, steps_for_validations
+
+    _, summary = _trial_files(run_dir, remote)
+    if summary.get("stopped_early"):
+        return None
+    train = group(cfg, "train")
+    rounds = planned_validations(train_tasks, train)
+    if rounds >= int(cfg.tune.max_rounds) or int(summary.get("validations") or 0) < rounds:
+        return None
+    if not promotion_board(board_name).wait(trial_id, rounds, wait_s):
+        return None
+    return steps_for_validations(train_tasks, train, next_rung(rounds, cfg.tune))
+
+
+class PromotionBoard:
+    """ASHA's decision on the last planned round of each trial (continue or stop), as a named
+    Ray actor of the sweep's driver: with ``tune.extend`` a trial waits for it before it extends
+    itself. Results reach the scheduler after the trial has moved on, so the trial cannot learn
+    the decision from its own report."""
+
+    def __init__(self) -> None:
+        self._decisions: dict[tuple[str, int], bool] = {}
+
+    def decide(self, trial_id: str, rounds: int, go: bool) -> None:
+        self._decisions[(trial_id, int(rounds))] = bool(go)
+
+    def decision(self, trial_id: str, rounds: int) -> Optional[bool]:
+        return self._decisions.get((trial_id, int(rounds)))
+
+
+class _BoardClient:
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def decide(self, trial_id: str, rounds: int, go: bool) -> None:
+        self.actor.decide.remote(trial_id, rounds, go)
+
+    def wait(self, trial_id: str, rounds: int, timeout_s: float) -> bool:
+        """ASHA's decision on ``rounds``; False when none came within ``timeout_s``."""
+        import ray
+
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            go = ray.get(self.actor.decision.remote(trial_id, rounds))
+            if go is not None:
+                return bool(go)
+            time.sleep(0.5)
+        print(f"{trial_id}: no decision of ASHA on round {rounds} within {timeout_s:.0f}s; the trial ends here",
+              flush=True)
+        return False
+
+
+def promotion_board(name: str, create: bool = False) -> _BoardClient:
+    """The sweep's :class:`PromotionBoard` (``create``: started by the driver if not running)."""
+    import ray
+
+    if create:
+        actor = ray.remote(num_cpus=0)(PromotionBoard).options(name=name, get_if_exists=True).remote()
+    else:
+        actor = ray.get_actor(name)
+    return _BoardClient(actor)
+
+
+def board_name(cfg: DictConfig) -> str:
+    return f"reckoning-ray-promotions/{cfg.tune.name}"
 
 
 class Resumable:
@@ -245,16 +368,27 @@ class Resumable:
 
 
 class ResumableASHA(Resumable, ASHAScheduler):
-    """ASHA (the default ``tune.scheduler``) whose rungs survive ``--resume``."""
+    """ASHA (the default ``tune.scheduler``) whose rungs survive ``--resume``. With ``board`` (the
+    name of the sweep's :class:`PromotionBoard`, ``tune.extend``) it posts its decision on each
+    trial's last planned round there."""
 
     STATE_FILE = "asha_state.pkl"
+    _own = (*Resumable._own, "_board")
 
-    def __init__(self, sweep_root: str, **kwargs: Any) -> None:
+    def __init__(self, sweep_root: str, board: Optional[str] = None, **kwargs: Any) -> None:
         ASHAScheduler.__init__(self, **kwargs)
         self._init_state(sweep_root)
+        self._board = board
 
     def _known(self, trial_id: str) -> bool:
         return trial_id in self._trial_info
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        planned, rounds = int(result.get("rounds_planned") or 0), int(result.get("round") or 0)
+        if self._board and planned and rounds >= planned:
+            promotion_board(self._board).decide(trial.trial_id, rounds, decision == ASHAScheduler.CONTINUE)
+        return decision
 
 
 class ResumableCurve(Resumable, CurveStopping):
@@ -273,8 +407,8 @@ def build_scheduler(cfg: DictConfig, root: str) -> Any:
 
     t = cfg.tune
     if t.scheduler == "asha":
-        return ResumableASHA(root, time_attr="round", max_t=t.max_rounds, grace_period=t.grace_period,
-                             reduction_factor=t.reduction_factor)
+        return ResumableASHA(root, board=board_name(cfg) if t.extend else None, time_attr="round",
+                             max_t=t.max_rounds, grace_period=t.grace_period, reduction_factor=t.reduction_factor)
     if t.scheduler == "curve":
         return ResumableCurve(root, max_t=t.max_rounds, top_k=t.curve_top_k, confidence=t.curve_confidence,
                               min_rounds=t.curve_min_rounds)
@@ -440,6 +574,7 @@ def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: boo
         # with an object store, where each trial's rank-0 worker mirrors its run directory
         "trials_remote": join(root, "trials") if is_uri(root) else None,
         "node_types": node_types,
+        "board": board_name(cfg),
     }
     # the trial function only drives its TorchTrainer: it needs memory but no CPU of its own, so
     # the CPUs go to the training workers (Ray rejects a request with no resource at all)
@@ -714,9 +849,13 @@ def run(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     if store is not None:
         store.push_sweep()
     init_ray()
+    # ASHA's decisions on the trials' last planned rounds, for trials that extend (tune.extend); the
+    # actor lives as long as this handle does
+    board = promotion_board(board_name(cfg), create=True) if cfg.tune.extend else None
     t0 = time.time()
     tuner = build_tuner(cfg, space, resume=resume)
     results = tuner.fit()
+    del board
     out = summarize(cfg, results, space)
     print("\n" + out["table"])
     print(f"\nbest trial {out['best_trial']}: {cfg.tune.metric} = {out['best_value']:.4f}"

@@ -84,3 +84,40 @@ def test_extend_to_refuses_runs_that_cannot_extend(tmp_path, capsys):
     assert "planned for 4 steps" in capsys.readouterr().err
     assert train_main(RUN + ["--extend-to", "8"]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_validation_rounds_and_steps_agree_with_the_planned_validations():
+    from reckoning_ray.config import TrainConfig
+    from reckoning_ray.loop import planned_validations, steps_for_validations, validations_through
+
+    for tasks, batch, per_epoch in [(64, 8, 2), (100, 16, 3), (10, 4, 1), (30, 4, 4)]:
+        train = TrainConfig(batch_size=batch, grad_accum=1, validations_per_epoch=per_epoch, epochs=50)
+        for rounds in range(1, 12):
+            steps = steps_for_validations(tasks, train, rounds)
+            longer = TrainConfig(batch_size=batch, grad_accum=1, validations_per_epoch=per_epoch, epochs=50,
+                                 max_steps=steps)
+            assert planned_validations(tasks, longer) == rounds == validations_through(tasks, train, steps)
+            # one step before that validation, the run has made one fewer
+            assert validations_through(tasks, train, steps - 1) in (rounds - 1, rounds)
+
+
+def test_an_extended_run_knows_which_rounds_its_hosts_heard_already(tmp_path):
+    # Ray Tune and W&B take increasing rounds only: the rounds the extension repeats (after the
+    # cooldown's start, up to the earlier end) are the ones they heard of
+    from reckoning_ray.config import load_config
+    from reckoning_ray.loop import Hooks
+    from reckoning_ray.train import build_loop, extend
+
+    assert train_main(RUN + ["train.max_steps=8", "train.batch_size=16", f"train.output_dir={tmp_path}",
+                             "train.run_name=r"]) == 0
+    run_dir = tmp_path / "r"
+    assert [r["round"] for r in _rows(run_dir)] == [1, 2, 3, 4]  # 4 steps per epoch, 2 validations each
+    cfg = load_config(str(run_dir / "config.yaml"))
+    extend(cfg, run_dir, 16, 64)
+    loop = build_loop(cfg, run_dir, Hooks(device=torch.device("cpu"), log=lambda m: None))
+    # resumed at the stable state (step 6, round 3), the next validation is round 4 again
+    assert loop.progress.global_step == 6 and loop.progress.validations == 3 and loop.rounds_heard == 4
+    assert [r["round"] for r in _rows(run_dir)] == [1, 2, 3]
+    # a plain resume of the extended run (e.g. a restarted worker) still knows it
+    again = build_loop(cfg, run_dir, Hooks(device=torch.device("cpu"), log=lambda m: None))
+    assert again.rounds_heard == 4

@@ -154,8 +154,115 @@ def test_sweep_with_asha_wandb_and_best_config(tmp_path):
     assert best_config.exists() and Path(summary["best_checkpoint"]).exists()
     rerun = subprocess.run(
         [sys.executable, "-m", "reckoning_ray.train", "--config", str(best_config), "train.max_steps=2",
-         f"train.output_dir={tmp_path / 'rerun'}", "tracking.mode=disabled"],
+         "resources.num_workers=0", f"train.output_dir={tmp_path / 'rerun'}", "tracking.mode=disabled"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert (tmp_path / "rerun" / "test-sweep-best" / "summary.json").exists()
+
+
+def test_next_rung_follows_ashas_rungs_up_to_max_rounds():
+    from reckoning_ray.tune import next_rung
+
+    cfg = load_config(None, ["tune.grace_period=2", "tune.reduction_factor=3", "tune.max_rounds=12"])
+    assert [next_rung(r, cfg.tune) for r in (1, 2, 4, 5, 6, 11)] == [2, 6, 6, 6, 12, 12]
+
+
+def test_asha_posts_its_decision_on_a_trials_last_planned_round(monkeypatch, tmp_path):
+    # with tune.extend, trials wait for this decision before they extend themselves
+    from types import SimpleNamespace
+
+    from reckoning_ray import tune as tune_module
+
+    posted = []
+
+    class Board:
+        def decide(self, trial_id, rounds, go):
+            posted.append((trial_id, rounds, go))
+
+    monkeypatch.setattr(tune_module, "promotion_board", lambda name, create=False: Board())
+    cfg = load_config(None, ["outer.schedule=wsd", "tune.extend=true", "tune.grace_period=2",
+                             "tune.reduction_factor=2", "tune.max_rounds=8", "tune.mode=max"])
+    scheduler = tune_module.build_scheduler(cfg, str(tmp_path))
+    scheduler.set_search_properties("val/label_accuracy", "max")
+    good, bad = SimpleNamespace(trial_id="good", config={}), SimpleNamespace(trial_id="bad", config={})
+    for trial in (good, bad):
+        scheduler.on_trial_add(None, trial)
+    for rounds, value_good, value_bad in [(1, 0.5, 0.4), (2, 0.9, 0.1)]:
+        for trial, value in ((good, value_good), (bad, value_bad)):
+            result = {"round": rounds, "rounds_planned": 2, "val/label_accuracy": value, "training_iteration": rounds}
+            scheduler.on_trial_result(None, trial, result)
+    # round 1 is not a planned end: nothing posted; at round 2 (a rung) ASHA keeps the better one
+    assert posted == [("good", 2, True), ("bad", 2, False)]
+
+
+@pytest.mark.slow
+def test_asha_promotes_a_wsd_trial_beyond_its_planned_rounds(tmp_path):
+    # planned: 4 steps, validations at steps 2 and 4 (rounds 1, 2), cooldown from step 2; ASHA's
+    # rungs at rounds 2 and 4. ASHA keeps the trial at round 2 (the only one at that rung), so it
+    # goes on from step 2 at the constant rate to round 4 (step 8), cooling down again from step 4.
+    # (ASHA's decision itself: test_asha_posts_its_decision_on_a_trials_last_planned_round.)
+    storage = tmp_path / "tune"
+    space = write(tmp_path, "inner.lr_init: {grid: [0.3]}\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("WANDB_MODE", None)
+    env.pop("RAY_ADDRESS", None)
+    command = [
+        sys.executable, "-m", "reckoning_ray.tune", "embedded", f"space={space}", f"tune.storage_path={storage}",
+        "tune.name=ext", "tune.num_samples=1", "tune.max_concurrent=1", "tune.grace_period=2",
+        "tune.reduction_factor=2", "tune.max_rounds=4", "tune.extend=true", "outer.schedule=wsd",
+        "outer.cooldown_fraction=0.5", "outer.warmup_ratio=0", "data.num_train=64", "data.num_validation=32",
+        "data.num_test=32", "train.epochs=1", "train.batch_size=16", "train.patience=0", "tracking.mode=offline",
+        *ONE_FACT, "tune.metric=val/answer_loss", "tune.mode=min",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    [row] = json.loads((storage / "ext" / "sweep_summary.json").read_text())["trials"]
+    assert row["rounds"] == 4 and row["status"] == "completed", row
+    assert "extending it to 8 steps from the start of its cooldown" in done.stdout
+    trial = storage / "ext" / "trials" / row["trial"]
+    record = json.loads((trial / "checkpoints.json").read_text())
+    assert record["planned_steps"] == 8 and record["stable"] == "step-000004"
+    aside = [json.loads(line) for line in (trial / "metrics.cooldown-000004.jsonl").read_text().splitlines()]
+    assert [(a["round"], a["step"]) for a in aside] == [(2, 4)]
+    # the run's own file: round 2 again (at the constant rate this time), then rounds 3 and 4
+    on_disk = [json.loads(line) for line in (trial / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["round"], m["step"]) for m in on_disk] == [(1, 2), (2, 4), (3, 6), (4, 8)]
+    assert on_disk[1]["val/answer_loss"] != aside[0]["val/answer_loss"]
+    # W&B, like Tune, heard each round once: round 2 from the first cooldown, then 3 and 4
+    history = [h for h in read_offline_run_merged(trial, row["trial"])["history"] if "val/answer_loss" in h]
+    assert [h["round"] for h in history] == [1, 2, 3, 4]
+    assert history[1]["val/answer_loss"] == pytest.approx(aside[0]["val/answer_loss"])
+    assert [h["val/answer_loss"] for h in history[2:]] == pytest.approx([m["val/answer_loss"] for m in on_disk[2:]])
+    # the best checkpoint (tested on the test split) may be any of them; it is one the record names
+    assert json.loads((trial / "summary.json").read_text())["test"]["test/tasks"] == 32
+
+
+def test_a_trial_extends_only_when_asha_kept_it_at_its_planned_end(monkeypatch, tmp_path):
+    from reckoning_ray import tune as tune_module
+
+    decisions = {}
+
+    class Board:
+        def wait(self, trial_id, rounds, timeout_s):
+            return decisions[(trial_id, rounds)]
+
+    monkeypatch.setattr(tune_module, "promotion_board", lambda name, create=False: Board())
+    cfg = load_config(None, ["outer.schedule=wsd", "tune.extend=true", "tune.grace_period=2",
+                             "tune.reduction_factor=2", "tune.max_rounds=8", "train.batch_size=16",
+                             "train.epochs=1", "train.validations_per_epoch=2"])
+    run_dir = tmp_path / "t"
+    run_dir.mkdir()
+
+    def length(summary, go):
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+        decisions[("t", 2)] = go
+        return tune_module.promoted_length(cfg, "t", run_dir, None, 64, "board")
+
+    # 64 tasks / 16 = 4 steps per epoch, validations at steps 2 and 4: planned rounds 2
+    assert length({"validations": 2, "stopped_early": False}, True) == 8  # to rung 4: round 4 is step 8
+    assert length({"validations": 2, "stopped_early": False}, False) is None  # ASHA stopped it
+    assert length({"validations": 2, "stopped_early": True}, True) is None  # train.patience stopped it
+    cfg.train.max_steps, cfg.train.epochs = 16, 4  # planned rounds 8 = tune.max_rounds: the end
+    decisions[("t", 8)] = True
+    assert length({"validations": 8, "stopped_early": False}, True) is None

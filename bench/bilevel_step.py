@@ -366,6 +366,35 @@ def measure_memory(case: Case, impl: str, args: argparse.Namespace) -> Optional[
 # ------------------------------------------------------------------------------------------------
 
 
+def matmul_rate(args: argparse.Namespace, n: int = 1024, repeats: int = 10) -> float:
+    """GFLOP/s of one large matrix product on ``args.device``: the ceiling of the matmul work."""
+    timer, _ = clock(args)
+    dtype = getattr(torch, args.dtype)
+    a, b = (torch.randn(n, n, dtype=dtype, device=args.device) for _ in range(2))
+    a @ b
+    synchronize(args.device)
+    start = timer()
+    for _ in range(repeats):
+        a @ b
+    synchronize(args.device)
+    return 2 * n**3 * repeats / (timer() - start) / 1e9
+
+
+def count_flops(case: Case, args: argparse.Namespace) -> dict[str, float]:
+    """Matrix-multiplication FLOPs of one outer step of each implementation
+    (``torch.utils.flop_counter``: mm, addmm, bmm and the attention products, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, batch, built = prepare(case, args, args.impls)
+    flops = {}
+    for name in args.impls:
+        zero_grad(built[name])
+        with FlopCounterMode(display=False) as counter:
+            built[name].forward_backward(batch)
+        flops[name] = float(counter.get_total_flops())
+    return flops
+
+
 def profile(case: Case, impl: str, args: argparse.Namespace) -> None:
     """torch.profiler table (top ops by self CPU time) of ``--repeats`` outer steps of ``impl``."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -426,6 +455,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--memory-jobs", type=int, default=2,
                    help="peak-memory subprocesses run at once on CPU (after all timing). Default: 2")
     p.add_argument("--check-only", action="store_true", help="run the gradient agreement check and stop")
+    p.add_argument("--flops", action="store_true",
+                   help="also count each implementation's matrix-multiplication FLOPs per outer step and "
+                        "print GFLOP per task and the GFLOP/s the timed step reached")
     p.add_argument("--profile", choices=IMPLS, default=None,
                    help="print a torch.profiler table of this implementation for the first configuration")
     p.add_argument("--threads", type=int, default=1,
@@ -502,6 +534,22 @@ def main(argv: Optional[Sequence[str]] = None, factories: Optional[dict] = None)
                   f"{case.optimizer}, {case.inner_steps} inner steps, batch {case.tasks}: {speedup:.2f}x "
                   f"{'met' if speedup >= 3 else 'NOT met'}")
     print(flush=True)
+    if args.flops:
+        print("## matrix-multiplication work of one outer step (torch.utils.flop_counter) and the rate "
+              "each timed step reached", flush=True)
+        flop_rows = []
+        for case in all_cases:
+            flops = count_flops(case, args)
+            row = [case.model, case.order, case.optimizer, case.inner_steps, case.tasks]
+            row += [f"{flops[name] / case.tasks / 1e9:.3f}" for name in args.impls]
+            row += [f"{flops[name] / results[case][name] / 1e9:.1f}" for name in args.impls]
+            flop_rows.append(row)
+        print(format_table(["model", "order", "inner opt", "steps", "tasks"]
+                           + [f"{n} GFLOP/task" for n in args.impls] + [f"{n} GFLOP/s" for n in args.impls],
+                           flop_rows))
+        print(f"this {args.device}'s own rate on one large product (1024 x 1024 x 1024, {args.dtype}): "
+              f"{matmul_rate(args):.1f} GFLOP/s", flush=True)
+        print(flush=True)
 
     if args.memory != "none":
         unit = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"

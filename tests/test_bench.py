@@ -165,3 +165,12 @@ def test_scaling_refuses_worker_counts_that_trained_different_models(capsys):
         scaling.require_agreement({1: one, 2: other}, 1e-4)
     assert info.value.code == 2
     assert "step 32: val/answer_loss 0.95 with 2 workers" in capsys.readouterr().err
+
+
+def test_flop_count_is_the_same_work_for_the_batched_and_the_plain_engine(bilevel_step):
+    # --flops counts matrix products: stacking tasks into bmm must not change how many there are
+    args = bilevel_step.parse_args(["--models", "tiny", "--batch", "3", "--inner-steps", "2", "--orders", "second",
+                                    "--impls", "fused,reference", "--memory", "none"])
+    [case] = bilevel_step.cases(args)
+    flops = bilevel_step.count_flops(case, args)
+    assert flops["fused"] == flops["reference"] > 0

@@ -5,15 +5,19 @@ For every seed in ``--seeds`` (``train.seed``: the embedded model's initial weig
 order), the same grid of configurations runs three times through the project's sweep
 (``reckoning_ray.tune.run``), differing only in ``tune.scheduler``:
 
-    grid    none: every configuration runs all its validation rounds
-    asha    asha: tune.grace_period, tune.reduction_factor (the preset's)
-    curve   curve: learning-curve extrapolation (tune.curve_top_k, tune.curve_confidence)
+    grid         none: every configuration runs all its validation rounds
+    asha         asha: tune.grace_period, tune.reduction_factor (the preset's)
+    curve        curve: learning-curve extrapolation (tune.curve_top_k, tune.curve_confidence)
+    asha-extend  asha with outer.schedule=wsd, tune.extend=true and --extend-epochs planned epochs:
+                 short trials that ASHA promotes extend themselves rung by rung (the others'
+                 values differ from the grid's, whose schedule is the preset's)
 
 and then ``reckoning_ray.soup.make_soups`` averages the grid sweep's best checkpoints (uniform
 and greedy soups). Reported per seed and over all seeds:
 
-- compute: trial-validation rounds (every trial's metrics.jsonl), optimizer steps (the last
-  step of each trial) and trial seconds (Tune's time_total_s of each trial; one training worker
+- compute: trial-validation rounds (every trial's metrics.jsonl, and the cooldown rounds an
+  extension set aside), optimizer steps (the last step of each trial, plus the steps each
+  extension repeated) and trial seconds (Tune's time_total_s of each trial; one training worker
   of one CPU each), plus each sweep's wall seconds;
 - what each strategy finds: the configuration it picks on validation, that configuration's rank
   in the full grid, and its test label accuracy (the sweep's own test of its best checkpoint);
@@ -53,8 +57,10 @@ from asha_vs_grid import (  # noqa: E402
 )
 from common import argument_parser, format_table  # noqa: E402
 
-STRATEGIES = ("grid", "asha", "curve")
-SCHEDULER = {"grid": "none", "asha": "asha", "curve": "curve"}
+STRATEGIES = ("grid", "asha", "curve", "asha-extend")
+SCHEDULER = {"grid": "none", "asha": "asha", "curve": "curve", "asha-extend": "asha"}
+# strategies whose trials compute the grid's values (the agreement check covers them)
+SAME_VALUES = ("asha", "curve")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -65,6 +71,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help=f"one grid axis (repeat for more). Default: {' '.join('--grid ' + g for g in DEFAULT_GRID)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed of each repetition. "
                    "Default: 0 1 2")
+    p.add_argument("--strategies", default=",".join(STRATEGIES),
+                   help=f"comma-separated subset of {','.join(STRATEGIES)} (grid always runs). Default: all")
+    p.add_argument("--extend-epochs", type=int, default=1,
+                   help="train.epochs of the asha-extend trials' first plan. Default: 1")
     p.add_argument("--tolerance", type=float, default=1e-6, help="relative agreement required. Default: 1e-6")
     p.add_argument("--out", default="runs/bench-strategies", help="output directory. Default: runs/bench-strategies")
     args = p.parse_args(argv)
@@ -72,6 +82,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.grid = parse_grid(args.grid or DEFAULT_GRID)
     except ValueError as exc:
         p.error(str(exc))
+    chosen = [x for x in args.strategies.split(",") if x]
+    unknown = [x for x in chosen if x not in STRATEGIES]
+    if unknown:
+        p.error(f"--strategies {unknown[0]!r}: choose from {','.join(STRATEGIES)}")
+    args.strategies = [x for x in STRATEGIES if x == "grid" or x in chosen]
     bad = [o for o in args.overrides if "=" not in o or o.split("=", 1)[0] in
            ("tune.space", "tune.name", "tune.storage_path", "tune.num_samples", "tune.scheduler", "train.seed")]
     if bad:
@@ -84,10 +99,12 @@ def sweep(args: argparse.Namespace, strategy: str, seed: int, space: Path, root:
     from reckoning_ray.config import load_config
     from reckoning_ray.tune import local_dir, run
 
+    extra = ["outer.schedule=wsd", "tune.extend=true", f"train.epochs={args.extend_epochs}"] \
+        if strategy == "asha-extend" else []
     cfg = load_config(args.preset, ["train.patience=0", "tracking.mode=disabled", *args.overrides,
                                     f"tune.space={space}", f"tune.name={strategy}-s{seed}", f"tune.storage_path={root}",
                                     "tune.num_samples=1", f"tune.scheduler={SCHEDULER[strategy]}",
-                                    f"train.seed={seed}"])
+                                    f"train.seed={seed}", *extra])
     shutil.rmtree(local_dir(cfg), ignore_errors=True)
     print(f"\n## seed {seed}, {strategy} (tune.scheduler={SCHEDULER[strategy]})", flush=True)
     started = time.perf_counter()
@@ -95,25 +112,41 @@ def sweep(args: argparse.Namespace, strategy: str, seed: int, space: Path, root:
     return {"cfg": cfg, "out": out, "wall": time.perf_counter() - started, "root": local_dir(cfg)}
 
 
+def repeated(trial_dir: Path, cfg: Any) -> tuple[int, int]:
+    """(validation rounds, optimizer steps) a wsd trial's extensions made twice: the earlier
+    cooldowns they set aside (``metrics.cooldown-<planned steps>.jsonl``) and the steps from each
+    cooldown's start to that plan's end, which the extension ran again at the constant rate."""
+    from reckoning_ray.schedules import LrSchedule
+
+    plans = sorted(int(p.stem.rsplit("-", 1)[1]) for p in trial_dir.glob("metrics.cooldown-*.jsonl"))
+    if not plans:
+        return 0, 0
+    warmup = int(float(cfg.outer.warmup_ratio) * plans[0])  # the warmup keeps the first plan's steps
+    rounds = sum(len(read_jsonl(trial_dir / f"metrics.cooldown-{p:06d}.jsonl")) for p in plans)
+    steps = sum(p - LrSchedule("wsd", p, warmup, float(cfg.outer.cooldown_fraction)).cooldown_start for p in plans)
+    return rounds, steps
+
+
 def compute(result: dict[str, Any], data: dict[tuple, dict[str, Any]]) -> dict[str, float]:
-    seconds = 0.0
+    seconds, rounds, steps = 0.0, 0, 0
     for entry in data.values():
         times = [r.get("time_total_s") for r in read_jsonl(result["root"] / entry["trial"] / "result.json")]
         seconds += max([t for t in times if t is not None] or [0.0])
-    return {"rounds": sum(len(v["history"]) for v in data.values()),
-            "steps": sum(int(v["history"][-1]["step"]) for v in data.values() if v["history"]),
-            "trial_s": seconds, "wall_s": result["wall"]}
+        again = repeated(result["root"] / "trials" / entry["trial"], result["cfg"])
+        rounds += len(entry["history"]) + again[0]
+        steps += (int(entry["history"][-1]["step"]) if entry["history"] else 0) + again[1]
+    return {"rounds": rounds, "steps": steps, "trial_s": seconds, "wall_s": result["wall"]}
 
 
 def one_seed(args: argparse.Namespace, seed: int, space: Path, root: Path, keys: list[str]) -> dict[str, Any]:
     from reckoning_ray.soup import make_soups
 
-    runs = {s: sweep(args, s, seed, space, root) for s in STRATEGIES}
+    runs = {s: sweep(args, s, seed, space, root) for s in args.strategies}
     cfg = runs["grid"]["cfg"]
     metric, mode = cfg.tune.metric, cfg.tune.mode
-    data = {s: read_sweep(runs[s]["out"], runs[s]["root"], keys) for s in STRATEGIES}
+    data = {s: read_sweep(runs[s]["out"], runs[s]["root"], keys) for s in args.strategies}
     checked = sorted({metric, ACCURACY, "train/loss"})
-    for s in ("asha", "curve"):
+    for s in [x for x in SAME_VALUES if x in args.strategies]:
         problems = disagreements(data[s], data["grid"], checked, args.tolerance)
         if problems:
             print(f"REFUSED: seed {seed}: the {s} and grid runs disagree on {len(problems)} value(s): "
@@ -124,14 +157,17 @@ def one_seed(args: argparse.Namespace, seed: int, space: Path, root: Path, keys:
                      * (-1 if mode == "max" else 1))
     rank_of = {k: i + 1 for i, k in enumerate(ranking)}
     out: dict[str, Any] = {"seed": seed, "strategies": {}}
-    for s in STRATEGIES:
+    for s in args.strategies:
         by_trial = {v["trial"]: k for k, v in data[s].items()}
         pick = by_trial[runs[s]["out"]["best_trial"]]
         test = runs[s]["out"].get("best_test") or {}
         out["strategies"][s] = dict(compute(runs[s], data[s]), pick=config_label(pick, keys), grid_rank=rank_of[pick],
                                     val=float(runs[s]["out"]["best_value"]),
                                     test_label_accuracy=test.get("test/label_accuracy"),
-                                    stopped=sum(1 for v in data[s].values() if v["status"].endswith(" stop")))
+                                    # ran fewer rounds than tune.max_rounds: stopped by the scheduler (an
+                                    # asha-extend trial: not promoted beyond some plan)
+                                    stopped=sum(1 for v in data[s].values()
+                                                if v["tune_rounds"] < int(runs[s]["cfg"].tune.max_rounds)))
     print(f"\n## soups of the grid sweep, seed {seed}", flush=True)
     record = make_soups(runs["grid"]["root"])
     out["soups"] = {name: {"ingredients": len(e["ingredients"]), "val": e["validation"][metric],
@@ -147,7 +183,7 @@ def report(results: list[dict[str, Any]]) -> None:
     rows = []
     for r in results:
         grid = r["strategies"]["grid"]
-        for s in STRATEGIES:
+        for s in r["strategies"]:
             x = r["strategies"][s]
             rows.append([r["seed"], s, x["stopped"], x["rounds"], f"{x['rounds'] / grid['rounds']:.2f}", x["steps"],
                          f"{x['trial_s']:.0f}", f"{x['trial_s'] / grid['trial_s']:.2f}", f"{x['wall_s']:.0f}",
@@ -158,7 +194,7 @@ def report(results: list[dict[str, Any]]) -> None:
                         "trial s", "x grid", "wall s", "pick", "grid rank", f"pick's {metric}", "pick's test acc"],
                        rows))
     totals = []
-    for s in STRATEGIES:
+    for s in results[0]["strategies"]:
         rounds = sum(r["strategies"][s]["rounds"] for r in results)
         secs = sum(r["strategies"][s]["trial_s"] for r in results)
         found = sum(1 for r in results if r["strategies"][s]["grid_rank"] == 1)

@@ -100,3 +100,25 @@ def test_tiny_comparison_counts_rounds_and_ranks_every_configuration(bench, tmp_
     assert 0.0 <= pick["label_accuracy"] <= 1.0
     assert f"compute: ASHA ran {rounds['asha']} of the grid's {rounds['grid']} trial-validation rounds" in out
     assert "## per configuration, in the grid's ranking" in out
+
+
+def test_sweep_strategies_counts_what_extensions_computed_twice(tmp_path):
+    # an asha-extend trial planned for 32 steps, extended to 96 and then to 128 (cooldown 0.2 of
+    # each plan: from step 26, then from step 77): the two earlier cooldowns ran and were redone
+    from reckoning_ray.config import load_config
+
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_sweep_strategies", BENCH / "sweep_strategies.py")
+    strategies = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = strategies
+    spec.loader.exec_module(strategies)
+    cfg = load_config("embedded", ["outer.schedule=wsd", "outer.cooldown_fraction=0.2", "outer.warmup_ratio=0"])
+    assert strategies.repeated(tmp_path, cfg) == (0, 0)
+    (tmp_path / "metrics.cooldown-000032.jsonl").write_text('{"round": 2, "step": 32}\n')
+    (tmp_path / "metrics.cooldown-000096.jsonl").write_text('{"round": 5, "step": 80}\n{"round": 6, "step": 96}\n')
+    assert strategies.repeated(tmp_path, cfg) == (3, (32 - 26) + (96 - 77))
+    args = strategies.parse_args(["--strategies", "asha-extend", "--seeds", "0"])
+    assert args.strategies == ["grid", "asha-extend"]
+    with pytest.raises(SystemExit):
+        strategies.parse_args(["--strategies", "hyperband"])

@@ -597,7 +597,8 @@ def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: boo
     )
 
 
-def trial_outcome(last: Optional[dict], error: bool, max_rounds: int, stopper: str = "ASHA") -> tuple[str, int]:
+def trial_outcome(last: Optional[dict], error: bool, max_rounds: int, stopper: str = "ASHA",
+                  extend: bool = False) -> tuple[str, int]:
     """A trial's status and validation rounds, as Ray Tune recorded them.
 
     ``last``: the last result Tune received for the trial (``Result.metrics``: the loop's
@@ -607,7 +608,9 @@ def trial_outcome(last: Optional[dict], error: bool, max_rounds: int, stopper: s
     ``metrics.jsonl`` and W&B), but Tune and ASHA never saw it, so it neither counts as a round
     nor makes the trial ``completed``. Status: ``error``; ``patience stop`` (the loop stopped
     early); ``completed`` (reached its planned rounds or ``tune.max_rounds``, where ASHA stops
-    every trial); else ``<stopper> stop`` (``ASHA stop``, ``curve stop``: the scheduler stopped it).
+    every trial; with ``extend`` (``tune.extend``), where a trial ASHA keeps goes on, only
+    ``tune.max_rounds``); else ``<stopper> stop`` (``ASHA stop``, ``curve stop``: the scheduler
+    stopped it).
     """
     last = last or {}
     rounds = int(last.get("round") or 0)
@@ -615,7 +618,7 @@ def trial_outcome(last: Optional[dict], error: bool, max_rounds: int, stopper: s
         return "error", rounds
     if bool(last.get("stopped_early", False)):
         return "patience stop", rounds
-    planned = int(last.get("rounds_planned") or max_rounds)
+    planned = max_rounds if extend else int(last.get("rounds_planned") or max_rounds)
     if rounds >= min(planned, max_rounds):
         return "completed", rounds
     return f"{stopper} stop", rounds
@@ -646,7 +649,7 @@ def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]])
         best = float(values.max() if mode == "max" else values.min())
         tune_last = result.metrics if result.metrics and "round" in result.metrics else history.iloc[-1].to_dict()
         status, rounds = trial_outcome(tune_last, bool(result.error), cfg.tune.max_rounds,
-                                       "curve" if cfg.tune.scheduler == "curve" else "ASHA")
+                                       "curve" if cfg.tune.scheduler == "curve" else "ASHA", bool(cfg.tune.extend))
         params = dict(result.config)
         rows.append({"trial": trial_id, "best": best, "rounds": rounds, "status": status,
                      "label_accuracy": float(history["val/label_accuracy"].max()), **params,

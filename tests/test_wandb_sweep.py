@@ -297,3 +297,9 @@ def test_a_fresh_sweep_forgets_the_previous_w_and_b_sweep(finished_sweep):
     start_wandb_sweep(cfg, load_space("embedded", cfg), fresh=True)
     assert not (finished_sweep / SWEEP_ID_FILE).exists()
     assert read_sweep_file(finished_sweep)["parameters"] == yaml.safe_load(first)["parameters"]
+
+
+def test_trial_outcome_with_extensions_completes_only_at_max_rounds():
+    # tune.extend: a trial ASHA keeps at its planned end goes on, so one that ended there was stopped
+    assert trial_outcome({"round": 2, "rounds_planned": 2}, False, 4, extend=True) == ("ASHA stop", 2)
+    assert trial_outcome({"round": 4, "rounds_planned": 4}, False, 4, extend=True) == ("completed", 4)

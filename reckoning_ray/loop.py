@@ -227,12 +227,16 @@ def restore_method(method: Any, path: Path, weights: bool = True) -> dict[str, A
     return load_trainer_state(path) if (path / TRAINER_STATE).is_file() else {}
 
 
+def planned_steps(num_tasks: int, train: TrainConfig) -> int:
+    """Optimizer steps of a run on ``num_tasks`` training tasks: its epochs, at most ``train.max_steps``."""
+    total = steps_per_epoch(num_tasks, train) * train.epochs
+    return min(total, train.max_steps) if train.max_steps else total
+
+
 def planned_validations(num_tasks: int, train: TrainConfig) -> int:
     """Validations a run on ``num_tasks`` training tasks makes when it is not stopped early."""
     per_epoch = steps_per_epoch(num_tasks, train)
-    total = per_epoch * train.epochs
-    if train.max_steps:
-        total = min(total, train.max_steps)
+    total = planned_steps(num_tasks, train)
     points = validation_points(per_epoch, train.validations_per_epoch)
     return sum(1 for s in range(1, total + 1) if (s - 1) % per_epoch + 1 in points or s == total)
 
@@ -298,9 +302,7 @@ class Loop:
         self.hooks = hooks or Hooks()
         self.is_main = self.hooks.rank == 0
         self.steps_per_epoch = steps_per_epoch(len(train_records), train)
-        self.total_steps = self.steps_per_epoch * train.epochs
-        if train.max_steps:
-            self.total_steps = min(self.total_steps, train.max_steps)
+        self.total_steps = planned_steps(len(train_records), train)
         self.val_points = validation_points(self.steps_per_epoch, train.validations_per_epoch)
         self.optimizer = torch.optim.AdamW(method.parameter_groups(), eps=outer.eps)
         from .schedules import build_scheduler, schedule_of

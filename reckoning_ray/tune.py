@@ -194,8 +194,11 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     remote = join(config["trials_remote"], trial_id) if config["trials_remote"] else None
     train_tasks = check_inputs(cfg)["train"] if cfg.tune.extend else 0
     if cfg.tune.extend:  # a trial started again (a resumed sweep) goes on at the length it had reached
+        from .config import group
+        from .loop import planned_steps
+
         record, _ = _trial_files(run_dir, remote)
-        if int(record.get("planned_steps") or 0) > _planned_steps(cfg, train_tasks):
+        if int(record.get("planned_steps") or 0) > planned_steps(train_tasks, group(cfg, "train")):
             set_length(cfg, int(record["planned_steps"]), train_tasks)
     while True:
         # W&B is written by the sweep's driver (TrackingCallback), which outlives the trial
@@ -208,15 +211,6 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
         print(f"{trial_id}: ASHA keeps the trial at the end of its planned rounds; extending it to {steps} steps "
               "from the start of its cooldown", flush=True)
         set_length(cfg, steps, train_tasks)
-
-
-def _planned_steps(cfg: DictConfig, train_tasks: int) -> int:
-    from .config import group
-    from .loop import steps_per_epoch
-
-    train = group(cfg, "train")
-    total = steps_per_epoch(train_tasks, train) * train.epochs
-    return min(total, train.max_steps) if train.max_steps else total
 
 
 def _trial_files(run_dir: Path, remote: Optional[str]) -> tuple[dict[str, Any], dict[str, Any]]:

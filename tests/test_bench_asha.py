@@ -14,16 +14,20 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    """bench/asha_vs_grid.py imported as a module (the benchmarks are scripts, not a package)."""
+def load(name: str):
+    """bench/<name>.py imported as a module (the benchmarks are scripts, not a package)."""
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_asha_vs_grid", BENCH / "asha_vs_grid.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load("asha_vs_grid")
 
 
 def sweep_of(histories: dict[tuple, list[float]], metric: str = "val/answer_loss") -> dict[tuple, dict]:
@@ -107,12 +111,7 @@ def test_sweep_strategies_counts_what_extensions_computed_twice(tmp_path):
     # each plan: from step 26, then from step 77): the two earlier cooldowns ran and were redone
     from reckoning_ray.config import load_config
 
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_sweep_strategies", BENCH / "sweep_strategies.py")
-    strategies = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = strategies
-    spec.loader.exec_module(strategies)
+    strategies = load("sweep_strategies")
     cfg = load_config("embedded", ["outer.schedule=wsd", "outer.cooldown_fraction=0.2", "outer.warmup_ratio=0"])
     assert strategies.repeated(tmp_path, cfg) == (0, 0)
     (tmp_path / "metrics.cooldown-000032.jsonl").write_text('{"round": 2, "step": 32}\n')

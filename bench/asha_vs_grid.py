@@ -2,7 +2,7 @@
 it still finds the grid's best one.
 
 The same finite grid of configurations runs twice through the project's sweep
-(``reckoning_ray.tune.run``: the same trainable, the same ``ResumableASHA`` scheduler, the same
+(``reckoning_ray.on_ray.sweep.run``: the same trainable, the same ``ResumableASHA`` scheduler, the same
 summary), with identical data and seeds:
 
     asha   the project's scheduler settings: tune.grace_period, tune.reduction_factor,
@@ -148,7 +148,7 @@ def read_sweep(out: dict[str, Any], root: Path, keys: Sequence[str]) -> dict[tup
     from the trial's metrics.jsonl), the rounds Tune received (lines of the trial's result.json)
     and the sweep's status for it.
 
-    ``out``: what ``reckoning_ray.tune.run`` returned; ``root``: the sweep's local directory.
+    ``out``: what ``reckoning_ray.on_ray.sweep.run`` returned; ``root``: the sweep's local directory.
     """
     by_config: dict[tuple, dict[str, Any]] = {}
     for trial in out["trials"]:
@@ -277,9 +277,9 @@ def write_space(grid: dict[str, list[Any]], path: Path) -> Path:
 
 
 def sweep(args: argparse.Namespace, name: str, space: Path, root: Path, grid_run: bool) -> dict[str, Any]:
-    """Run one sweep through ``reckoning_ray.tune.run``; returns its summary and wall seconds."""
-    from reckoning_ray.config import load_config
-    from reckoning_ray.tune import local_dir, run
+    """Run one sweep through ``reckoning_ray.on_ray.sweep.run``; returns its summary and wall seconds."""
+    from reckoning_ray.core.config import load_config
+    from reckoning_ray.on_ray.sweep import local_dir, run
 
     # patience 0: only the scheduler stops trials, so the grid runs every configuration to the end
     cfg = load_config(args.preset, ["train.patience=0", "tracking.mode=disabled", *args.overrides,
@@ -397,9 +397,9 @@ def start(args: argparse.Namespace, title: str) -> Optional[tuple[dict[str, str]
     """The common start of the sweep benchmarks: header, source fingerprint, the grid's space file
     (checked before Ray starts), W&B off, Ray up. Returns (fingerprint, grid keys, output root,
     space file), or None after printing a bad key or value."""
-    from reckoning_ray.config import ConfigError, load_config
-    from reckoning_ray.train import init_ray
-    from reckoning_ray.tune import load_space
+    from reckoning_ray.core.config import ConfigError, load_config
+    from reckoning_ray.on_ray.trainer import init_ray
+    from reckoning_ray.core.spaces import load_space
 
     print_header(title)
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

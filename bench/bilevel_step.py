@@ -5,9 +5,9 @@ One outer step = for every task of the batch, ``inner_steps`` differentiable opt
 task's knowledge (learned per-tensor rates), the answer loss with the fast weights, and the backward
 pass into the initial weights and the learned rates. Implementations compared:
 
-    fused      reckoning_ray.bilevel.ReckoningMethod, inner.engine=fused (the default): fused optimizer
+    fused      reckoning_ray.core.bilevel.ReckoningMethod, inner.engine=fused (the default): fused optimizer
                nodes, all tasks in one vmapped pass
-    reference  reckoning_ray.bilevel.ReckoningMethod, inner.engine=reference: the plain functional
+    reference  reckoning_ray.core.bilevel.ReckoningMethod, inner.engine=reference: the plain functional
                inner loop, task by task, op by op (reckoning_ray/bilevel/reference.py)
     higher     higher 0.2.1, innerloop_ctx per task (bench/references.py)
     torchopt   TorchOpt 0.7.3 functional optimizers + torch.func.functional_call, per task

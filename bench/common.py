@@ -5,7 +5,7 @@ BENCHMARKS.md can always be traced to the machine and the invocation that produc
 
 The tasks are ProofWriter-style and generated here (deterministic by seed) so that the knowledge
 size (facts per task) and the number of tasks are free parameters of a benchmark, independent of
-any data file. The texts go through the project's own encoder (``reckoning_ray.data.encode``), so
+any data file. The texts go through the project's own encoder (``reckoning_ray.core.data.encode``), so
 the tensors have exactly the shapes training uses.
 """
 
@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:
     # importable without an install and from any working directory.
     sys.path.insert(0, str(REPO))
 
-from reckoning_ray.data.encode import (  # noqa: E402
+from reckoning_ray.core.data.encode import (
     Encoder,
     TaskBatch,
     in_context_prompt,
@@ -184,8 +184,8 @@ def build_setup(
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from reckoning_ray.config import load_config
-    from reckoning_ray.modeling import DTYPES, build_tokenizer
+    from reckoning_ray.core.config import load_config
+    from reckoning_ray.core.modeling import DTYPES, build_tokenizer
 
     if size not in MODEL_SHAPES:
         raise SystemExit(f"--model {size!r} is not one of {sorted(MODEL_SHAPES)}")
@@ -213,8 +213,8 @@ def build_setup(
 def reckoning_method(setup: Setup, engine: Optional[str] = None) -> Any:
     """``ReckoningMethod`` on ``setup``'s model, with its config's inner / outer / eval groups;
     ``engine`` ("fused" or "reference") replaces ``inner.engine``."""
-    from reckoning_ray.bilevel import ReckoningMethod
-    from reckoning_ray.config import group
+    from reckoning_ray.core.bilevel.method import ReckoningMethod
+    from reckoning_ray.core.config import group
 
     inner = group(setup.cfg, "inner")
     if engine is not None:

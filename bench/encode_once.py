@@ -113,7 +113,7 @@ def timed(fn: Callable[[], Any], device: str) -> float:
 
 def run_facts(num_facts: int, args: argparse.Namespace) -> dict[str, Any]:
     """Measured totals for every Q and the per-component medians, for one knowledge size."""
-    from reckoning_ray.bilevel import causal_lm_logits
+    from reckoning_ray.core.bilevel.lm import causal_lm_logits
 
     max_q = max(args.questions)
     records = shared_knowledge_records(num_facts, max_q, seed=args.seed)

@@ -1,6 +1,6 @@
 """Peak memory and time of one RECKONING outer step under each memory option of the fused engine.
 
-Modes (``reckoning_ray.bilevel.ReckoningMethod``, fused engine, config keys of the ``inner`` group):
+Modes (``reckoning_ray.core.bilevel.ReckoningMethod``, fused engine, config keys of the ``inner`` group):
 
     second-order        the default: every inner step's activations and double-backward graph live
                         until the outer backward
@@ -119,7 +119,7 @@ def mode_factory(mode: str):
 
         from omegaconf import OmegaConf
 
-        from reckoning_ray.config import validate
+        from reckoning_ray.core.config import validate
 
         cfg = copy.deepcopy(setup.cfg)
         for item in overrides:

@@ -1,6 +1,6 @@
 """The RECKONING outer step written with `higher` (0.2.1) and TorchOpt (0.7.3), for comparison.
 
-Each class runs the same math as ``reckoning_ray.bilevel.ReckoningMethod.forward_backward``:
+Each class runs the same math as ``reckoning_ray.core.bilevel.ReckoningMethod.forward_backward``:
 for every task, ``inner_steps`` differentiable optimizer steps on the task's knowledge loss with one
 learned learning rate per parameter tensor per step, then the answer loss with the fast weights,
 then ``backward`` into the initial weights and the learned rates. The inner AdamW is the engine's:
@@ -31,9 +31,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from reckoning_ray.bilevel import additive_causal_mask, position_ids_from_mask, token_mean_loss
-from reckoning_ray.data.encode import TaskBatch
-from reckoning_ray.modeling import set_attention_for_second_order
+from reckoning_ray.core.bilevel.lm import additive_causal_mask, position_ids_from_mask, token_mean_loss
+from reckoning_ray.core.data.encode import TaskBatch
+from reckoning_ray.core.modeling import set_attention_for_second_order
 
 
 def trainable(model: torch.nn.Module) -> tuple[list[str], list[Tensor]]:
@@ -99,7 +99,7 @@ def _register_higher() -> None:
     import higher.optim
 
     class DifferentiableSmoothAdamW(higher.optim.DifferentiableOptimizer):
-        """AdamW as in ``reckoning_ray.bilevel.adamw_step``, built from differentiable ops."""
+        """AdamW as in ``reckoning_ray.core.bilevel.adamw_step``, built from differentiable ops."""
 
         def _update(self, grouped_grads: Sequence[Sequence[Tensor]], **kwargs: Any) -> None:
             for group_idx, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):

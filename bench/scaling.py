@@ -5,9 +5,9 @@ Each worker count runs ``reckoning_ray.train.run`` (the real entry point: TorchT
 framework-free loop) for ``--epochs`` epochs of the given preset. A Ray ``worker_process_setup_hook``
 wraps three functions in every worker process and records how long each call took:
 
-    reckoning_ray.loop.Loop._train_step      one optimizer step (micro-batches, all-reduce, update)
-    reckoning_ray.loop.Loop._validate        one validation round
-    reckoning_ray.loop.allreduce_gradients   the SUM all-reduce of the weights' and the learned
+    reckoning_ray.core.loop.Loop._train_step      one optimizer step (micro-batches, all-reduce, update)
+    reckoning_ray.core.loop.Loop._validate        one validation round
+    reckoning_ray.core.loop.allreduce_gradients   the SUM all-reduce of the weights' and the learned
                                              rates' gradients (inside _train_step), after a
                                              barrier: the time spent waiting at the barrier for
                                              the slower worker is reported apart from the
@@ -64,7 +64,7 @@ def install_timers() -> None:
     out_dir = os.environ.get("RECKONING_BENCH_TIMINGS")
     if not out_dir:
         return
-    import reckoning_ray.loop as loop
+    import reckoning_ray.core.loop as loop
 
     path = Path(out_dir) / f"{os.getpid()}.jsonl"
 
@@ -175,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     import ray
 
-    from reckoning_ray.config import load_config
+    from reckoning_ray.core.config import load_config
     from reckoning_ray.train import run
 
     print_header("Data-parallel scaling: Ray Train workers, seconds per epoch, all-reduce share")

@@ -3,7 +3,7 @@ configurations and seeds, and the model soups of each grid sweep against its bes
 
 For every seed in ``--seeds`` (``train.seed``: the embedded model's initial weights and the data
 order), the same grid of configurations runs three times through the project's sweep
-(``reckoning_ray.tune.run``), differing only in ``tune.scheduler``:
+(``reckoning_ray.on_ray.sweep.run``), differing only in ``tune.scheduler``:
 
     grid         none: every configuration runs all its validation rounds
     asha         asha: tune.grace_period, tune.reduction_factor (the preset's)
@@ -12,7 +12,7 @@ order), the same grid of configurations runs three times through the project's s
                  short trials that ASHA promotes extend themselves rung by rung (the others'
                  values differ from the grid's, whose schedule is the preset's)
 
-and then ``reckoning_ray.soup.make_soups`` averages the grid sweep's best checkpoints (uniform
+and then ``reckoning_ray.core.soup.make_soups`` averages the grid sweep's best checkpoints (uniform
 and greedy soups). Reported per seed and over all seeds:
 
 - compute: trial-validation rounds (every trial's metrics.jsonl, and the cooldown rounds an
@@ -96,8 +96,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def sweep(args: argparse.Namespace, strategy: str, seed: int, space: Path, root: Path) -> dict[str, Any]:
-    from reckoning_ray.config import load_config
-    from reckoning_ray.tune import local_dir, run
+    from reckoning_ray.core.config import load_config
+    from reckoning_ray.on_ray.sweep import local_dir, run
 
     extra = ["outer.schedule=wsd", "tune.extend=true", f"train.epochs={args.extend_epochs}"] \
         if strategy == "asha-extend" else []
@@ -116,7 +116,7 @@ def repeated(trial_dir: Path, cfg: Any) -> tuple[int, int]:
     """(validation rounds, optimizer steps) a wsd trial's extensions made twice: the earlier
     cooldowns they set aside (``metrics.cooldown-<planned steps>.jsonl``) and the steps from each
     cooldown's start to that plan's end, which the extension ran again at the constant rate."""
-    from reckoning_ray.schedules import LrSchedule
+    from reckoning_ray.core.schedules import LrSchedule
 
     plans = sorted(int(p.stem.rsplit("-", 1)[1]) for p in trial_dir.glob("metrics.cooldown-*.jsonl"))
     if not plans:
@@ -139,7 +139,7 @@ def compute(result: dict[str, Any], data: dict[tuple, dict[str, Any]]) -> dict[s
 
 
 def one_seed(args: argparse.Namespace, seed: int, space: Path, root: Path, keys: list[str]) -> dict[str, Any]:
-    from reckoning_ray.soup import make_soups
+    from reckoning_ray.core.soup import make_soups
 
     runs = {s: sweep(args, s, seed, space, root) for s in args.strategies}
     cfg = runs["grid"]["cfg"]

@@ -85,7 +85,7 @@ def same_weights(a: Path, b: Path) -> bool:
     import torch
     from safetensors.torch import load_file
 
-    from reckoning_ray.checkpoint import checkpoint_path
+    from reckoning_ray.core.checkpoint import checkpoint_path
 
     wa = load_file(str(checkpoint_path(a, "latest") / "model.safetensors"))
     wb = load_file(str(checkpoint_path(b, "latest") / "model.safetensors"))
@@ -93,7 +93,7 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    from reckoning_ray.checkpoint import read_record
+    from reckoning_ray.core.checkpoint import read_record
 
     n, n2 = args.steps, 2 * args.steps
     shutil.rmtree(Path(args.out).expanduser().resolve() / f"s{seed}", ignore_errors=True)

@@ -67,7 +67,7 @@ def submit(options: argparse.Namespace, tune_args: Sequence[str], environ: Mappi
     """Submit ``python cluster/submit_tune.py <tune_args>`` as a Ray job; returns the exit code."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from reckoning_ray.cluster import job_runtime_env
+    from reckoning_ray.ops.jobs import job_runtime_env
 
     runtime_env = job_runtime_env(environ, PROJECT_DIR)
     forwarded = sorted(runtime_env.get("env_vars", {}))
@@ -101,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
         return submit(options, tune_args)
 
     import reckoning_ray
-    from reckoning_ray.cluster import TUNE_MODULE, tune_argv
+    from reckoning_ray.ops.jobs import TUNE_MODULE, tune_argv
 
     args = tune_argv(tune_args, os.environ)
     # The editable install on the nodes points at ~/reckoning-ray (the cluster's file mount); a

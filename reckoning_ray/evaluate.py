@@ -14,123 +14,20 @@ run's ``summary.json`` (key ``"test"``) and to the run's W&B summary.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from omegaconf import DictConfig
-
-SPLITS = ("test", "validation")
-
-
-class Evaluator:
-    """A checkpoint's method with ``cfg``'s data and encoder, built once and evaluated on any
-    split; other weights can be loaded into it (``load``: the model soups)."""
-
-    def __init__(self, cfg: DictConfig, checkpoint: str | Path, device: Optional[Any] = None) -> None:
-        from .checkpoint import CheckpointError, is_checkpoint
-        from .loop import restore_method
-        from .train import prepare
-
-        checkpoint = Path(checkpoint)
-        if not is_checkpoint(checkpoint):
-            raise CheckpointError(f"{checkpoint} is not a checkpoint directory (expected config.json and "
-                                  "reckoning.json)")
-        self.cfg = cfg
-        self.method, _, self.encoder, self.splits = prepare(cfg, checkpoint)
-        restore_method(self.method, checkpoint, weights=False)  # prepare built the model from the checkpoint
-        if device is not None:
-            self.method.to(device)
-
-    def load(self, weights: dict[str, Any], meta_parameters: dict[str, Any]) -> None:
-        self.method.model.load_state_dict(weights)
-        self.method.load_extra_state(meta_parameters)
-
-    def evaluate(self, split: str = "test") -> dict[str, float]:
-        import torch
-
-        from .loop import evaluate_records
-
-        if split not in SPLITS:
-            raise ValueError(f"split={split!r} is invalid: choose one of {SPLITS}")
-        prefix = "test" if split == "test" else "val"
-        with torch.random.fork_rng():  # evaluation draws no randomness, but leave the caller's RNG alone
-            return evaluate_records(self.method, self.encoder, self.splits[split], self.cfg.train.batch_size,
-                                    self.cfg.outer.multi_task, prefix)
-
-
-def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, split: str = "test",
-                        device: Optional[Any] = None) -> dict[str, float]:
-    """Metrics of the checkpoint directory ``checkpoint`` (``reckoning_ray.checkpoint``) on
-    ``split`` of ``cfg``'s data, in this process.
-
-    The data is read with the run's own ``data`` config, so the split is the one the run was
-    trained beside. Keys: ``<split prefix>/label_accuracy``, ``.../hops_<k>``, ``answer_loss``,
-    ``recall`` (multi-task runs only), ``tasks``; the prefix is ``test`` or ``val``.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} is invalid: choose one of {SPLITS}")
-    return Evaluator(cfg, checkpoint, device).evaluate(split)
-
-
-def record_test(run_dir: str | Path, metrics: dict[str, float], checkpoint: str, writer: Any = None) -> dict:
-    """Write test ``metrics`` into ``run_dir/summary.json`` (key ``"test"``) and the run's W&B
-    summary; returns the updated summary.
-
-    ``writer``: the run's open :class:`~reckoning_ray.tracking.RunWriter`, or None to resume the
-    run's W&B run (same run id, offline unless configured online) just long enough to write it.
-    """
-    from .config import load_config
-    from .tracking import RunWriter, run_names
-
-    run_dir = Path(run_dir)
-    values = save_test(run_dir, metrics, checkpoint)
-    if writer is not None:
-        writer.summary(values)
-    else:
-        cfg = load_config(str(run_dir / "config.yaml"))
-        with RunWriter(cfg.tracking, run_dir, run_names(cfg)) as resumed:
-            resumed.summary(values)
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def save_test(run_dir: str | Path, metrics: dict[str, float], checkpoint: str) -> dict[str, Any]:
-    """Write test ``metrics`` into ``run_dir/summary.json`` (key ``"test"``); returns the values
-    for the run's W&B summary."""
-    path = Path(run_dir) / "summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else {}
-    summary["test"] = dict(metrics, checkpoint=checkpoint)
-    path.write_text(json.dumps(summary, indent=2))
-    return dict(metrics, **{"test/checkpoint": checkpoint})
-
-
-def test_run(run_dir: str | Path, checkpoint: str = "best", writer: Any = None,
-             device: Optional[Any] = None, record: bool = True) -> dict[str, float]:
-    """Evaluate the run's ``best`` (or ``latest``) checkpoint on the test split with the run's
-    saved config, record the metrics (:func:`record_test`; not with ``record=False``) and return them."""
-    from .checkpoint import resolve
-    from .config import load_config
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); pass "
-                                f"<train.output_dir>/<train.run_name> or a sweep's trials/<trial id>")
-    cfg = load_config(str(run_dir / "config.yaml"))
-    metrics = evaluate_checkpoint(cfg, resolve(run_dir, checkpoint), "test", device=device)
-    if record:
-        record_test(run_dir, metrics, checkpoint, writer=writer)
-    return metrics
-
-
-def format_metrics(metrics: dict[str, float]) -> str:
-    """One line: overall accuracy, per hop, recall, answer loss."""
-    prefix = next(iter(metrics)).split("/", 1)[0]
-    per_hop = " ".join(f"h{k.rsplit('_', 1)[1]}={v:.3f}" for k, v in metrics.items()
-                       if k.startswith(f"{prefix}/label_accuracy/hops_"))
-    recall = f" recall {metrics[prefix + '/recall']:.3f}" if f"{prefix}/recall" in metrics else ""
-    return (f"{prefix} label_accuracy {metrics[prefix + '/label_accuracy']:.3f} ({per_hop}){recall} "
-            f"answer_loss {metrics[prefix + '/answer_loss']:.4f} on {int(metrics[prefix + '/tasks'])} tasks")
+from reckoning_ray.core.checkpoint import resolve
+from reckoning_ray.core.config import ConfigError, load_config
+from reckoning_ray.core.data.errors import DataFormatError
+from reckoning_ray.core.evaluate import (
+    SPLITS,
+    evaluate_checkpoint,
+    evaluate_run,
+    format_metrics,
+)
+from reckoning_ray.tracking.writer import record_test
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -147,14 +44,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="which checkpoint of the run (default: best, the one chosen on validation)")
     parser.add_argument("--split", default="test", choices=SPLITS, help="split to evaluate (default: test)")
     args = parser.parse_args(argv)
-    from .checkpoint import resolve
-    from .config import ConfigError, load_config
-    from .data import DataFormatError
 
     run_dir = Path(args.run_dir)
     try:
         if args.split == "test":
-            metrics = test_run(run_dir, args.checkpoint)
+            metrics = evaluate_run(run_dir, args.checkpoint)
+            record_test(run_dir, metrics, args.checkpoint)
         else:
             if not (run_dir / "config.yaml").is_file():
                 raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")

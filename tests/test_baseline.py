@@ -9,14 +9,15 @@ import time
 import pytest
 import torch
 
-from one_fact import ONE_FACT
-from reckoning_ray.baseline import InContextMethod, build_method, build_method_from_settings
-from reckoning_ray.bilevel import BilevelError, ReckoningMethod
-from reckoning_ray.config import load_config
-from reckoning_ray.data.encode import Encoder
-from reckoning_ray.data.schema import make_record
-from reckoning_ray.metrics import summarize
-from reckoning_ray.modeling import load_model_and_tokenizer
+from conftest import ONE_FACT
+from reckoning_ray.core.baseline import InContextMethod, build_method, build_method_from_settings
+from reckoning_ray.core.bilevel.lm import BilevelError
+from reckoning_ray.core.bilevel.method import ReckoningMethod
+from reckoning_ray.core.config import load_config
+from reckoning_ray.core.data.encode import Encoder
+from reckoning_ray.core.data.schema import make_record
+from reckoning_ray.core.metrics import summarize
+from reckoning_ray.core.modeling import load_model_and_tokenizer
 
 RECORDS = [
     make_record(id=f"t{i}", family="proofwriter", source="generated", knowledge=knowledge, facts=knowledge[:1],
@@ -138,7 +139,7 @@ def test_build_method_dispatches_on_train_method():
 @pytest.mark.slow
 def test_fine_tuned_in_context_reasoning_learns_generated_tasks():
     """Same setting as RECKONING's end-to-end test: FT-ICR reads the fact in its prompt."""
-    from reckoning_ray.data.generate import generate_splits
+    from reckoning_ray.core.data.generate import generate_splits
 
     cfg = load_config("embedded", ["train.method=icr", "data.num_train=512", "data.num_validation=128", *ONE_FACT])
     splits = generate_splits(cfg.data)

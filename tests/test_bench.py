@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BENCH, load_bench
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 SCRIPTS = sorted(p for p in BENCH.glob("*.py") if p.stem not in ("common", "references"))
 
 
@@ -22,17 +22,6 @@ def _bench_extra_installed() -> bool:
 needs_bench_extra = pytest.mark.skipif(
     not _bench_extra_installed(), reason="higher / torchopt missing: pip install -e .[bench]"
 )
-
-
-def load(name: str):
-    """Import bench/<name>.py as a module (the benchmarks are scripts, not a package)."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_benchmark_answers_help():
@@ -69,17 +58,17 @@ def test_gpu_script_calls_only_flags_and_implementations_that_exist():
     calls = gpu_script_commands()
     assert {name for name, _ in calls} == {"bilevel_step", "memory_modes"}
     for name, argv in calls:
-        args = load(name).parse_args(argv)
+        args = load_bench(name).parse_args(argv)
         assert args.device == "cuda" and "gpt2" in args.models
         if name == "bilevel_step":
-            cases = load(name).cases(args)
+            cases = load_bench(name).cases(args)
             assert {c.tasks for c in cases} == {1, 2, 8} and {c.inner_steps for c in cases} == {4}
             assert set(args.impls) == {"fused", "higher"}
 
 
 @pytest.fixture(scope="module")
 def bilevel_step():
-    return load("bilevel_step")
+    return load_bench("bilevel_step")
 
 
 @needs_bench_extra
@@ -118,7 +107,7 @@ def test_relative_error_flags_non_finite(bilevel_step):
 
 
 def test_memory_modes_refuse_an_option_that_changes_the_meta_gradient(capsys):
-    memory_modes = load("memory_modes")
+    memory_modes = load_bench("memory_modes")
     # A mode that claims the default's gradient but computes the first-order one.
     memory_modes.MODES["wrong"] = ("fused", ["inner.first_order=true"], "same")
     try:
@@ -136,7 +125,7 @@ def test_memory_modes_refuse_an_option_that_changes_the_meta_gradient(capsys):
 
 
 def test_encode_once_refuses_when_a_question_carries_other_knowledge(monkeypatch, capsys):
-    encode_once = load("encode_once")
+    encode_once = load_bench("encode_once")
     original = encode_once.shared_knowledge_records
 
     def one_differs(num_facts, num_questions, seed=0):
@@ -154,7 +143,7 @@ def test_encode_once_refuses_when_a_question_carries_other_knowledge(monkeypatch
 
 
 def test_scaling_refuses_worker_counts_that_trained_different_models(capsys):
-    scaling = load("scaling")
+    scaling = load_bench("scaling")
     one = [{"step": 16, "val/answer_loss": 1.2237, "train/loss": 1.8783},
            {"step": 32, "val/answer_loss": 0.9127, "train/loss": 1.0281}]
     same = [dict(r, **{"val/answer_loss": r["val/answer_loss"] * (1 + 1e-7)}) for r in one]

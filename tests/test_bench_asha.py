@@ -3,31 +3,16 @@ and a tiny real comparison (two configurations, two rounds) gives consistent cou
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def load(name: str):
-    """bench/<name>.py imported as a module (the benchmarks are scripts, not a package)."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return load("asha_vs_grid")
+    return load_bench("asha_vs_grid")
 
 
 def sweep_of(histories: dict[tuple, list[float]], metric: str = "val/answer_loss") -> dict[tuple, dict]:
@@ -109,9 +94,9 @@ def test_tiny_comparison_counts_rounds_and_ranks_every_configuration(bench, tmp_
 def test_sweep_strategies_counts_what_extensions_computed_twice(tmp_path):
     # an asha-extend trial planned for 32 steps, extended to 96 and then to 128 (cooldown 0.2 of
     # each plan: from step 26, then from step 77): the two earlier cooldowns ran and were redone
-    from reckoning_ray.config import load_config
+    from reckoning_ray.core.config import load_config
 
-    strategies = load("sweep_strategies")
+    strategies = load_bench("sweep_strategies")
     cfg = load_config("embedded", ["outer.schedule=wsd", "outer.cooldown_fraction=0.2", "outer.warmup_ratio=0"])
     assert strategies.repeated(tmp_path, cfg) == (0, 0)
     (tmp_path / "metrics.cooldown-000032.jsonl").write_text('{"round": 2, "step": 32}\n')

@@ -14,25 +14,18 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from one_fact import ONE_FACT
-from reckoning_ray.baseline import build_method, build_method_from_settings
-from reckoning_ray.bilevel import (
-    AdamWState,
-    BilevelError,
-    ReckoningMethod,
-    adamw_step,
-    fused_adamw_step,
-    causal_lm_logits,
-    position_ids_from_mask,
-    sgd_step,
-    trainable,
-)
-from reckoning_ray.bilevel.fused import FastWeights
-from reckoning_ray.config import group, load_config
-from reckoning_ray.data.encode import Encoder
-from reckoning_ray.data.schema import make_record
-from reckoning_ray.metrics import summarize
-from reckoning_ray.modeling import load_model_and_tokenizer
+from conftest import ONE_FACT
+from reckoning_ray.core.baseline import build_method, build_method_from_settings
+from reckoning_ray.core.bilevel.reference import AdamWState, adamw_step, sgd_step
+from reckoning_ray.core.bilevel.lm import BilevelError, causal_lm_logits, position_ids_from_mask, trainable
+from reckoning_ray.core.bilevel.method import ReckoningMethod
+from reckoning_ray.core.bilevel.fused_step import fused_adamw_step
+from reckoning_ray.core.bilevel.fused import FastWeights
+from reckoning_ray.core.config import group, load_config
+from reckoning_ray.core.data.encode import Encoder
+from reckoning_ray.core.data.schema import make_record
+from reckoning_ray.core.metrics import summarize
+from reckoning_ray.core.modeling import load_model_and_tokenizer
 
 NAMES = ["bob", "anne", "carl", "dave", "erin"]
 
@@ -631,7 +624,7 @@ def test_checkpoint_with_dropout_redraws_the_forward_masks_and_keeps_the_meta_gr
     # Without the restore the recomputed steps draw other masks: another (wrong) meta-gradient.
     from contextlib import nullcontext
 
-    from reckoning_ray.bilevel import fused
+    from reckoning_ray.core.bilevel import fused
 
     monkeypatch.setattr(fused, "_rng_restored", lambda saved: nullcontext())
     _, g_wrong = seeded_step(method, batch, seed=3)
@@ -706,7 +699,7 @@ def json_free(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def train_briefly(method_name: str, steps: int, seed: int = 0):
     """Embedded preset on generated one-fact yes/no tasks (8 names x 8 adjectives, held-out
     question pairs), outer AdamW 1e-3 (learned rates 1e-2), batch 32, 1 inner SGD step from 0.1."""
-    from reckoning_ray.data.generate import generate_splits
+    from reckoning_ray.core.data.generate import generate_splits
 
     cfg = load_config("embedded", [f"train.method={method_name}", "data.num_train=512", "data.num_validation=128",
                                    *ONE_FACT])

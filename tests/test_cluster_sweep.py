@@ -14,7 +14,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -23,10 +22,11 @@ from typing import Any, Dict, List
 import pytest
 import yaml
 
-from one_fact import ONE_FACT
-from reckoning_ray import cluster as rc
-from reckoning_ray.config import AUTO_NODE_TYPE
-from reckoning_ray.train import AUTOSCALER_CONFIG_ENV
+from conftest import ONE_FACT, sweep_command
+from reckoning_ray.ops import checks as rc
+from reckoning_ray.ops import fake_cluster as fc
+from reckoning_ray.core.config import AUTO_NODE_TYPE
+from reckoning_ray.on_ray.trainer import AUTOSCALER_CONFIG_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 A100_YAML = REPO / "cluster" / "a100.yaml"
@@ -49,16 +49,13 @@ def _asked_resources(required: Dict[str, float]) -> Dict[str, float]:
 
 def _sweep_command(space: Path, storage: Path) -> List[str]:
     """The sweep: the paper's method grid and placement, on the embedded tiny model."""
-    return [
-        sys.executable, "-m", "reckoning_ray.tune", "embedded", f"space={space}",
-        "resources.node_type=auto", "tune.num_samples=1", "tune.max_concurrent=2",
-        f"tune.storage_path={storage}", f"tune.name={SWEEP}",
-        "data.num_train=64", "data.num_validation=32", "train.epochs=1", "train.patience=0",
+    return sweep_command(
+        space, storage, SWEEP, "resources.node_type=auto", "tune.max_concurrent=2",
         # curve stopping judges from the 4th round on: with 2 rounds it stops nothing, and the
         # sweep runs its scheduler on the cluster (ASHA runs in the other sweep tests)
         "tracking.mode=disabled", "tune.grace_period=1", "tune.max_rounds=2", "tune.scheduler=curve",
         *ONE_FACT,  # placement is under test, not learning
-    ]
+    )
 
 
 def _train_runs(dashboard_url: str, expected: int, timeout_s: float = 30.0) -> List[Dict[str, Any]]:
@@ -89,7 +86,7 @@ def test_paper_sweep_places_reckoning_on_a100_and_icr_on_rtx3090(tmp_path: Path,
     t0 = time.time()
     # Ray Train keeps its run / worker records only with state tracking on, in the processes
     # that build the trainers (the trials): the cluster's environment reaches every worker.
-    with rc.fake_cluster(A100_YAML, cpus_per_node=1, max_workers_per_type=1,
+    with fc.fake_cluster(A100_YAML, cpus_per_node=1, max_workers_per_type=1,
                          env={"RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "RAY_AUTH_MODE": "disabled"}) as cluster:
         cluster_s = time.time() - t0
         autoscaler_yaml = tmp_path / "autoscaler.yaml"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from reckoning_ray.config import (
+from reckoning_ray.core.config import (
     Config,
     ConfigError,
     available_presets,
@@ -16,7 +16,7 @@ from reckoning_ray.config import (
     save_config,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as SHARED
 PROOFWRITER = SHARED / "proofwriter-owa-natlang-dev.jsonl"
 
 
@@ -182,8 +182,8 @@ def test_a_fresh_run_gets_a_fresh_directory_and_a_rerun_with_another_config_is_r
     """Runs never mix: without train.run_name every run has its own directory; continuing a run
     (its name, or --resume) with a changed config names the keys; epochs, patience, max_steps,
     resources and tracking may change."""
-    from reckoning_ray.config import save_config
-    from reckoning_ray.train import run_dir_for
+    from reckoning_ray.core.config import save_config
+    from reckoning_ray.core.runs import run_dir_for
 
     base = [f"train.output_dir={tmp_path}"]
     first = run_dir_for(load_config("embedded", base))
@@ -204,3 +204,51 @@ def test_a_fresh_run_gets_a_fresh_directory_and_a_rerun_with_another_config_is_r
     assert run_dir_for(load_config("embedded", base), resume=str(first)) == first
     with pytest.raises(ConfigError, match="no run there"):
         run_dir_for(load_config("embedded", base), resume="nope")
+
+
+def _config_dataclasses(cls=Config, prefix=""):
+    """(group prefix, dataclass) of the schema and every config group in it."""
+    import dataclasses
+    import typing
+
+    yield prefix, cls
+    for f in dataclasses.fields(cls):
+        kind = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from _config_dataclasses(kind, f"{prefix}{f.name}.")
+
+
+def test_every_config_field_is_documented_in_the_schema():
+    """Each key's documentation lives in the schema (``doc(default, text)``: the field's
+    metadata["doc"]), where --help-config reads it: a new key without one fails here."""
+    import dataclasses
+
+    undocumented = [f"{prefix}{f.name}" for prefix, cls in _config_dataclasses()
+                    for f in dataclasses.fields(cls) if not str(f.metadata.get("doc", "")).strip()]
+    assert not undocumented, f"document these keys with doc(default, text) in core/config.py: {undocumented}"
+
+
+def test_each_metric_has_one_direction_and_tune_mode_must_agree_with_tune_metric():
+    from reckoning_ray.core.config import METRIC_MODES, METRICS, metric_mode
+
+    assert set(METRICS) == set(METRIC_MODES)
+    assert metric_mode("val/label_accuracy") == "max" and metric_mode("val/answer_loss") == "min"
+    with pytest.raises(ConfigError, match="val/label_loss.*val/answer_loss"):
+        metric_mode("val/label_loss")
+    # the embedded preset sweeps on val/answer_loss (min); the schema default is label accuracy (max)
+    assert load_config(None, ["tune.metric=val/label_accuracy", "tune.mode=max"]).tune.mode == "max"
+    for overrides, fix in [(["tune.metric=val/label_accuracy"], "tune.mode=max"),
+                           (["tune.metric=val/answer_loss", "tune.mode=max"], "tune.mode=min")]:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, overrides)
+        message = str(info.value)
+        assert "tune.mode" in message and "tune.metric" in message and fix in message, message
+
+
+def test_the_training_loop_and_the_run_summary_take_the_metric_direction_from_the_config():
+    from reckoning_ray.core import loop
+    from reckoning_ray.core.config import metric_mode
+    from reckoning_ray.tracking import writer
+
+    assert loop.metric_mode is metric_mode and writer.metric_mode is metric_mode
+    assert not hasattr(writer, "METRIC_MODES")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from ray.tune.schedulers import TrialScheduler
 
-from reckoning_ray.curve import CurveStopping, fit, probability_to_beat
-from reckoning_ray.tune import ResumableCurve, build_scheduler
+from reckoning_ray.on_ray.curve import CurveStopping, fit, probability_to_beat
+from reckoning_ray.on_ray.schedulers import ResumableCurve, build_trial_scheduler
 
 ROUNDS = 10
 
@@ -73,16 +73,16 @@ def test_accuracy_curves_and_top_k():
 def test_the_sweep_builds_it_and_it_survives_a_resume(tmp_path):
     from omegaconf import OmegaConf
 
-    from reckoning_ray.config import load_config
+    from reckoning_ray.core.config import load_config
 
     cfg = load_config("embedded")
     OmegaConf.update(cfg, "tune.scheduler", "curve")
-    scheduler = build_scheduler(cfg, str(tmp_path))
+    scheduler = build_trial_scheduler(cfg, str(tmp_path))
     assert isinstance(scheduler, ResumableCurve)
     scheduler.set_search_properties("val/label_accuracy", "max")
     _feed(scheduler, "a", [0.1 * t for t in range(1, 5)], "val/label_accuracy")
     assert (tmp_path / "curve_state.pkl").is_file()
-    restored = pickle.loads(pickle.dumps(build_scheduler(cfg, str(tmp_path))))  # as Tune rebuilds it
+    restored = pickle.loads(pickle.dumps(build_trial_scheduler(cfg, str(tmp_path))))  # as Tune rebuilds it
     restored.set_search_properties("val/label_accuracy", "max")
     restored.on_trial_add(None, SimpleNamespace(trial_id="b"))
     assert len(restored._curves["a"]) == 4

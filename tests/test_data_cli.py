@@ -8,15 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from reckoning_ray.config import DataConfig
-from reckoning_ray.data.__main__ import data_config_from_spec, main
-from reckoning_ray.data.generate import generate_splits
-from reckoning_ray.data.sources import load_splits
+from conftest import CLUTRR_TEST, PROOFWRITER_DEV
+from reckoning_ray.core.config import DataConfig
+from reckoning_ray.data import data_config_from_spec, main
+from reckoning_ray.core.data.generate import generate_splits
+from reckoning_ray.core.data.sources import load_splits
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-PROOFWRITER = SHARED / "proofwriter-owa-natlang-dev.jsonl"
-CLUTRR = SHARED / "clutrr-gen_train23_test2to10-test.csv"
+PROOFWRITER = PROOFWRITER_DEV
+CLUTRR = CLUTRR_TEST
 
 
 def row(text: str, first: str) -> list[str]:
@@ -131,7 +131,7 @@ def test_module_entry_point_help_and_exit_code(tmp_path):
 def test_stats_with_selection_paper_prints_the_tables_before_and_after(capsys):
     from collections import Counter
 
-    from reckoning_ray.data.sources import read_proofwriter_file
+    from reckoning_ray.core.data.proofwriter import read_proofwriter_file
 
     assert main(["stats", str(PROOFWRITER), "selection=paper"]) == 0
     out = capsys.readouterr().out

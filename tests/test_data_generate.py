@@ -8,15 +8,11 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from reckoning_ray.config import DataConfig
-from reckoning_ray.data.generate import (
-    CLUTRR_RELATIONS,
-    PW_ATTRIBUTES,
-    PW_ENTITIES,
-    generate_splits,
-    solve_clutrr,
-    solve_proofwriter,
-)
+from reckoning_ray.core.config import DataConfig
+from reckoning_ray.core.data.generate import generate_splits
+from reckoning_ray.core.data.generate_proofwriter import PW_ATTRIBUTES, PW_ENTITIES
+from reckoning_ray.core.data.relations import CLUTRR_RELATIONS
+from reckoning_ray.core.data.solvers import solve_clutrr, solve_proofwriter
 
 SPLITS = ("train", "validation", "test")
 

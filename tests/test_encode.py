@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
-from reckoning_ray.data.encode import (
+from reckoning_ray.core.data.encode import (
     IGNORE_INDEX,
     METHODS,
     EncodeError,
@@ -21,8 +21,8 @@ from reckoning_ray.data.encode import (
     split_facts,
     target_text,
 )
-from reckoning_ray.data.schema import make_record
-from reckoning_ray.modeling import build_tokenizer
+from reckoning_ray.core.data.schema import make_record
+from reckoning_ray.core.modeling import build_tokenizer
 
 PW = make_record(
     id="pw-0",

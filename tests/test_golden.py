@@ -13,13 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from reckoning_ray.predict import ReckoningModel
+from reckoning_ray.core.config import load_config
+from reckoning_ray.core.data.sources import load_splits
+from reckoning_ray.core.predict import ReckoningModel
 from reckoning_ray.predict import main as predict_main
 from reckoning_ray.train import main as train_main
 
-STEPS = 8
+# 12 steps: the label accuracy leaves 0 (no label generated) for the majority share at step 6 and the
+# fact recall leaves 0 at step 8, so the stored accuracies and recalls guard the answers, not only
+# the losses
+STEPS = 12
 RUN = [
-    # 256 tasks in steps of 32 (the preset's batch): 8 steps, a validation after every 2nd
+    # 256 tasks in steps of 32 (the preset's batch): 8 steps an epoch, a validation after every 2nd
     "embedded", "resources.num_workers=0", f"train.max_steps={STEPS}", "train.validations_per_epoch=4",
     "data.num_train=256", "data.num_validation=32", "data.num_test=32", "eval.max_tasks=32",
     "tracking.mode=offline", "train.patience=0",
@@ -27,12 +32,15 @@ RUN = [
 # (step, val/answer_loss, val/label_accuracy, val/recall, train/loss) of every validation, and the
 # test metrics of the best checkpoint; float32 on a CPU, 1 thread (tests/conftest.py)
 GOLDEN = [
-    (2, 2.875439926981926, 0.0, 0.0, 3.1266112327575684),
-    (4, 2.465342715382576, 0.0, 0.0, 2.7529574632644653),
-    (6, 2.271462917327881, 0.0, 0.0, 2.4263312816619873),
-    (8, 2.1736706271767616, 0.03125, 0.0, 2.2650136947631836),
+    (2, 2.880955293774605, 0.0, 0.0, 3.1266112327575684),
+    (4, 2.440778285264969, 0.0, 0.0, 2.754088282585144),
+    (6, 2.179234839975834, 0.21875, 0.0, 2.3894020318984985),
+    (8, 1.984437558799982, 0.34375, 0.041666666666666664, 2.1512551307678223),
+    (10, 1.878898274153471, 0.34375, 0.07291666666666667, 1.9850894808769226),
+    (12, 1.8330468460917473, 0.375, 0.09375, 1.871581256389618),
 ]
-GOLDEN_TEST = {"test/label_accuracy": 0.0, "test/answer_loss": 2.1926039159297943}
+GOLDEN_TEST = {"test/label_accuracy": 0.28125, "test/answer_loss": 1.8565682098269463,
+               "test/recall": 0.041666666666666664}
 
 
 def _rows(run_dir: Path) -> list[tuple]:
@@ -45,7 +53,7 @@ def _check(rows: list[tuple], golden: list[tuple]) -> None:
     for row, gold in zip(rows, golden):
         assert row[1] == pytest.approx(gold[1], rel=1e-4), row
         assert row[2] == pytest.approx(gold[2], abs=1.5 / 32), row  # at most one task flips
-        assert row[3] == pytest.approx(gold[3], abs=0.02), row
+        assert row[3] == pytest.approx(gold[3], abs=0.02), row  # one task's recalled facts change it more
         assert row[4] == pytest.approx(gold[4], rel=1e-4), row
 
 
@@ -71,6 +79,7 @@ def test_embedded_steps_give_the_stored_values(golden_run):
     _check(rows, GOLDEN)
     assert test["test/answer_loss"] == pytest.approx(GOLDEN_TEST["test/answer_loss"], rel=1e-4)
     assert test["test/label_accuracy"] == pytest.approx(GOLDEN_TEST["test/label_accuracy"], abs=1.5 / 32)
+    assert test["test/recall"] == pytest.approx(GOLDEN_TEST["test/recall"], abs=0.02)
     # the W&B writer logged every validation once, and the record says where
     record = json.loads((run_dir / "wandb_run.json").read_text())
     assert record["steps"] == [r[0] for r in rows] and record["summary"]["test/tasks"] == 32.0
@@ -95,14 +104,16 @@ def test_an_interrupted_run_resumes_to_the_stored_tail(golden_run, tmp_path, mon
 
 def test_predict_answers_from_the_best_checkpoint(golden_run, tmp_path, capsys):
     run_dir = golden_run / "full"
+    # a task of the run's own validation split: after 12 steps the model answers in its vocabulary
+    task = load_splits(load_config(str(run_dir / "config.yaml")).data)["validation"][0]
     facts = tmp_path / "facts.txt"
-    facts.write_text("# a theory\nAnne is red.\nIf someone is red then they are big.\n")
-    code = predict_main([str(run_dir), "--knowledge", str(facts), "--question", "Anne is big.", "--recall"])
+    facts.write_text("# a theory\n" + "\n".join(task["knowledge"]) + "\n")
+    code = predict_main([str(run_dir), "--knowledge", str(facts), "--question", task["question"], "--recall"])
     out = capsys.readouterr().out.splitlines()
     assert code == 0
     model = ReckoningModel.from_pretrained(run_dir)
-    answer = model.answer(["Anne is red.", "If someone is red then they are big."], "Anne is big.")
-    assert out[0] == answer.label and answer.label  # the command prints what the Python API answers
+    answer = model.answer(task["knowledge"], task["question"])
+    assert out[0] == answer.label and answer.label in ("yes", "no", "none")  # the command prints what the API answers
     assert [line.strip() for line in out[1:]] == [f"recalled: {f}" for f in answer.facts]
     assert model.family == "proofwriter" and model.inner_steps == 1
     # a bad path: one line naming what to pass, exit 2

@@ -10,17 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from reckoning_ray.checkpoint import checkpoint_path
-from reckoning_ray.config import group, load_config, save_config
-from reckoning_ray.loop import (
-    Hooks,
-    Loop,
-    allreduce_gradients,
-    global_step_tasks,
-    shard,
-    validation_points,
-)
-from reckoning_ray.train import prepare
+from reckoning_ray.core.checkpoint import checkpoint_path
+from reckoning_ray.core.config import group, load_config, save_config
+from reckoning_ray.core.loop import Hooks, Loop, allreduce_gradients, global_step_tasks, shard
+from reckoning_ray.core.plan import validation_points
+from reckoning_ray.core.runs import prepare
 
 SMALL = [
     "data.num_train=96", "data.num_validation=32", "data.num_test=8",

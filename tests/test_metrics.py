@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from reckoning_ray.metrics import fact_recall, label_accuracy, normalize_label, summarize
+from reckoning_ray.core.metrics import fact_recall, label_accuracy, summarize
+from reckoning_ray.core.data.encode import normalize_label
 
 
 def test_label_accuracy_is_normalised_exact_match():

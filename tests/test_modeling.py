@@ -9,12 +9,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from reckoning_ray import modeling
-from reckoning_ray.config import ModelConfig
-from reckoning_ray.hub import hub_reachable
-from reckoning_ray.data.encode import Encoder
-from reckoning_ray.data.schema import make_record
-from reckoning_ray.modeling import (
+from reckoning_ray.core import modeling
+from reckoning_ray.core.config import ModelConfig
+from reckoning_ray.core.hub import hub_reachable
+from reckoning_ray.core.data.encode import Encoder
+from reckoning_ray.core.data.schema import make_record
+from reckoning_ray.core.modeling import (
     ModelLoadError,
     attention_implementation,
     build_tokenizer,

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from one_fact import ONE_FACT
+from conftest import ONE_FACT, sweep_command
 from s3_server import create_bucket, download, s3_server
 from wandb_files import read_offline_run_merged
-from reckoning_ray import cluster as rc
-from reckoning_ray.storage import CACHE_ENV
-from reckoning_ray.train import AUTOSCALER_CONFIG_ENV
+from reckoning_ray.ops import fake_cluster as fc
+from reckoning_ray.core.storage import CACHE_ENV
+from reckoning_ray.on_ray.trainer import AUTOSCALER_CONFIG_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 A100_YAML = REPO / "cluster" / "a100.yaml"
@@ -35,12 +35,8 @@ STORAGE = "s3://results/sweeps"
 
 def _command(space: Path) -> list[str]:
     # resources.node_type=auto: RECKONING trains on an a100 node, not on the head where the driver runs
-    return [
-        sys.executable, "-m", "reckoning_ray.tune", "embedded", f"space={space}", "resources.node_type=auto",
-        f"tune.storage_path={STORAGE}", f"tune.name={SWEEP}", "tune.num_samples=1", "tune.max_concurrent=1",
-        "tune.grace_period=1", "tune.max_rounds=2", "data.num_train=64", "data.num_validation=32",
-        "train.epochs=1", "train.patience=0", "tracking.mode=offline", *ONE_FACT,
-    ]
+    return sweep_command(space, STORAGE, SWEEP, "resources.node_type=auto", "tune.max_concurrent=1",
+                         "tune.grace_period=1", "tune.max_rounds=2", "tracking.mode=offline", *ONE_FACT)
 
 
 def _bucket_files(s3env: dict, prefix: str) -> list[str]:
@@ -63,7 +59,7 @@ def test_interrupted_sweep_resumes_from_the_bucket_alone(tmp_path: Path, monkeyp
         create_bucket(s3env, "results")
         cluster_env = {**s3env, CACHE_ENV: str(node_cache), "RAY_AUTH_MODE": "disabled"}
 
-        def driver_env(cluster: rc.FakeCluster, cache: Path) -> dict:
+        def driver_env(cluster: fc.FakeCluster, cache: Path) -> dict:
             autoscaler_yaml = tmp_path / "autoscaler.yaml"
             autoscaler_yaml.write_text(yaml.safe_dump(cluster.config))
             env = dict(os.environ, **s3env, RAY_ADDRESS=cluster.address, PYTHONPATH=str(REPO))
@@ -72,7 +68,7 @@ def test_interrupted_sweep_resumes_from_the_bucket_alone(tmp_path: Path, monkeyp
             return env
 
         # 1. the sweep, interrupted once its first trial has stored its final summary
-        with rc.fake_cluster(A100_YAML, cpus_per_node=1, max_workers_per_type=1, env=cluster_env) as cluster:
+        with fc.fake_cluster(A100_YAML, cpus_per_node=1, max_workers_per_type=1, env=cluster_env) as cluster:
             ray_temp = cluster.temp_dir
             log = open(tmp_path / "first.log", "w")
             proc = subprocess.Popen(_command(space), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
@@ -94,7 +90,7 @@ def test_interrupted_sweep_resumes_from_the_bucket_alone(tmp_path: Path, monkeyp
         assert any(p.endswith("/sweep_config.yaml") for p in stored), stored
 
         # 2. a fresh driver on a new cluster resumes it from the bucket
-        with rc.fake_cluster(A100_YAML, cpus_per_node=1, max_workers_per_type=1, env=cluster_env) as cluster:
+        with fc.fake_cluster(A100_YAML, cpus_per_node=1, max_workers_per_type=1, env=cluster_env) as cluster:
             resumed = subprocess.run(_command(space) + ["--resume"], capture_output=True, text=True, cwd=tmp_path,
                                      env=driver_env(cluster, tmp_path / "driver-cache-2"), timeout=400)
         assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
@@ -114,7 +110,7 @@ def test_interrupted_sweep_resumes_from_the_bucket_alone(tmp_path: Path, monkeyp
         assert best_config["inner"]["lr_init"] == best_row["inner.lr_init"]
         assert (got / "sweep_config.yaml").is_file() and (got / "asha_state.pkl").is_file()
 
-        from reckoning_ray.checkpoint import load_pretrained, read_record
+        from reckoning_ray.core.checkpoint import load_pretrained, read_record
 
         for r in rows:
             run_dir = got / "trials" / r["trial"]

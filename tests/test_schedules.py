@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from one_fact import ONE_FACT
-from reckoning_ray.checkpoint import checkpoint_path, read_record
-from reckoning_ray.schedules import LrSchedule
+from conftest import ONE_FACT
+from reckoning_ray.core.checkpoint import checkpoint_path, read_record
+from reckoning_ray.core.schedules import LrSchedule
 from reckoning_ray.train import main as train_main
 
 
@@ -87,8 +87,8 @@ def test_extend_to_refuses_runs_that_cannot_extend(tmp_path, capsys):
 
 
 def test_validation_rounds_and_steps_agree_with_the_planned_validations():
-    from reckoning_ray.config import TrainConfig
-    from reckoning_ray.loop import planned_validations, steps_for_validations, validations_through
+    from reckoning_ray.core.config import TrainConfig
+    from reckoning_ray.core.plan import planned_validations, steps_for_validations, validations_through
 
     for tasks, batch, per_epoch in [(64, 8, 2), (100, 16, 3), (10, 4, 1), (30, 4, 4)]:
         train = TrainConfig(batch_size=batch, grad_accum=1, validations_per_epoch=per_epoch, epochs=50)
@@ -104,9 +104,10 @@ def test_validation_rounds_and_steps_agree_with_the_planned_validations():
 def test_an_extended_run_knows_which_rounds_its_hosts_heard_already(tmp_path):
     # Ray Tune and W&B take increasing rounds only: the rounds the extension repeats (after the
     # cooldown's start, up to the earlier end) are the ones they heard of
-    from reckoning_ray.config import load_config
-    from reckoning_ray.loop import Hooks
-    from reckoning_ray.train import build_loop, extend
+    from reckoning_ray.core.config import load_config
+    from reckoning_ray.core.loop import Hooks
+    from reckoning_ray.core.runs import build_loop
+    from reckoning_ray.on_ray.trainer import extend
 
     assert train_main(RUN + ["train.max_steps=8", "train.batch_size=16", f"train.output_dir={tmp_path}",
                              "train.run_name=r"]) == 0

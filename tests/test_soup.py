@@ -1,4 +1,4 @@
-"""Model soups of a sweep (reckoning_ray.soup): the mechanics on real checkpoints of one training
+"""Model soups of a sweep (reckoning_ray.core.soup): the mechanics on real checkpoints of one training
 run. The sweep directory holds copies of that run as trials: two identical ones, one whose weights
 were spoiled with noise, and one whose config starts elsewhere (another train.seed)."""
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from one_fact import ONE_FACT
-from reckoning_ray.checkpoint import checkpoint_path, load_pretrained
-from reckoning_ray.soup import average, greedy, load_tensors
+from conftest import ONE_FACT
+from reckoning_ray.core.checkpoint import checkpoint_path, load_pretrained
+from reckoning_ray.core.soup import average, greedy, load_tensors
 from reckoning_ray.tune import main as tune_main
 from reckoning_ray.train import main as train_main
 

@@ -1,4 +1,4 @@
-"""The storage mirrors (reckoning_ray.storage) on a real S3-compatible server and on file:// URIs:
+"""The storage mirrors (reckoning_ray.core.storage) on a real S3-compatible server and on file:// URIs:
 what a push uploads, deletes and skips, what a pull fetches, and which copy of a run directory wins."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from s3_server import create_bucket, s3_server
-from reckoning_ray.storage import Mirror, RunMirror, StorageError, SweepStore, cache_root, pull_checkpoint
+from reckoning_ray.core.storage import Mirror, RunMirror, StorageError, SweepStore, cache_root, pull_checkpoint
 
 
 def _run_dir(path: Path, latest: int, best: int) -> Path:

@@ -16,9 +16,9 @@ import pytest
 import torch
 import wandb
 
-from reckoning_ray import tracking
-from reckoning_ray.config import ConfigError, flatten, load_config
-from reckoning_ray.tracking import (
+from reckoning_ray.tracking import writer as tracking
+from reckoning_ray.core.config import ConfigError, flatten, load_config
+from reckoning_ray.tracking.writer import (
     RunWriter,
     Tracker,
     looks_secret,
@@ -31,7 +31,7 @@ from wandb_files import find_offline_runs, read_offline_run, read_offline_run_me
 
 # A syntactically valid (40+ characters) but fake W&B API key.
 FAKE_KEY = "0123abcd" * 5
-LOGGER = "reckoning_ray.tracking"
+LOGGER = "reckoning_ray.tracking.writer"
 
 
 def _isolate_wandb(mp: pytest.MonkeyPatch, root: Path) -> None:

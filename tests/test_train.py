@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from one_fact import ONE_FACT
-from reckoning_ray.checkpoint import checkpoint_path
-from reckoning_ray.config import load_config
+from conftest import ONE_FACT, PROOFWRITER_DEV
+from reckoning_ray.core.checkpoint import checkpoint_path
+from reckoning_ray.core.config import load_config
 from reckoning_ray.train import main, run
 
 pytestmark = pytest.mark.slow
@@ -91,7 +91,7 @@ def test_evaluate_command_reproduces_the_recorded_test_metrics(reference, capsys
     assert "not a run directory" in capsys.readouterr().err
 
 
-PROOFWRITER = Path(__file__).resolve().parents[2] / "shared" / "data" / "proofwriter-owa-natlang-dev.jsonl"
+PROOFWRITER = PROOFWRITER_DEV
 TINY_PAPER = [
     f"data.path={PROOFWRITER}", "model.name_or_path=embedded", "model.n_positions=512", "model.dtype=float32",
     "resources.use_gpu=false", "resources.cpus_per_worker=1", "resources.max_failures=0",

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from one_fact import ONE_FACT
-from reckoning_ray.config import ConfigError, load_config
+from conftest import ONE_FACT, sweep_command
+from reckoning_ray.core.config import ConfigError, load_config
 from wandb_files import read_offline_run_merged
-from reckoning_ray.tune import load_space
+from reckoning_ray.core.spaces import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def test_unknown_space_name_lists_the_spaces():
 def test_placement_reports_impossible_requests_at_once(capsys):
     import ray
 
-    from reckoning_ray.tune import placement
+    from reckoning_ray.on_ray.sweep import placement
 
     ray.init(num_cpus=2, configure_logging=False)
     try:
@@ -91,19 +91,18 @@ outer.lr: {grid: [3.0e-3, 1.0e-5]}
 """
 
 
-def sweep_command(storage: Path, space: str) -> list[str]:
+def tune_sweep_command(storage: Path, space: str) -> list[str]:
     # Trials planned for 4 steps (batch 32), validations at steps 2 and 4 (rounds 1, 2), a wsd
     # cooldown from step 2; ASHA's rungs at rounds 1, 2 and 4, and tune.extend: a trial ASHA keeps
     # at round 2 goes on from step 2 at the constant rate to round 4 (step 8), cooling down again
     # from step 4.
-    return [
-        sys.executable, "-m", "reckoning_ray.tune", "embedded", f"space={space}",
-        f"tune.storage_path={storage}", "tune.name=test-sweep", "tune.num_samples=1", "tune.max_concurrent=2",
+    return sweep_command(
+        space, storage, "test-sweep", "tune.max_concurrent=2",
         "tune.grace_period=1", "tune.reduction_factor=2", "tune.max_rounds=4", "tune.extend=true",
         "outer.schedule=wsd", "outer.cooldown_fraction=0.5", "outer.warmup_ratio=0",
-        "data.num_train=128", "data.num_validation=64", "train.epochs=1", "train.patience=0",
+        "data.num_train=128", "data.num_validation=64",
         "tracking.mode=offline", *ONE_FACT, "tune.metric=val/answer_loss", "tune.mode=min",
-    ]
+    )
 
 
 @pytest.mark.slow
@@ -115,7 +114,7 @@ def test_sweep_with_asha_extensions_wandb_and_best_config(tmp_path):
     env.pop("WANDB_MODE", None)
     env.pop("RAY_ADDRESS", None)
     trials = storage / "test-sweep" / "trials"
-    done = subprocess.run(sweep_command(storage, space), capture_output=True, text=True,
+    done = subprocess.run(tune_sweep_command(storage, space), capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     summary = json.loads((storage / "test-sweep" / "sweep_summary.json").read_text())
@@ -184,7 +183,7 @@ def test_sweep_with_asha_extensions_wandb_and_best_config(tmp_path):
 
 
 def test_next_rung_follows_ashas_rungs_up_to_max_rounds():
-    from reckoning_ray.tune import next_rung
+    from reckoning_ray.on_ray.trials import next_rung
 
     cfg = load_config(None, ["tune.grace_period=2", "tune.reduction_factor=3", "tune.max_rounds=12"])
     assert [next_rung(r, cfg.tune) for r in (1, 2, 4, 5, 6, 11)] == [2, 6, 6, 6, 12, 12]
@@ -194,7 +193,7 @@ def test_asha_posts_its_decision_on_a_trials_last_planned_round(monkeypatch, tmp
     # with tune.extend, trials wait for this decision before they extend themselves
     from types import SimpleNamespace
 
-    from reckoning_ray import tune as tune_module
+    from reckoning_ray.on_ray import schedulers
 
     posted = []
 
@@ -202,10 +201,11 @@ def test_asha_posts_its_decision_on_a_trials_last_planned_round(monkeypatch, tmp
         def decide(self, trial_id, rounds, go):
             posted.append((trial_id, rounds, go))
 
-    monkeypatch.setattr(tune_module, "promotion_board", lambda name, create=False: Board())
+    monkeypatch.setattr(schedulers, "promotion_board", lambda name, create=False: Board())
     cfg = load_config(None, ["outer.schedule=wsd", "tune.extend=true", "tune.grace_period=2",
-                             "tune.reduction_factor=2", "tune.max_rounds=8", "tune.mode=max"])
-    scheduler = tune_module.build_scheduler(cfg, str(tmp_path))
+                             "tune.reduction_factor=2", "tune.max_rounds=8", "tune.metric=val/label_accuracy",
+                             "tune.mode=max"])
+    scheduler = schedulers.build_trial_scheduler(cfg, str(tmp_path))
     scheduler.set_search_properties("val/label_accuracy", "max")
     good, bad = SimpleNamespace(trial_id="good", config={}), SimpleNamespace(trial_id="bad", config={})
     for trial in (good, bad):
@@ -219,7 +219,7 @@ def test_asha_posts_its_decision_on_a_trials_last_planned_round(monkeypatch, tmp
 
 
 def test_a_trial_extends_only_when_asha_kept_it_at_its_planned_end(monkeypatch, tmp_path):
-    from reckoning_ray import tune as tune_module
+    from reckoning_ray.on_ray import trials
 
     decisions = {}
 
@@ -227,7 +227,7 @@ def test_a_trial_extends_only_when_asha_kept_it_at_its_planned_end(monkeypatch, 
         def wait(self, trial_id, rounds, timeout_s):
             return decisions[(trial_id, rounds)]
 
-    monkeypatch.setattr(tune_module, "promotion_board", lambda name, create=False: Board())
+    monkeypatch.setattr(trials, "promotion_board", lambda name, create=False: Board())
     cfg = load_config(None, ["outer.schedule=wsd", "tune.extend=true", "tune.grace_period=2",
                              "tune.reduction_factor=2", "tune.max_rounds=8", "train.batch_size=16",
                              "train.epochs=1", "train.validations_per_epoch=2"])
@@ -237,7 +237,7 @@ def test_a_trial_extends_only_when_asha_kept_it_at_its_planned_end(monkeypatch, 
     def length(summary, go):
         (run_dir / "summary.json").write_text(json.dumps(summary))
         decisions[("t", 2)] = go
-        return tune_module.promoted_length(cfg, "t", run_dir, None, 64, "board")
+        return trials.promoted_length(cfg, "t", run_dir, None, 64, "board")
 
     # 64 tasks / 16 = 4 steps per epoch, validations at steps 2 and 4: planned rounds 2
     assert length({"validations": 2, "stopped_early": False}, True) == 8  # to rung 4: round 4 is step 8

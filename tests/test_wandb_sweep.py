@@ -12,12 +12,14 @@ import sys
 import pytest
 import yaml
 
-from reckoning_ray.config import flatten, load_config, save_config
-from reckoning_ray.tracking import RunWriter, Tracker, run_names
+from reckoning_ray.core.config import flatten, load_config, save_config
+from reckoning_ray.tracking.writer import RunWriter, Tracker, run_names
 from wandb_files import read_offline_run_merged
-from reckoning_ray.tune import SPACES_DIR, load_space, start_wandb_sweep, trial_outcome
+from reckoning_ray.core.spaces import SPACES_DIR, load_space
+from reckoning_ray.on_ray.sweep import start_wandb_sweep
+from reckoning_ray.on_ray.results import trial_outcome
 from reckoning_ray.tune import main as tune_main
-from reckoning_ray.wandb_sweep import (
+from reckoning_ray.tracking.sweeps import (
     SWEEP_FILE,
     SWEEP_ID_FILE,
     read_sweep_file,
@@ -148,7 +150,7 @@ def test_table_takes_status_and_rounds_from_tunes_record(tmp_path, capsys):
     import pandas as pd
     from ray.tune import Result
 
-    from reckoning_ray.tune import summarize
+    from reckoning_ray.on_ray.results import summarize
 
     cfg = load_config(overrides=[f"tune.storage_path={tmp_path}", "tune.name=s", "tune.max_rounds=2", "tune.grace_period=1",
                                  "tune.metric=val/answer_loss", "tune.mode=min", "tracking.mode=offline"])
@@ -267,7 +269,7 @@ def test_publish_refuses_a_directory_that_is_not_a_sweep(tmp_path, no_network, c
 
 def test_an_unreachable_wandb_does_not_stop_an_online_sweep(tmp_path, monkeypatch, caplog):
     # A key is present, so the sweep is really created against the (unreachable, local) server.
-    from reckoning_ray.wandb_sweep import start_online_sweep
+    from reckoning_ray.tracking.sweeps import start_online_sweep
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -278,7 +280,7 @@ def test_an_unreachable_wandb_does_not_stop_an_online_sweep(tmp_path, monkeypatc
         monkeypatch.setenv(var, "unset")
     cfg = load_config(overrides=["tracking.mode=online", "tracking.entity=team", "tracking.project=proj"])
     config = sweep_config_of(cfg, load_space("embedded", cfg))
-    with caplog.at_level("WARNING", logger="reckoning_ray.wandb_sweep"):
+    with caplog.at_level("WARNING", logger="reckoning_ray.tracking.sweeps"):
         assert start_online_sweep(cfg, tmp_path, config, timeout_s=3.0) is None
     assert "could not create the sweep" in caplog.text and "publish" in caplog.text
     assert not (tmp_path / SWEEP_ID_FILE).exists()

@@ -54,7 +54,7 @@ def test_pyproject_lists_every_package_and_maps_the_spaces():
 
 
 def test_spaces_dir_of_this_install():
-    from reckoning_ray import tune
+    from reckoning_ray.core import spaces as tune
 
     package = Path(reckoning_ray.__file__).resolve().parent
     # a wheel's copy inside the package, else (source tree, editable install) the top-level directory
@@ -116,8 +116,8 @@ with contextlib.redirect_stdout(help_text):
     except SystemExit as exc:
         assert exc.code in (0, None), exc.code
 import reckoning_ray
-from reckoning_ray import tune
-from reckoning_ray.config import available_presets, load_config
+from reckoning_ray.core import spaces as tune
+from reckoning_ray.core.config import available_presets, load_config
 
 spaces = sorted(p.stem for p in tune.SPACES_DIR.glob("*.yaml"))
 presets = available_presets()

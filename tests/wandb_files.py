@@ -1,5 +1,5 @@
 """A reader of W&B's offline ``.wandb`` run files, for the tests: they check what a run, a sweep
-or the W&B writer (``reckoning_ray.tracking.RunWriter``) left on disk without a network. The
+or the W&B writer (``reckoning_ray.tracking.writer.RunWriter``) left on disk without a network. The
 package itself never parses these files: the writer keeps its own record (``wandb_run.json``).
 """
 

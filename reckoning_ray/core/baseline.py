@@ -1,0 +1,160 @@
+"""Fine-tuned in-context reasoning (FT-ICR), the paper's baseline, and ``build_method``.
+
+The knowledge is in the prompt instead of the weights: ``TaskBatch.sequence`` holds the
+in-context prompt (knowledge sentences, then the question; built by the Encoder for the methods
+``icr``, ``icr_no_facts``, ``icr_random_facts``) followed by the target, and training is plain
+fine-tuning on the target tokens. Same interface as :class:`reckoning_ray.core.bilevel.ReckoningMethod`
+(:class:`reckoning_ray.core.method.Method`; no inner loop, no learned inner rates), so the training loop
+runs either.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from reckoning_ray.core.bilevel.lm import (
+    BilevelError,
+    causal_lm_logits,
+    generation_records,
+    greedy_generate,
+    max_positions,
+    row_mean_losses,
+)
+from reckoning_ray.core.bilevel.method import ReckoningMethod, method_settings
+from reckoning_ray.core.config import EvalConfig, InnerConfig, OuterConfig, group
+from reckoning_ray.core.data.encode import Encoder, TaskBatch
+
+__all__ = ["InContextMethod", "build_method", "build_method_from_settings"]
+
+IN_CONTEXT_METHODS = ("icr", "icr_no_facts", "icr_random_facts")
+
+
+class InContextMethod:
+    """FT-ICR: fine-tune the model on in-context prompts (knowledge + question) -> target.
+
+    Dropout is ``model.dropout`` (set in the model's config by the loader; ``dropout`` records it
+    for :meth:`settings`), as for RECKONING: active in training (``train()``, the default, puts the
+    module in training mode, and ``forward_backward`` runs in the module's current mode), off in
+    evaluation (``evaluate`` runs in eval mode and restores the previous mode).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, encoder: Encoder, outer: OuterConfig,
+                 eval: EvalConfig, dropout: float = 0.0) -> None:
+        self.model, self.tokenizer, self.encoder = model, tokenizer, encoder
+        self.outer, self.eval_config = outer, eval
+        self.dropout = float(dropout)
+        self.training = True
+        self.model.train()
+
+    def _weights(self) -> list[Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """One group for ``torch.optim.AdamW``: the weights (outer.lr, outer.weight_decay)."""
+        return [{"params": self._weights(), "lr": float(self.outer.lr),
+                 "weight_decay": float(self.outer.weight_decay), "name": "weights"}]
+
+    def meta_parameters(self) -> list[Tensor]:
+        return self._weights()
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def extra_state(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Tensor]) -> None:
+        """Nothing besides the weights: ``state`` must be empty."""
+        if state:
+            raise BilevelError(f"the in-context baseline has no meta-parameters besides the weights: {sorted(state)}")
+
+    def settings(self) -> dict[str, Any]:
+        return method_settings(str(self.encoder.method), self.encoder, self.dropout, outer=self.outer,
+                               eval=self.eval_config)
+
+    def to(self, device: torch.device | str) -> "InContextMethod":
+        self.model.to(device)
+        return self
+
+    def train(self) -> "InContextMethod":
+        self.training = True
+        self.model.train()
+        return self
+
+    def eval(self) -> "InContextMethod":
+        self.training = False
+        self.model.eval()
+        return self
+
+    def _answer_losses(self, batch: TaskBatch) -> Tensor:
+        s = batch.sequence
+        return row_mean_losses(causal_lm_logits(self.model, None, s.input_ids, s.attention_mask), s.labels)
+
+    def forward_backward(self, batch: TaskBatch, loss_scale: float = 1.0) -> dict[str, float]:
+        """Target loss summed over the tasks of ``batch`` (each task: mean over its target tokens);
+        ``backward(loss * loss_scale)``. Returns ``{"loss": summed loss (unscaled), "tasks": T}``."""
+        loss = self._answer_losses(batch).sum()
+        (loss * loss_scale).backward()
+        return {"loss": float(loss.detach()), "tasks": float(len(batch))}
+
+    @torch.no_grad()
+    def evaluate(self, batch: TaskBatch, inner_steps: Optional[int] = None) -> dict[str, list]:
+        """Answer loss and greedy generation per task (same lists as ``ReckoningMethod.evaluate``).
+
+        ``inner_steps`` exists for interface compatibility: None or 0 (there is no inner loop).
+        Runs the module in eval mode and restores the previous mode afterwards.
+        """
+        if inner_steps not in (None, 0):
+            raise BilevelError(f"inner_steps={inner_steps}: the in-context baseline has no inner loop (use None)")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            losses = self._answer_losses(batch)
+
+            def next_token_logits(ids: Tensor, mask: Tensor) -> Tensor:
+                return causal_lm_logits(self.model, None, ids, mask)[:, -1]
+
+            tokens = greedy_generate(
+                next_token_logits, batch.prompt.input_ids, batch.prompt.attention_mask,
+                int(self.eval_config.max_new_tokens), int(self.tokenizer.eos_token_id),
+                int(self.tokenizer.pad_token_id), max_positions(self.model),
+            )
+        finally:
+            self.model.train(was_training)
+        return generation_records(self.encoder, self.tokenizer, batch, tokens, losses.tolist())
+
+
+def build_method(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any, encoder: Encoder):
+    """The method of ``cfg.train.method`` from a full config: :class:`ReckoningMethod` for
+    "reckoning" (engine ``inner.engine``), :class:`InContextMethod` for the in-context methods."""
+    return _build(str(cfg.train.method), model, tokenizer, encoder, lambda name: group(cfg, name),
+                  float(cfg.model.dropout))
+
+
+def build_method_from_settings(settings: dict[str, Any], model: torch.nn.Module, tokenizer: Any):
+    """The method that wrote ``settings`` (its ``settings()``, e.g. read back from a checkpoint)
+    around ``model`` and ``tokenizer``; the learned rates are fresh (``load_extra_state`` restores
+    them). Keys other than the method's own (e.g. a format version) are ignored."""
+    schemas = {"inner": InnerConfig, "outer": OuterConfig, "eval": EvalConfig}
+
+    def config(name: str) -> Any:
+        # Through the schema, so choices come back as their Enum members and types are checked
+        # (not merged onto the defaults: a dict such as inner.steps_by_hops replaces the default's).
+        return OmegaConf.to_object(OmegaConf.structured(schemas[name](**settings[name])))
+
+    encoder = Encoder(tokenizer, **settings["encoder"])
+    return _build(str(settings["method"]), model, tokenizer, encoder, config, float(settings.get("dropout", 0.0)))
+
+
+def _build(method: str, model: torch.nn.Module, tokenizer: Any, encoder: Encoder, config: Any, dropout: float):
+    if method == "reckoning":
+        return ReckoningMethod(model, tokenizer, encoder, config("inner"), config("outer"), config("eval"), dropout)
+    if method in IN_CONTEXT_METHODS:
+        return InContextMethod(model, tokenizer, encoder, config("outer"), config("eval"), dropout)
+    raise BilevelError(
+        f"train.method={method!r} is invalid: choose reckoning, icr, icr_no_facts or icr_random_facts"
+    )

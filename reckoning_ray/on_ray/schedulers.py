@@ -1,0 +1,124 @@
+"""Ray Tune sweep with ASHA over RECKONING's inner-loop settings: the project's main job.
+
+    python -m reckoning_ray.tune [preset | --config FILE] [space=<name or path>] [key=value ...] [--resume]
+    python -m reckoning_ray.tune publish SWEEP_DIR [--dry-run]
+    python -m reckoning_ray.tune soup SWEEP_DIR [--top K]
+
+Each trial is a function that builds and fits a ``TorchTrainer`` (``reckoning_ray.train``) with
+Ray's ``TuneReportCallback``: the current Train + Tune pattern. Trials are named by their trial
+id, so a resumed sweep finds its runs; every trial logs to W&B (run id = trial id, group = sweep
+name) from the sweep's driver, offline unless ``tracking.mode=online``. The sweep is also a W&B
+sweep (``reckoning_ray.wandb_sweep``): created at the start when online, or afterwards by ``publish``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+from ray.tune.schedulers import ASHAScheduler
+
+from reckoning_ray.core.storage import local_path
+from reckoning_ray.on_ray.curve import CurveStopping
+from reckoning_ray.on_ray.trials import board_name, promotion_board
+
+
+class Resumable:
+    """A scheduler whose state survives ``--resume``: mixed in before a Tune scheduler class.
+
+    Tune restores trials and the searcher but rebuilds the scheduler empty, so after a resume
+    ASHA would judge the remaining trials only against each other (and curve stopping would
+    forget the other trials' curves). This saves the scheduler's state after every result, in
+    the sweep directory where this process runs it (``STATE_FILE``), and reloads it before it
+    schedules again.
+    """
+
+    STATE_FILE = ""
+    _own = ("_sweep_root", "_loaded")
+
+    def _init_state(self, sweep_root: str) -> None:
+        self._sweep_root = sweep_root  # the sweep directory (path or URI): its file is found where it runs
+        self._loaded = False
+
+    @property
+    def _state_path(self) -> str:
+        return str(local_path(self._sweep_root) / self.STATE_FILE)
+
+    def _load(self) -> None:
+        if not self._loaded and os.path.exists(self._state_path):
+            with open(self._state_path, "rb") as f:
+                self.__dict__.update(pickle.load(f))
+        self._loaded = True
+
+    def _save(self) -> None:
+        state = {k: v for k, v in self.__dict__.items() if k not in self._own}
+        Path(self._state_path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_path + ".tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(state, f)
+        os.replace(tmp, self._state_path)
+
+    def _known(self, trial_id: str) -> bool:
+        return False
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._load()
+        if not self._known(trial.trial_id):
+            super().on_trial_add(tune_controller, trial)  # type: ignore[misc]
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        self._load()
+        decision = super().on_trial_result(tune_controller, trial, result)  # type: ignore[misc]
+        self._save()
+        return decision
+
+
+class ResumableASHA(Resumable, ASHAScheduler):
+    """ASHA (the default ``tune.scheduler``) whose rungs survive ``--resume``. With ``board`` (the
+    name of the sweep's :class:`PromotionBoard`, ``tune.extend``) it posts its decision on each
+    trial's last planned round there."""
+
+    STATE_FILE = "asha_state.pkl"
+    _own = (*Resumable._own, "_board")
+
+    def __init__(self, sweep_root: str, board: Optional[str] = None, **kwargs: Any) -> None:
+        ASHAScheduler.__init__(self, **kwargs)
+        self._init_state(sweep_root)
+        self._board = board
+
+    def _known(self, trial_id: str) -> bool:
+        return trial_id in self._trial_info
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        planned, rounds = int(result.get("rounds_planned") or 0), int(result.get("round") or 0)
+        if self._board and planned and rounds >= planned:
+            promotion_board(self._board).decide(trial.trial_id, rounds, decision == ASHAScheduler.CONTINUE)
+        return decision
+
+
+class ResumableCurve(Resumable, CurveStopping):
+    """Learning-curve stopping (``tune.scheduler=curve``) whose curves survive ``--resume``."""
+
+    STATE_FILE = "curve_state.pkl"
+
+    def __init__(self, sweep_root: str, **kwargs: Any) -> None:
+        CurveStopping.__init__(self, **kwargs)
+        self._init_state(sweep_root)
+
+
+def build_trial_scheduler(cfg: DictConfig, root: str) -> Any:
+    """The Tune scheduler ``tune.scheduler`` names: ASHA, curve stopping, or FIFO (none stops)."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    t = cfg.tune
+    if t.scheduler == "asha":
+        return ResumableASHA(root, board=board_name(cfg) if t.extend else None, time_attr="round",
+                             max_t=t.max_rounds, grace_period=t.grace_period, reduction_factor=t.reduction_factor)
+    if t.scheduler == "curve":
+        return ResumableCurve(root, max_t=t.max_rounds, top_k=t.curve_top_k, confidence=t.curve_confidence,
+                              min_rounds=t.curve_min_rounds)
+    return FIFOScheduler()

@@ -1,34 +1,16 @@
-"""Ray cluster configs under ``cluster/``: checks, per-node GPU resources, and a local fake cluster.
+"""The cluster command line: check the cluster YAMLs, print the node pins, a machine's resources.
+
+    python -m reckoning_ray.cluster check [CLUSTER_YAML ...]
+    python -m reckoning_ray.cluster pins
+    python -m reckoning_ray.cluster node-resources
+    python -m reckoning_ray.cluster fake-config CLUSTER_YAML
 
 The cluster YAMLs (``cluster/a100.yaml`` on AWS, ``cluster/local.yaml`` on premises) give two
 worker node types besides a CPU-only head: one with A100 GPUs for RECKONING trials and one with
 RTX 3090-class GPUs for the in-context baseline. Ray cannot tell GPU models apart, so each type
-declares a custom resource named after its GPU (``a100`` / ``rtx3090``, one unit per GPU) that the
-training workers ask for (``resources.node_type``).
-
-What is here:
-
-- ``validate_cluster_file``: Ray's own cluster-config validation (``prepare_config`` then
-  ``validate_config``, what ``ray up`` runs) followed by the project's checks of the keys Ray does
-  not look into (``node_config``, ``provider``, commands): instance types, the GPU resources on the
-  right node types, a head without GPUs, the shared storage path.
-- ``NODE_PINS``: the versions of the node software (torch, Ray, transformers, W&B, ...), the
-  one place they are set. Every cluster YAML's setup commands and the README's GPU install pin
-  them with ``==`` (``python -m reckoning_ray.cluster pins`` prints the command); the check fails
-  on a YAML that installs them unpinned, at other versions, or not at all.
-- ``text_problems``: what must not be in a cluster YAML at all: ``YOUR-...`` placeholders and
-  W&B keys (a key in a tracked file; keys travel in the job's runtime environment instead,
-  ``job_runtime_env`` / ``cluster/submit_tune.py``).
-- ``pip_install_specs``: the packages a text's ``pip install`` commands install, to prove the
-  cluster's ``setup_commands`` install what the top-level README's GPU install shows.
-- ``gpu_node_resources`` / ``python -m reckoning_ray.cluster node-resources``: the custom
-  resources of a machine from its GPU names (the on-premises cluster's worker start command).
-- ``fake_cluster_config`` / ``fake_cluster``: the same node types as a Ray "fake multi-node"
-  autoscaling cluster on this machine (no cloud, no GPU), started with
-  ``RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...`` (``ray up`` with the fake
-  provider does not work in Ray 2.60) and torn down by killing exactly the processes it started.
-
-Nothing here imports Ray at module level, so the checks run in a plain Python process.
+declares a custom resource named after its GPU (``a100`` / ``rtx3090``) that the training workers
+ask for (``resources.node_type``). The checks are :mod:`reckoning_ray.ops.checks` and
+:mod:`reckoning_ray.ops.pins`; the fake cluster is :mod:`reckoning_ray.ops.fake_cluster`.
 """
 
 from __future__ import annotations

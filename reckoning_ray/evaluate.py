@@ -1,14 +1,10 @@
-"""Test-split evaluation of a trained run: the number a paper reports.
+"""Evaluate a trained run on its test split (or validation) from the command line.
 
     python -m reckoning_ray.evaluate RUN_DIR [--checkpoint best|latest] [--split test|validation]
 
-Validation only selects (early stopping, the best checkpoint, ASHA); the reported result is the
-test accuracy of the checkpoint chosen on validation. Every training run ends with this
-evaluation of its best checkpoint (``reckoning_ray.train``), a sweep runs it for every trial
-(``reckoning_ray.tune``; a trial that ASHA stopped is evaluated after the sweep), and this command
-runs it on demand. The metrics are label accuracy overall and per hop, answer loss and, for runs
-trained on the multi-task target, knowledge recall (``test/...`` keys). They are written to the
-run's ``summary.json`` (key ``"test"``) and to the run's W&B summary.
+Every training run ends with this evaluation of its best checkpoint and a sweep runs it for every
+trial; this command runs it on demand (:mod:`reckoning_ray.core.evaluate`). Test metrics are
+written to the run's ``summary.json`` (key ``"test"``) and to the run's W&B summary.
 """
 
 from __future__ import annotations

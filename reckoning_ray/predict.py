@@ -1,20 +1,12 @@
-"""Answer questions with a trained RECKONING (or in-context) checkpoint.
+"""Answer a question with a trained checkpoint from the command line.
 
     python -m reckoning_ray.predict CHECKPOINT --knowledge FILE --question "Bob is red." [--recall]
 
 ``CHECKPOINT`` is a checkpoint directory (``<run dir>/checkpoints/step-*``) or a run directory
-(its best checkpoint, chosen on validation). The checkpoint alone is enough: the model and
-tokenizer (``save_pretrained``), the method's settings (``reckoning.json``) and the learned
-inner learning rates (``meta_parameters.safetensors``). The knowledge is first encoded into the
-weights by the inner loop, then the question is answered by greedy generation.
-
-In Python::
+(its best checkpoint). The Python API is :class:`reckoning_ray.core.predict.ReckoningModel`,
+importable from here too::
 
     from reckoning_ray.predict import ReckoningModel
-
-    model = ReckoningModel.from_pretrained("runs/embedded-sweep-best")
-    answer = model.answer(["Bob is red.", "If someone is red then they are big."], "Bob is big.")
-    answer.label, answer.facts
 """
 
 from __future__ import annotations

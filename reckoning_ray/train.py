@@ -1,15 +1,9 @@
-"""Ray Train: run the bilevel loop data-parallel with a ``TorchTrainer``.
+"""The training command line: one run, on Ray Train or (``resources.num_workers=0``) without Ray.
 
-    python -m reckoning_ray.train [preset | --config FILE] [key=value ...]
+    python -m reckoning_ray.train [preset | --config FILE] [key=value ...] [--resume [RUN]] [--extend-to STEPS]
 
-Every worker runs the inner and outer loop on its own shard of tasks; the meta-gradients (weights
-and learned inner learning rates) are SUM-all-reduced in flat buckets before the optimizer step
-(DDP cannot differentiate twice, so the model is not wrapped in it). Rank 0 writes each
-validation's checkpoint into the run directory (``reckoning_ray.checkpoint``: one record of the
-latest and the best) and every rank reports the metrics through ``ray.train.report``; the W&B run
-is written by the Ray Train controller (``wandb_callbacks.TrainTracking``). Rerunning with the same
-``train.run_name`` resumes from the latest checkpoint, and a crashed worker is restarted from it
-(``resources.max_failures``). ``resources.num_workers=0`` runs the same loop without Ray.
+The run itself is :mod:`reckoning_ray.on_ray.trainer`. Rerunning with ``--resume`` continues a run
+from its latest checkpoint; ``--extend-to`` lengthens a finished wsd run from its cooldown start.
 """
 
 from __future__ import annotations

@@ -1,14 +1,12 @@
-"""Ray Tune sweep with ASHA over RECKONING's inner-loop settings: the project's main job.
+"""The sweep command line: Ray Tune with ASHA over RECKONING's settings (the project's main job).
 
     python -m reckoning_ray.tune [preset | --config FILE] [space=<name or path>] [key=value ...] [--resume]
     python -m reckoning_ray.tune publish SWEEP_DIR [--dry-run]
     python -m reckoning_ray.tune soup SWEEP_DIR [--top K]
 
-Each trial is a function that builds and fits a ``TorchTrainer`` (``reckoning_ray.train``) with
-Ray's ``TuneReportCallback``: the current Train + Tune pattern. Trials are named by their trial
-id, so a resumed sweep finds its runs; every trial logs to W&B (run id = trial id, group = sweep
-name) from the sweep's driver, offline unless ``tracking.mode=online``. The sweep is also a W&B
-sweep (``reckoning_ray.wandb_sweep``): created at the start when online, or afterwards by ``publish``.
+The driver is :mod:`reckoning_ray.on_ray.sweep`; ``publish`` sends a finished sweep to W&B as a
+W&B sweep (:mod:`reckoning_ray.tracking.sweeps`); ``soup`` averages its trials' best checkpoints
+(:mod:`reckoning_ray.core.soup`).
 """
 
 from __future__ import annotations

@@ -18,14 +18,13 @@ import wandb
 
 from reckoning_ray.tracking import writer as tracking
 from reckoning_ray.core.config import ConfigError, flatten, load_config
+from reckoning_ray.tracking.secrets import looks_secret, scrub
 from reckoning_ray.tracking.writer import (
     RunWriter,
     Tracker,
-    looks_secret,
     resolve_mode,
     run_names,
     safe_run_id,
-    scrub,
 )
 from wandb_files import find_offline_runs, read_offline_run, read_offline_run_merged
 

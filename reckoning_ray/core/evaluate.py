@@ -1,14 +1,13 @@
 """Test-split evaluation of a trained run: the number a paper reports.
 
-    python -m reckoning_ray.evaluate RUN_DIR [--checkpoint best|latest] [--split test|validation]
-
 Validation only selects (early stopping, the best checkpoint, ASHA); the reported result is the
-test accuracy of the checkpoint chosen on validation. Every training run ends with this
-evaluation of its best checkpoint (``reckoning_ray.train``), a sweep runs it for every trial
-(``reckoning_ray.tune``; a trial that ASHA stopped is evaluated after the sweep), and this command
-runs it on demand. The metrics are label accuracy overall and per hop, answer loss and, for runs
-trained on the multi-task target, knowledge recall (``test/...`` keys). They are written to the
-run's ``summary.json`` (key ``"test"``) and to the run's W&B summary.
+test accuracy of the checkpoint chosen on validation. :class:`Evaluator` evaluates checkpoints of
+one config on a split; :func:`evaluate_run` a run directory's best (or latest) checkpoint on the
+test split; :func:`evaluate_best` the same at the end of a training run. The metrics are label
+accuracy overall and per hop, answer loss and, for runs trained on the multi-task target,
+knowledge recall (``test/...`` keys); :func:`save_test` writes them into the run's
+``summary.json`` (key ``"test"``), and ``reckoning_ray.tracking.writer.record_test`` also into
+the run's W&B summary.
 """
 
 from __future__ import annotations

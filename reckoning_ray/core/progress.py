@@ -1,15 +1,6 @@
-"""The framework-free training loop: epochs, gradient accumulation, validation, early stopping,
-checkpoints, resume. It does not know whether it runs under Ray: data-parallel communication and
-reporting come in through :class:`Hooks`.
-
-Batches and reduction. The batch is a global quantity: one optimizer step consumes
-``train.batch_size * train.grad_accum`` tasks (the *global step*) whatever the number of workers, so
-adding workers changes the speed, never the experiment. Every epoch is a seeded permutation of the
-training tasks cut into global steps of ``grad_accum`` micro-batches of ``batch_size`` tasks; worker
-``r`` of ``n`` takes its own contiguous share of each micro-batch (``batch_size / n`` tasks; the
-config check requires ``n`` to divide ``batch_size``). The outer loss is summed over tasks and scaled by ``1 / tasks in the global
-step``, the gradients are SUM-all-reduced, so any number of workers computes the gradient of the
-same global mean loss (an uneven last step simply gives some workers fewer or no tasks).
+"""The training loop's progress display: one tqdm bar per run counting optimizer steps (with
+tasks per second and the loss), which steps aside on a terminal for the validation lines and
+prints plain lines when the output is not a terminal (Ray's worker logs).
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
-"""Ray Train: run the bilevel loop data-parallel with a ``TorchTrainer``.
+"""A run's directory, its input checks and its parts, without Ray.
 
-    python -m reckoning_ray.train [preset | --config FILE] [key=value ...]
-
-Every worker runs the inner and outer loop on its own shard of tasks; the meta-gradients (weights
-and learned inner learning rates) are SUM-all-reduced in flat buckets before the optimizer step
-(DDP cannot differentiate twice, so the model is not wrapped in it). Rank 0 writes each
-validation's checkpoint into the run directory (``reckoning_ray.checkpoint``: one record of the
-latest and the best) and every rank reports the metrics through ``ray.train.report``; the W&B run
-is written by the Ray Train controller (``wandb_callbacks.TrainTracking``). Rerunning with the same
-``train.run_name`` resumes from the latest checkpoint, and a crashed worker is restarted from it
-(``resources.max_failures``). ``resources.num_workers=0`` runs the same loop without Ray.
+- :func:`check_inputs`: read the data and find the model as a worker would, in seconds, so a bad
+  path or an empty split fails on the driver with one line naming the key;
+- :func:`run_dir_for`: a fresh run's name, or the run to continue (``--resume``), refusing to
+  continue a run with another config (:func:`check_resumable`);
+- :func:`prepare`: data, model, tokenizer, encoder and method of a config (from a checkpoint
+  when resuming); :func:`build_loop`: the training loop of a run directory.
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
-"""Ray Tune sweep with ASHA over RECKONING's inner-loop settings: the project's main job.
-
-    python -m reckoning_ray.tune [preset | --config FILE] [space=<name or path>] [key=value ...] [--resume]
-    python -m reckoning_ray.tune publish SWEEP_DIR [--dry-run]
-    python -m reckoning_ray.tune soup SWEEP_DIR [--top K]
-
-Each trial is a function that builds and fits a ``TorchTrainer`` (``reckoning_ray.train``) with
-Ray's ``TuneReportCallback``: the current Train + Tune pattern. Trials are named by their trial
-id, so a resumed sweep finds its runs; every trial logs to W&B (run id = trial id, group = sweep
-name) from the sweep's driver, offline unless ``tracking.mode=online``. The sweep is also a W&B
-sweep (``reckoning_ray.wandb_sweep``): created at the start when online, or afterwards by ``publish``.
+"""Search spaces: YAML files of ``config.key: {distribution: args}`` (``tune_spaces/``), read and
+checked against the config they will be applied to, before any trial starts. Used by the Tune
+driver and by the W&B sweep translation alike.
 """
 
 from __future__ import annotations

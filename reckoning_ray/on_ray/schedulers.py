@@ -1,14 +1,7 @@
-"""Ray Tune sweep with ASHA over RECKONING's inner-loop settings: the project's main job.
-
-    python -m reckoning_ray.tune [preset | --config FILE] [space=<name or path>] [key=value ...] [--resume]
-    python -m reckoning_ray.tune publish SWEEP_DIR [--dry-run]
-    python -m reckoning_ray.tune soup SWEEP_DIR [--top K]
-
-Each trial is a function that builds and fits a ``TorchTrainer`` (``reckoning_ray.train``) with
-Ray's ``TuneReportCallback``: the current Train + Tune pattern. Trials are named by their trial
-id, so a resumed sweep finds its runs; every trial logs to W&B (run id = trial id, group = sweep
-name) from the sweep's driver, offline unless ``tracking.mode=online``. The sweep is also a W&B
-sweep (``reckoning_ray.wandb_sweep``): created at the start when online, or afterwards by ``publish``.
+"""Tune schedulers that survive a driver restart: ASHA and learning-curve stopping, each saving
+its state into the sweep directory (Tune does not save the scheduler with the experiment), and,
+with ``tune.extend``, ASHA posting its decision on each trial's last planned round to the
+promotion board. :func:`build_trial_scheduler` builds the one ``tune.scheduler`` names.
 """
 
 from __future__ import annotations

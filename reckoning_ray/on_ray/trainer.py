@@ -1,15 +1,15 @@
-"""Ray Train: run the bilevel loop data-parallel with a ``TorchTrainer``.
-
-    python -m reckoning_ray.train [preset | --config FILE] [key=value ...]
+"""One training run: on Ray Train workers (``TorchTrainer``), or in this process without Ray.
 
 Every worker runs the inner and outer loop on its own shard of tasks; the meta-gradients (weights
 and learned inner learning rates) are SUM-all-reduced in flat buckets before the optimizer step
 (DDP cannot differentiate twice, so the model is not wrapped in it). Rank 0 writes each
-validation's checkpoint into the run directory (``reckoning_ray.checkpoint``: one record of the
-latest and the best) and every rank reports the metrics through ``ray.train.report``; the W&B run
-is written by the Ray Train controller (``wandb_callbacks.TrainTracking``). Rerunning with the same
-``train.run_name`` resumes from the latest checkpoint, and a crashed worker is restarted from it
-(``resources.max_failures``). ``resources.num_workers=0`` runs the same loop without Ray.
+validation's checkpoint into the run directory (:mod:`reckoning_ray.core.checkpoint`) and every
+rank reports the metrics through ``ray.train.report``; the W&B run is written by the Ray Train
+controller (:class:`reckoning_ray.on_ray.callbacks.TrainTracking`). A crashed worker is restarted
+from the latest checkpoint (``resources.max_failures``); an input error is not retried.
+Placement: a run asks for its node type's custom resource (``a100`` / ``rtx3090``) and fails at
+once when no node or autoscaler node type offers it. ``resources.num_workers=0`` runs the same
+loop in this process (:func:`run_in_process`), W&B written from here.
 """
 
 from __future__ import annotations

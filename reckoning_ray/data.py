@@ -5,6 +5,9 @@
     python -m reckoning_ray.data stats clutrr:/path/to/test.csv train_hops=2,3 test_hops=2,3,4,5
     python -m reckoning_ray.data stats generate:clutrr hops=2,3 n=500 distractors=2 seed=1
     python -m reckoning_ray.data generate generate:proofwriter hops=0 n=1024 --out data/onefact
+    python -m reckoning_ray.data fetch proofwriter --to /data/proofwriter
+    python -m reckoning_ray.data fetch clutrr-sg --archive clutrr.zip --to /data/clutrr-sg
+    python -m reckoning_ray.data fetch authors owa_proof_3_hop --to /data/authors/owa_proof_3_hop
 
 A source that cannot be read exits with status 2 and one line naming the file, the line and what
 was expected.
@@ -20,17 +23,21 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from reckoning_ray.core.config import SELECTIONS, DataConfig
+from reckoning_ray.core.config import PROOFS, SELECTIONS, DataConfig
+from reckoning_ray.core.data import fetch as fetching
+from reckoning_ray.core.data.clutrr_sg import is_clutrr_sg
 from reckoning_ray.core.data.errors import DataFormatError
 from reckoning_ray.core.data.sources import filter_splits, read_records, to_dataset
 from reckoning_ray.core.data.splits import SPLITS
+from reckoning_ray.tracking.artifacts import AUTHORS_SETS, artifact_path, fetch_authors
 
 SPEC_HELP = """\
 SOURCE is one of
-  PATH                      a ProofWriter .jsonl file, a CLUTRR .csv file, or a directory with
+  PATH                      a ProofWriter .jsonl file, a CLUTRR .csv file, a CLUTRR-SG text file
+                            (*_proof_1.k_{train,valid,test}_*.txt[.4000]), or a directory with
                             one file per split (meta-train/meta-dev/meta-test.jsonl,
-                            train/valid/test.csv) or written by save_to_disk; the kind is
-                            guessed from the names
+                            train/valid/test.csv), of CLUTRR-SG files (levels 1.k picked by
+                            hops=k) or written by save_to_disk; the kind is guessed from the names
   proofwriter:PATH          the same, kind given explicitly (also clutrr:PATH, hf:PATH_OR_HUB_ID)
   generate:proofwriter      the offline ProofWriter-style generator
   generate:clutrr           the offline CLUTRR-style generator
@@ -43,6 +50,11 @@ followed by any number of KEY=VALUE options (they fill reckoning_ray.core.config
                   authors' data: proofs of >= 2 sentences, True/False resampled per theory to
                   the Unknown count, distractors drawn with replacement); stats prints the
                   tables before and after the selection
+  balance=true    selection=paper: resample True/False per theory to the Unknown count (false:
+                  keep every selected question once)
+  proofs=shortest facts of a ProofWriter True/False question: shortest (one shortest proof)
+                  or merged (all alternative proofs); stats on a ProofWriter source prints the
+                  tasks and facts per task under each choice
   n=2000          training tasks (generated) or cap (files; 0 = all); also train=
   val=256         validation tasks / cap; also validation=
   test=256        test tasks / cap
@@ -73,6 +85,7 @@ _KEYS = {
     "num_rules": "generator.num_rules", "holdout": "generator.holdout_pairs",
     "holdout_pairs": "generator.holdout_pairs", "selection": "selection",
     "train_hops": "train_hops", "validation_hops": "validation_hops", "test_hops": "test_hops",
+    "balance": "balance", "proofs": "proofs",
 }
 _HOP_KEYS = ("hops", "train_hops", "validation_hops", "test_hops")
 
@@ -85,7 +98,7 @@ def _guess_kind(path: Path) -> str:
     if path.is_file():
         if path.suffix == ".jsonl":
             return "proofwriter"
-        if path.suffix == ".csv":
+        if path.suffix == ".csv" or is_clutrr_sg(path):
             return "clutrr"
         raise SpecError(f"cannot tell the kind of {str(path)!r} from its name: write proofwriter:PATH or clutrr:PATH")
     if path.is_dir():
@@ -94,7 +107,7 @@ def _guess_kind(path: Path) -> str:
             return "hf"
         if any(n.endswith(".jsonl") for n in names):
             return "proofwriter"
-        if any(n.endswith(".csv") for n in names):
+        if any(n.endswith(".csv") for n in names) or is_clutrr_sg(path):
             return "clutrr"
         raise SpecError(f"directory {str(path)!r} holds no .jsonl, .csv or save_to_disk files")
     raise SpecError(f"source {str(path)!r} is not a file, a directory or a spec like generate:proofwriter")
@@ -103,8 +116,8 @@ def _guess_kind(path: Path) -> str:
 def _parse_value(key: str, text: str, current: Any) -> Any:
     if key in _HOP_KEYS:
         return [] if text in ("", "all") else [int(v) for v in text.split(",")]
-    if key == "selection":
-        if text not in SELECTIONS:
+    if key in ("selection", "proofs"):
+        if text not in (SELECTIONS if key == "selection" else PROOFS):
             raise ValueError
         return text
     if key == "generator.labels":
@@ -145,7 +158,7 @@ def data_config_from_spec(source: str, options: Sequence[str]) -> DataConfig:
         try:
             setattr(owner, name, _parse_value(target, value, getattr(owner, name)))
         except ValueError:
-            choices = f" (choose one of {SELECTIONS})" if target == "selection" else ""
+            choices = {"selection": f" (choose one of {SELECTIONS})", "proofs": f" (choose one of {PROOFS})"}.get(target, "")
             raise SpecError(f"option {option!r}: cannot use {value!r} for {key}{choices}") from None
     return cfg
 
@@ -194,11 +207,36 @@ def format_stats(splits: dict[str, list[dict[str, Any]]], title: str) -> str:
     return "\n".join(out)
 
 
+def format_proofwriter_options(cfg: DataConfig) -> str:
+    """Tasks and relevant facts per task of a ProofWriter source (all its splits, before any
+    filtering) under each data.selection / data.balance / data.proofs choice; ``*`` marks ``cfg``'s."""
+    rows = []
+    for selection, balance in (("qdep", None), ("paper", True), ("paper", False)):
+        for proofs in PROOFS:
+            choice = dataclasses.replace(cfg, selection=selection, balance=cfg.balance if balance is None else balance,
+                                         proofs=proofs)
+            records = [r for split in read_records(choice).values() for r in split]
+            labels = Counter(r["answer"] for r in records)
+            facts = [len(r["facts"]) for r in records]
+            mine = (selection == cfg.selection and proofs == cfg.proofs
+                    and (balance is None or balance == cfg.balance))
+            rows.append([selection, "-" if balance is None else str(balance).lower(), proofs, len(records),
+                         labels["yes"], labels["no"], labels["none"], f"{statistics.fmean(facts):.2f}" if facts else "-",
+                         max(facts, default=0), "*" if mine else ""])
+    return "\n".join([
+        f"ProofWriter options: tasks and relevant facts per task of {cfg.path} under each choice (all splits, "
+        f"no filtering)",
+        _table(["selection", "balance", "proofs", "tasks", "yes", "no", "none", "mean facts", "max facts", "this"], rows),
+    ])
+
+
 def _describe(cfg: DataConfig, source: str) -> str:
     if cfg.source == "generate":
         return (f"{source} (seed {cfg.seed}, hops {list(cfg.hops) or 'all'}, distractors {cfg.distractors})")
-    if cfg.selection != "qdep" and cfg.source == "proofwriter":
-        return f"{cfg.path} ({cfg.source}, selection={cfg.selection})"
+    if cfg.source == "proofwriter" and (cfg.selection != "qdep" or cfg.proofs != "shortest"):
+        balance = f", balance={str(cfg.balance).lower()}" if cfg.selection == "paper" and not cfg.balance else ""
+        proofs = f", proofs={cfg.proofs}" if cfg.proofs != "shortest" else ""
+        return f"{cfg.path} ({cfg.source}, selection={cfg.selection}{balance}{proofs})"
     return f"{cfg.path} ({cfg.source})"
 
 
@@ -227,13 +265,115 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("options", nargs="*", metavar="KEY=VALUE", help="options of the source (see below)")
     generate.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist, or be empty)")
     generate.add_argument("--overwrite", action="store_true", help="replace DIR if it holds a dataset already")
+    _add_fetch(commands)
     return parser
+
+
+FETCH_HELP = f"""\
+Each download resumes where a cut one stopped (the part is kept beside DIR as
+DIR.<archive>.partial and continued with an HTTP Range request), is checked on the whole file,
+and is unpacked into a temporary directory beside DIR that becomes DIR only when complete.
+Without network each fetch exits with status 2 within seconds; pass the file fetched elsewhere
+with --archive.
+
+Examples
+  python -m reckoning_ray.data fetch proofwriter --to /data/proofwriter
+  python -m reckoning_ray.data fetch proofwriter --archive {fetching.PROOFWRITER_ARCHIVE} --to /data/proofwriter
+  python -m reckoning_ray.train paper data.path=/data/proofwriter/depth-3 inner.steps=4
+  python -m reckoning_ray.data fetch clutrr-sg --archive clutrr.zip --to /data/clutrr-sg
+  python -m reckoning_ray.data fetch authors owa_proof_3_hop_dall --to /data/authors/owa_proof_3_hop_dall
+"""
+
+
+def _add_fetch(commands: Any) -> None:
+    fetch = commands.add_parser(
+        "fetch", help="download and unpack a public data release",
+        description="Download a public data release, check it and unpack what the readers need into DIR.",
+        epilog=FETCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    datasets = fetch.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+
+    def common(sub: argparse.ArgumentParser, archive_help: str) -> None:
+        sub.add_argument("--to", required=True, metavar="DIR", help="target directory (must not exist, or be empty)")
+        sub.add_argument("--archive", metavar="FILE", help=archive_help)
+        sub.add_argument("--overwrite", action="store_true", help="replace DIR if it holds files already")
+        sub.add_argument("--timeout", type=float, default=fetching.DEFAULT_TIMEOUT, metavar="SECONDS",
+                         help="network timeout (default %(default)s)")
+
+    proofwriter = datasets.add_parser(
+        "proofwriter", help="AllenAI's ProofWriter release: its OWA depth-D/meta-*.jsonl files",
+        description=f"Download AllenAI's ProofWriter release {fetching.PROOFWRITER_ARCHIVE}, check its sha256 and "
+                    f"unpack its open-world files OWA/depth-{{0,1,2,3,5}}/meta-{{train,dev,test}}.jsonl into "
+                    f"DIR/depth-D/ (one data.path per depth).",
+        epilog=FETCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common(proofwriter, "the release zip fetched by hand: no network is used")
+    proofwriter.add_argument("--url", default=fetching.PROOFWRITER_URL, help="a mirror (default: %(default)s)")
+    proofwriter.add_argument("--sha256", default=fetching.PROOFWRITER_SHA256, metavar="HEX",
+                             help="expected sha256 of the zip (default: the release's, %(default)s)")
+    proofwriter.add_argument("--no-progress", action="store_true", help="no progress bar")
+    clutrr = datasets.add_parser(
+        "clutrr-sg", help="CLUTRR-SG's zip (--archive): its *_proof_1.k_*_facts_anon.txt files",
+        description=f"Unpack CLUTRR-SG's text files {fetching.CLUTRR_SG_PATTERN} (at any depth of the zip; their "
+                    f"directories are kept) into DIR. The release is a Google-Drive file ({fetching.CLUTRR_SG_PAGE}, "
+                    f"from NicolasAG/SGinPG data/setup.sh): fetch it in a browser and pass --archive.",
+        epilog=FETCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common(clutrr, "the zip fetched by hand (the usual way: no network is used)")
+    clutrr.add_argument("--url", default=fetching.CLUTRR_SG_URL, help="where to download the zip (default: %(default)s)")
+    clutrr.add_argument("--sha256", default=None, metavar="HEX", help="expected sha256 of the zip (none is published)")
+    clutrr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    authors = datasets.add_parser(
+        "authors", help="the RECKONING authors' processed ProofWriter sets (W&B artifacts)",
+        description="Download the W&B artifact epfl_nlp_phd/data-collection/NAME:latest (the RECKONING authors' "
+                    "processed ProofWriter set; W&B needs `wandb login`) into DIR. "
+                    "reckoning_ray.core.data.authors.read_authors reads it.",
+        epilog=FETCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    authors.add_argument("name", metavar="NAME", choices=AUTHORS_SETS, help=f"one of {', '.join(AUTHORS_SETS)}")
+    common(authors, "a copy fetched by hand: the directory `wandb artifact get` wrote, or a zip of it")
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    progress = not getattr(args, "no_progress", False)
+    if args.dataset == "proofwriter":
+        done = fetching.fetch_proofwriter(args.to, url=args.url, archive=args.archive, sha256=args.sha256,
+                                          overwrite=args.overwrite, timeout=args.timeout, progress=progress)
+    elif args.dataset == "clutrr-sg":
+        done = fetching.fetch_clutrr_sg(args.to, url=args.url, archive=args.archive, sha256=args.sha256,
+                                        overwrite=args.overwrite, timeout=args.timeout, progress=progress)
+    else:
+        done = fetch_authors(args.name, args.to, archive=args.archive, overwrite=args.overwrite, timeout=args.timeout)
+    where = done.directory
+    verb = "already holds" if done.already else "now holds"
+    checked = f" (archive sha256 {done.sha256})" if done.sha256 else ""
+    if args.dataset == "proofwriter":
+        depths = " ".join(f"depth-{d}/" for d in fetching.PROOFWRITER_DEPTHS)
+        print(f"{where} {verb} the ProofWriter OWA files{checked}:\n"
+              f"  {depths}  each with {', '.join(fetching.PROOFWRITER_FILES)}\n"
+              f"data.path=<one depth directory>, e.g. data.path={where / 'depth-3'}; the paper's runs (Table 1):\n"
+              f"  python -m reckoning_ray.train paper data.path={where / 'depth-2'} inner.steps=4\n"
+              f"  python -m reckoning_ray.train paper data.path={where / 'depth-3'} inner.steps=4\n"
+              f"  python -m reckoning_ray.train paper data.path={where / 'depth-5'} inner.steps=5")
+        return 0
+    folders = Counter(str(p.parent.relative_to(where)) for p in done.files)
+    listing = "\n".join(f"  {where / d if d != '.' else where}/  ({n} files)" for d, n in sorted(folders.items()))
+    if args.dataset == "clutrr-sg":
+        print(f"{where} {verb} the CLUTRR-SG files{checked}:\n{listing}\n"
+              f"data.path={where}, e.g.\n"
+              f"  python -m reckoning_ray.train paper data.source=clutrr data.family=clutrr data.path={where}")
+    else:
+        print(f"{where} {verb} the W&B artifact {artifact_path(args.name)}:\n{listing}\n"
+              f"read it with reckoning_ray.core.data.authors.read_authors({str(where)!r})")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "fetch":
+            return _fetch(args)
         cfg = data_config_from_spec(args.source, args.options)
         splits = filter_splits(read_records(cfg), cfg)
         if args.command == "stats":
@@ -245,8 +385,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                            f"(selection=qdep, no filtering)"))
                 print()
                 print(format_stats(splits, f"AFTER selection=paper: tasks in {_describe(cfg, args.source)}"))
-                return 0
-            print(format_stats(splits, f"tasks in {_describe(cfg, args.source)}"))
+            else:
+                print(format_stats(splits, f"tasks in {_describe(cfg, args.source)}"))
+            if cfg.source == "proofwriter":
+                print()
+                print(format_proofwriter_options(cfg))
             return 0
         out = Path(args.out)
         if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -258,7 +401,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         counts = ", ".join(f"{s} {len(splits[s]):,}" for s in SPLITS)
         print(f"wrote {counts} tasks to {out} (read it with data.source=hf data.path={out})")
         return 0
-    except (DataFormatError, SpecError, ValueError, FileNotFoundError, ConnectionError) as exc:
+    except (DataFormatError, SpecError, fetching.FetchError, ValueError, FileNotFoundError, ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

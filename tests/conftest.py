@@ -4,8 +4,12 @@ Settings: one CPU thread per test process (2-core machines; Ray tests run worker
 process) and no W&B network access.
 """
 
+import ast
+import csv
 import importlib.util
 import os
+import random
+import re
 import sys
 from pathlib import Path
 
@@ -53,3 +57,126 @@ def sweep_command(space, storage, name: str, *overrides: str) -> list:
         f"tune.storage_path={storage}", f"tune.name={name}", "tune.num_samples=1",
         "data.num_train=64", "data.num_validation=32", "train.epochs=1", "train.patience=0", *overrides,
     ]
+
+
+# ------------------------------------------------------------------------ csv2txt, as a fixture
+# NicolasAG/clutrr's clutrr/store/relations_store.yaml ("p" templates per relation word) and
+# question_store.yaml; the generator fills e_1 / e_2 with "[Name]" and appends ". ".
+
+_OWN = {
+    "son": ["e_1 has a son called e_2", "e_2 is e_1's son"],
+    "daughter": ["e_1 has a daughter called e_2", "e_2 is e_1's daughter"],
+    "husband": ["The husband of e_1 is e_2", "e_2 is e_1's husband"],
+    "wife": ["e_1 has a wife who is e_2", "e_2 is e_1's wife"],
+    "brother": ["e_1 has a brother named e_2", "e_2 is e_1's brother"],
+    "sister": ["e_1 has a sister named e_2", "e_2 is e_1's sister"],
+    "grandson": ["e_1 has a grandson who is e_2", "e_2 is e_1's grandson"],
+    "granddaughter": ["e_1 has a granddaughter who is e_2", "e_2 is e_1's granddaughter"],
+    "son-in-law": ["e_1 has a son-in-law who is e_2"],
+    "daughter-in-law": ["e_1 has a daughter-in-law who is e_2"],
+}
+QUESTIONS = [
+    "How is e_1 related to e_2 ?",
+    "How are e_1 and e_2 related to each other ?",
+    "Who is e_2 from the point of relation of e_1 ?",
+    "For e_1, who is e_2 ?",
+    "What is the family connection between e_1 and e_2 ?",
+]
+
+
+def templates(relation: str) -> list[str]:
+    common = [f"e_2 is a {relation} to e_1", f"e_2 is a {relation} of e_1", f"e_2 is the {relation} of e_1"]
+    return common + _OWN.get(relation, [f"e_2 is e_1's {relation}"])
+
+
+def fill(template: str, e1: str, e2: str) -> str:
+    return template.replace("e_1", f"[{e1}]").replace("e_2", f"[{e2}]") + ". "
+
+
+def moses(text: str) -> str:
+    """sacremoses' MosesTokenizer(lang='en').tokenize(text, return_str=True, escape=False) on
+    these sentences: 's and sentence punctuation become tokens."""
+    text = re.sub(r"(\w)'s\b", r"\1 's", text)
+    text = re.sub(r"([.,?!:])(?=\s|$)", r" \1", text)
+    return " ".join(text.split())
+
+
+def unbracket(text: str) -> str:
+    return text.replace("[", "").replace("]", "").replace("  ", " ").strip()
+
+
+def sample_relation(rng: random.Random) -> tuple[str, str]:
+    return rng.choice([("a", "to"), ("a", "of"), ("the", "of")])
+
+
+def csv2txt_line(row: dict, rng: random.Random, proof_type: str = "short", gender_aware: bool = False,
+                 anonymise: bool = False, neice: bool = False) -> str:
+    """One SG line from one CLUTRR CSV row, as csv2txt.py (reversed=no) writes it."""
+    people = [p.split(":") for p in row["genders"].split(",")]
+    names = [n for n, _ in people]
+    word = (lambda r: "neice" if r == "niece" else r) if neice else (lambda r: r)
+    edges = ast.literal_eval(row["story_edges"])
+    story = [fill(rng.choice(templates(r)).replace(r, word(r)), names[a], names[b])
+             for (a, b), r in zip(edges, ast.literal_eval(row["edge_types"]))]
+    story = rng.sample(story, len(story))  # build_story_text shuffles the story's sentences
+    q0, q1 = ast.literal_eval(row["query"])
+    query = (rng.choice(QUESTIONS).replace("e_1", f"[{q0}]").replace("e_2", f"[{q1}]") + ". ").replace("?.", "?")
+    target = row["target_text"]
+    answer = fill(rng.choice(templates(target)).replace(target, word(target)), q0, q1)
+    if proof_type == "short":
+        proof = ""
+        for element in ast.literal_eval(row["proof_state"])[::-1]:
+            for result, premises in element.items():
+                (r11, r12), (r21, r22), (r31, r32) = (sample_relation(rng) for _ in range(3))
+                proof += (f"Since {premises[1][2]} is {r11} {premises[1][1]} {r12} {premises[1][0]}, and "
+                          f"{premises[0][2]} is {r21} {premises[0][1]} {r22} {premises[0][0]}, then "
+                          f"{result[2]} is {r31} {result[1]} {r32} {result[0]}. ")
+    else:
+        proof = "none"
+    story, query, answer, proof = (moses(unbracket(t)) for t in (" ".join(story), query, answer, proof))
+    if gender_aware:  # csv2txt replaces each name by name[gender] in the story
+        story = " ".join(f"{t}[{dict(people)[t]}]" if t in names else t for t in story.split())
+    if anonymise:
+        anon = {n: f"ent_{i + 1}" for i, n in enumerate(names)}
+        story, query, answer, proof = (" ".join(anon.get(t, t) for t in part.split())
+                                       for part in (story, query, answer, proof))
+    return f"<STORY> {story} <QUERY> {query} <PROOF> {proof} <ANSWER> {answer} \n"
+
+
+def csv_rows() -> list[dict]:
+    with open(CLUTRR_TEST, encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def level_of(row: dict) -> int:
+    return int(row["task_name"].split(".")[1])
+
+
+def clutrr_sg_release(root: Path, levels=(2, 4, 6)) -> dict:
+    """The shared CLUTRR CSV as a CLUTRR-SG release under ``root`` (SGinPG's layout, lines as its
+    ``scripts/csv2txt.py`` writes them): the given levels split a third each into train / valid /
+    test, the other levels test only; short and no proof files of each, plus query-only files the
+    reader skips. Returns {(file name without .txt[.N], line): CSV row}."""
+    root = Path(root) / "forward"
+    rng = random.Random(0)
+    by_level: dict[int, list[dict]] = {}
+    for row in csv_rows():
+        by_level.setdefault(level_of(row), []).append(row)
+    where = {}
+    for k, rows in sorted(by_level.items()):
+        parts = {"train": rows[0::3], "valid": rows[1::3], "test": rows[2::3]} if k in levels else {"test": rows}
+        for split, part in parts.items():
+            folder = root / "test" / str(k) if split == "test" else root / split
+            folder.mkdir(parents=True, exist_ok=True)
+            suffix = "ANON.txt" if split == "test" else "anon.txt.4000"
+            for proof in ("short", "no"):
+                name = f"{proof}_proof_1.{k}_{split}_facts_{suffix}"
+                lines = [csv2txt_line(row, rng, proof, neice=bool(i % 2)) for i, row in enumerate(part)]
+                (folder / name).write_text("".join(lines), encoding="utf-8")
+                prefix = re.sub(r"\.txt(\.\d+)?$", "", name)  # record ids: <name without .txt[.N]>:<line>
+                where.update({(prefix, i + 1): row for i, row in enumerate(part)})
+            if split == "test":
+                (folder / f"queries_1.{k}_test_facts_ANON.txt").write_text(
+                    "<STORY> A is the son of B . <QUERY> How is B related to A ? <PROOF> . . . <ANSWER> . . . \n",
+                    encoding="utf-8")
+    return where

@@ -53,6 +53,9 @@ def test_paper_preset_has_the_papers_hyper_parameters():
     assert (cfg.data.selection, cfg.data.distractors, list(cfg.data.hops)) == ("paper", 0, [])
     assert cfg.model.dropout == 0.1
     assert (cfg.resources.num_workers, cfg.resources.gpus_per_worker) == (1, 1)
+    # where the paper is silent, the authors' code: weight decay 0.05, clip 0.1, 6% warmup, patience 5
+    assert (cfg.outer.weight_decay, cfg.outer.clip, cfg.outer.warmup_ratio) == (0.05, 0.1, 0.06)
+    assert cfg.outer.schedule == "linear" and cfg.train.patience == 5
 
 
 def test_paper_variants_extend_the_paper_preset_and_change_only_their_keys():

@@ -173,3 +173,33 @@ def test_spec_options_select_and_filter_hops_per_split(capsys):
     hops = section(out, "tasks by hop count")
     assert row(hops, "4")[1:3] == ["0", "0"] and row(hops, "10")[1:3] == ["0", "0"]
     assert int(row(hops, "10")[3]) > 0 and int(row(hops, "2")[1]) > 0
+
+
+def test_stats_of_a_proofwriter_file_prints_the_counts_under_each_balance_and_proofs_choice(capsys):
+    from reckoning_ray.core.data.proofwriter import read_proofwriter_file
+
+    assert main(["stats", str(PROOFWRITER), "selection=paper", "balance=false", "proofs=merged"]) == 0
+    out = capsys.readouterr().out
+    assert f"AFTER selection=paper: tasks in {PROOFWRITER} (proofwriter, selection=paper, balance=false, " \
+           f"proofs=merged)" in out
+    table = section(out, "ProofWriter options: ")
+    rows = {tuple(line.split()[:3]): line.split()[3:] for line in table.splitlines()[3:]}
+    assert list(rows) == [("qdep", "-", "shortest"), ("qdep", "-", "merged"), ("paper", "true", "shortest"),
+                          ("paper", "true", "merged"), ("paper", "false", "shortest"), ("paper", "false", "merged")]
+    assert rows[("qdep", "-", "shortest")][:4] == ["4,004", "1,001", "1,001", "2,002"]
+    assert rows[("paper", "true", "shortest")][:4] == ["891", "297", "297", "297"]
+    for balance in ("true", "false"):
+        for proofs in ("shortest", "merged"):
+            records = read_proofwriter_file(PROOFWRITER, "paper", 0, balance == "true", proofs)
+            facts = [len(r["facts"]) for r in records]
+            assert rows[("paper", balance, proofs)][:6] == [
+                f"{len(records):,}", *(f"{sum(r['answer'] == a for r in records):,}" for a in ("yes", "no", "none")),
+                f"{sum(facts) / len(facts):.2f}", str(max(facts))]
+    unbalanced, balanced = (int(rows[("paper", b, "shortest")][0].replace(",", "")) for b in ("false", "true"))
+    assert unbalanced > balanced
+    for selection, balance in (("qdep", "-"), ("paper", "true"), ("paper", "false")):
+        assert float(rows[(selection, balance, "merged")][4]) >= float(rows[(selection, balance, "shortest")][4])
+    assert [cells[-1] == "*" for cells in rows.values()] == [False] * 5 + [True]  # this run's choice
+    assert main(["stats", str(PROOFWRITER), "proofs=all"]) == 2
+    assert "option 'proofs=all': cannot use 'all' for proofs (choose one of ('shortest', 'merged'))" in \
+        capsys.readouterr().err

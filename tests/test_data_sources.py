@@ -582,3 +582,83 @@ def test_per_split_hops_generate_each_split_with_its_hop_counts():
     same = generate_splits(DataConfig(hops=[2, 3], **common))
     assert dd["train"].to_list() == same["train"] and dd["validation"].to_list() == same["validation"]
     assert dd["test"].to_list() == generate_splits(DataConfig(hops=[2, 3, 4], **common))["test"]
+
+
+# --------------------------------------------------------------------------------------------- data.balance / data.proofs
+
+
+def _theories():
+    return [json.loads(line) for line in PROOFWRITER.read_text(encoding="utf-8").splitlines()]
+
+
+def test_balance_false_keeps_every_selected_question_once(paper_records, paper_expected):
+    unbalanced = read_proofwriter_file(PROOFWRITER, selection="paper", seed=0, balance=False)
+    kept = {f"{tid}-{q}" for tid, t in paper_expected.items() for qids in t["kept"].values() for q in qids}
+    ids = [r["id"] for r in unbalanced]
+    assert len(ids) == len(set(ids)) and set(ids) == kept
+    labels = Counter(r["answer"] for r in unbalanced)
+    assert labels == {label: sum(len(t["kept"][label]) for t in paper_expected.values())
+                      for label in ("yes", "no", "none")}
+    assert labels["none"] == 297 and labels["yes"] > 297 and labels["no"] > 297
+    assert len(unbalanced) > len(paper_records) == 891
+    # the same tasks as the balanced reading, without the resampling (and so without the seed)
+    first_copies = {r["id"]: r for r in paper_records if not re.search(r"-r\d+$", r["id"])}
+    assert all(r == first_copies[r["id"]] for r in unbalanced if r["id"] in first_copies)
+    assert read_proofwriter_file(PROOFWRITER, selection="paper", seed=1, balance=False) == unbalanced
+    # balance has no effect under qdep; the config threads it to the reader
+    assert read_proofwriter_file(PROOFWRITER, balance=False) == read_proofwriter_file(PROOFWRITER)
+    cfg = DataConfig(source="proofwriter", path=str(PROOFWRITER), hops=[], selection="paper", balance=False)
+    assert sum(len(v) for v in read_records(cfg).values()) == len(unbalanced)
+
+
+def test_merged_proofs_take_the_sentences_of_every_alternative_proof(pw_records):
+    shortest = by_id(pw_records)
+    merged = by_id(read_proofwriter_file(PROOFWRITER, proofs="merged"))
+    assert list(merged) == list(shortest)
+    # independently: every triple / rule id the proofs string names, as sentences in theory order
+    for theory in _theories():
+        order = list(theory["sentences"])
+        for qid, q in theory["questions"].items():
+            record = merged[f"{theory['id']}-{qid}"]
+            if q["answer"] == "Unknown":
+                assert record == shortest[record["id"]]  # Unknown questions have no proof
+                continue
+            used = {theory["mappings"][i] for i in re.findall(r"(?:triple|rule)\d+", q["proofs"])}
+            assert record["facts"] == [theory["sentences"][s].strip() for s in sorted(used, key=order.index)]
+    more = 0
+    for rid, record in merged.items():
+        assert record["knowledge"] == shortest[rid]["knowledge"]
+        assert set(shortest[rid]["facts"]) <= set(record["facts"])
+        more += len(record["facts"]) > len(shortest[rid]["facts"])
+    assert more > 0
+    # the two-proof question of test_proofwriter_alternative_proofs_...: 5 sentences vs 6 + 5 merged
+    q7 = "AttNonegNatLang-OWA-111-Q7"
+    assert len(shortest[q7]["facts"]) == 5 and len(merged[q7]["facts"]) > 5
+
+    # knowledge without distractors (data.distractors=0, what training sees) is never smaller
+    def knowledge(proofs, selection):
+        cfg = DataConfig(source="proofwriter", path=str(PROOFWRITER), hops=[], selection=selection, balance=False,
+                         proofs=proofs, distractors=0, num_train=0, num_validation=0, num_test=0)
+        return {r["id"]: r["knowledge"] for s in filter_splits(read_records(cfg), cfg).values() for r in s}
+
+    short, wide = knowledge("shortest", "paper"), knowledge("merged", "paper")
+    assert set(short) < set(wide)  # a merged proof of >= 2 sentences keeps every shortest-kept question, and more
+    assert all(len(wide[i]) >= len(short[i]) for i in short)
+    assert sum(len(wide[i]) > len(short[i]) for i in short) > 0
+
+
+def test_balance_and_proofs_defaults_reproduce_the_current_reading_and_are_validated(paper_records):
+    cfg = load_config()
+    assert (cfg.data.balance, cfg.data.proofs) == (True, "shortest")
+    assert (DataConfig().balance, DataConfig().proofs) == (True, "shortest")
+    assert read_proofwriter_file(PROOFWRITER, "paper", 0, True, "shortest") == paper_records
+    assert read_proofwriter(PROOFWRITER, 0.1, 0.1, 0, "paper", True, "shortest") == \
+        read_proofwriter(PROOFWRITER, 0.1, 0.1, 0, "paper")
+    cfg = load_config(None, ["data.balance=false", "data.proofs=merged"])
+    assert (cfg.data.balance, cfg.data.proofs) == (False, "merged")
+    with pytest.raises(ValueError, match=r"data.proofs='all' is invalid: choose one of \('shortest', 'merged'\)"):
+        load_config(None, ["data.proofs=all"])
+    with pytest.raises(ValueError, match="data.balance"):
+        load_config(None, ["data.balance=sometimes"])
+    with pytest.raises(ValueError, match=r"data.proofs='all' is invalid"):
+        read_proofwriter_file(PROOFWRITER, proofs="all")

@@ -227,6 +227,92 @@ def test_icr_random_facts_come_from_other_tasks_and_are_seeded(tok):
         Encoder(tok, "icr_random_facts", multi_task=True, max_length=128).collate([PW])
 
 
+def test_the_encoder_knows_every_train_method():
+    from reckoning_ray.core.config import AUTO_NODE_TYPE
+    from reckoning_ray.core.config import METHODS as CONFIG_METHODS
+
+    assert METHODS == CONFIG_METHODS and set(AUTO_NODE_TYPE) == set(METHODS)
+    assert AUTO_NODE_TYPE["icr_no_question"] == "rtx3090" and AUTO_NODE_TYPE["reckoning_random_facts"] == "a100"
+
+
+def test_icr_no_question_prompt_is_the_knowledge_without_the_question(tok):
+    enc = Encoder(tok, "icr_no_question", multi_task=True, max_length=128)
+    assert enc.prompt_text(PW) == "Bob is red.\nAnne is big.\nIf someone is red then they are kind."
+    batch = enc.collate([PW, CL])
+    assert batch.knowledge is None
+    icr = Encoder(tok, "icr", multi_task=True, max_length=128).collate([PW, CL])
+    for t, record in enumerate([PW, CL]):
+        prompt = tok.decode(batch.prompt.input_ids[t][batch.prompt.attention_mask[t].bool()])
+        for fact in record["knowledge"]:
+            assert normalize_fact(fact) in normalize_fact(prompt)
+        # nothing of the question: not its wording, not FT-ICR's question phrase
+        assert normalize_fact(record["question"].rstrip(".?")) not in normalize_fact(prompt)
+        assert "conclude" not in prompt and "related" not in prompt and "?" not in prompt
+        # the target is FT-ICR's: the answer and, multi-task, the relevant facts
+        assert tok.decode(masked(batch.sequence.labels[t])) == tok.decode(masked(icr.sequence.labels[t]))
+    assert tok.decode(masked(batch.sequence.labels[0])) == (
+        "yes because Bob is red . If someone is red then they are kind . <eos>"
+    )
+    single = Encoder(tok, "icr_no_question", multi_task=False, max_length=128).collate([PW])
+    assert tok.decode(masked(single.sequence.labels[0])) == "yes <eos>"
+    with pytest.raises(EncodeError, match="empty-0.*knowledge"):
+        enc.collate([dict(PW, id="empty-0", knowledge=[])])
+
+
+def knowledge_rows(tok, batch, t) -> list[str]:
+    """The decoded fact bodies of task ``t``'s knowledge lines (loss-masked tokens, eos dropped)."""
+    k = batch.knowledge
+    rows = []
+    for i in range(k.labels.shape[1]):
+        body = masked(k.labels[t, i])
+        if body:
+            rows.append(tok.decode(body[:-1]))
+    return rows
+
+
+def test_reckoning_random_facts_encodes_knowledge_of_other_tasks(tok):
+    pool = [k for r in RECORDS for k in r["knowledge"]]
+    enc = Encoder(tok, "reckoning_random_facts", multi_task=True, max_length=128, seed=0, fact_pool=pool)
+    drawn = enc.knowledge_of(PW)
+    assert drawn == enc.random_facts(PW, pool)
+    assert len(drawn) == len(PW["knowledge"]) == 3 and len(set(drawn)) == 3  # same count, no repeats
+    assert not set(drawn) & set(PW["knowledge"])  # none of the task's own
+    assert set(drawn) <= set(pool)
+    batch = enc.collate([PW, CL])
+    assert batch.knowledge is not None and batch.knowledge.input_ids.shape[:2] == (2, 3)
+    assert [normalize_fact(r) for r in knowledge_rows(tok, batch, 0)] == [normalize_fact(f) for f in drawn]
+    assert len(knowledge_rows(tok, batch, 1)) == 2
+    assert not {normalize_fact(f) for f in knowledge_rows(tok, batch, 1)} & {normalize_fact(f) for f in CL["knowledge"]}
+    # The prompt, the target (own answer and own relevant facts) and the gold facts are RECKONING's.
+    own = Encoder(tok, "reckoning", multi_task=True, max_length=128).collate([PW, CL])
+    assert torch.equal(batch.sequence.input_ids, own.sequence.input_ids)
+    assert torch.equal(batch.sequence.labels, own.sequence.labels)
+    assert torch.equal(batch.prompt.input_ids, own.prompt.input_ids)
+    assert batch.facts == own.facts == [PW["facts"], CL["facts"]]
+    assert knowledge_rows(tok, own, 0) != knowledge_rows(tok, batch, 0)
+    # Seeded per task: the same draw in every epoch and process, another seed another draw.
+    again = Encoder(tok, "reckoning_random_facts", multi_task=True, max_length=128, seed=0, fact_pool=pool)
+    assert again.knowledge_of(PW) == drawn
+    assert torch.equal(again.collate([PW, CL]).knowledge.input_ids, batch.knowledge.input_ids)
+    assert torch.equal(enc.collate([CL, PW]).knowledge.input_ids[1], batch.knowledge.input_ids[0])
+    other = Encoder(tok, "reckoning_random_facts", multi_task=True, max_length=128, seed=1, fact_pool=pool)
+    assert other.knowledge_of(PW) != drawn
+    # Without a pool the other tasks of the batch are the pool; one task alone has none.
+    batch_pool = Encoder(tok, "reckoning_random_facts", multi_task=True, max_length=128).collate([PW, CL])
+    rows = knowledge_rows(tok, batch_pool, 0)
+    assert len(rows) == 3 and {normalize_fact(r) for r in rows} <= {normalize_fact(f) for f in CL["knowledge"]}
+    with pytest.raises(EncodeError, match="pw-0.*fact_pool"):
+        Encoder(tok, "reckoning_random_facts", multi_task=True, max_length=128).collate([PW])
+    # The pool forces repeats (2 sentences of others for 3 facts), never the task's own sentences.
+    small = Encoder(tok, "reckoning_random_facts", True, 128, fact_pool=PW["knowledge"] + CL["knowledge"])
+    forced = small.knowledge_of(PW)
+    assert len(forced) == 3 and set(forced) <= set(CL["knowledge"])
+    with pytest.raises(EncodeError, match="pw-0.*no knowledge of other tasks"):
+        Encoder(tok, "reckoning_random_facts", True, 128, fact_pool=PW["knowledge"]).collate([PW])
+    with pytest.raises(EncodeError, match="no inner loop"):
+        Encoder(tok, "icr", True, 128).knowledge_of(PW)
+
+
 # ------------------------------------------------------------------------------ parse_generation
 
 

@@ -50,7 +50,8 @@ def test_pyproject_lists_every_package_and_maps_the_spaces():
     assert not missing, f"add {missing} to [tool.setuptools] packages in pyproject.toml (the wheel would lack them)"
     assert sorted(listed) == sorted(_source_packages() + ["reckoning_ray.tune_spaces"])
     assert tool["package-dir"] == {"reckoning_ray.tune_spaces": "tune_spaces"}
-    assert tool["package-data"] == {"reckoning_ray": ["conf/*.yaml"], "reckoning_ray.tune_spaces": ["*.yaml"]}
+    assert tool["package-data"] == {"reckoning_ray": ["conf/*.yaml"], "reckoning_ray.core": ["paper_numbers.csv"],
+                                    "reckoning_ray.tune_spaces": ["*.yaml"]}
 
 
 def test_spaces_dir_of_this_install():

@@ -2,8 +2,16 @@
 
 The knowledge is in the prompt instead of the weights: ``TaskBatch.sequence`` holds the
 in-context prompt (knowledge sentences, then the question; built by the Encoder for the methods
-``icr``, ``icr_no_facts``, ``icr_random_facts``) followed by the target, and training is plain
-fine-tuning on the target tokens. Same interface as :class:`reckoning_ray.core.bilevel.ReckoningMethod`
+``icr``, ``icr_no_facts``, ``icr_random_facts``, ``icr_no_question``) followed by the target, and
+training is plain fine-tuning on the target tokens.
+
+The paper's controls (Table 1) besides FT-ICR: ``icr_no_facts`` (No-Facts: the question alone),
+``icr_no_question`` (No-Question: "a fine-tuned model that performs a forward pass on only the
+knowledge without access to the question": the prompt is the task's knowledge sentences alone, the
+target the same as FT-ICR's, the answer and, multi-task, the relevant facts; the authors' code,
+eric11eca/reckoning-metakg, has it as the ``no_question`` option of its in-context ``baseline``
+runs beside ``no_facts`` and ``random_facts``), ``icr_random_facts``, and RECKONING's Random-Facts
+(``reckoning_random_facts``, :class:`reckoning_ray.core.bilevel.method.ReckoningRandomFactsMethod`). Same interface as :class:`reckoning_ray.core.bilevel.ReckoningMethod`
 (:class:`reckoning_ray.core.method.Method`; no inner loop, no learned inner rates), so the training loop
 runs either.
 """
@@ -24,13 +32,11 @@ from reckoning_ray.core.bilevel.lm import (
     max_positions,
     row_mean_losses,
 )
-from reckoning_ray.core.bilevel.method import ReckoningMethod, method_settings
+from reckoning_ray.core.bilevel.method import ReckoningMethod, ReckoningRandomFactsMethod, method_settings
 from reckoning_ray.core.config import EvalConfig, InnerConfig, OuterConfig, group
-from reckoning_ray.core.data.encode import Encoder, TaskBatch
+from reckoning_ray.core.data.encode import IN_CONTEXT_METHODS, METHODS, RECKONING_RANDOM_FACTS, Encoder, TaskBatch
 
-__all__ = ["InContextMethod", "build_method", "build_method_from_settings"]
-
-IN_CONTEXT_METHODS = ("icr", "icr_no_facts", "icr_random_facts")
+__all__ = ["IN_CONTEXT_METHODS", "InContextMethod", "build_method", "build_method_from_settings"]
 
 
 class InContextMethod:
@@ -130,15 +136,21 @@ class InContextMethod:
 
 def build_method(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any, encoder: Encoder):
     """The method of ``cfg.train.method`` from a full config: :class:`ReckoningMethod` for
-    "reckoning" (engine ``inner.engine``), :class:`InContextMethod` for the in-context methods."""
+    "reckoning" (engine ``inner.engine``), :class:`ReckoningRandomFactsMethod` for
+    "reckoning_random_facts", :class:`InContextMethod` for the in-context methods."""
     return _build(str(cfg.train.method), model, tokenizer, encoder, lambda name: group(cfg, name),
                   float(cfg.model.dropout))
 
 
-def build_method_from_settings(settings: dict[str, Any], model: torch.nn.Module, tokenizer: Any):
+def build_method_from_settings(settings: dict[str, Any], model: torch.nn.Module, tokenizer: Any,
+                               fact_pool: Optional[list[str]] = None):
     """The method that wrote ``settings`` (its ``settings()``, e.g. read back from a checkpoint)
     around ``model`` and ``tokenizer``; the learned rates are fresh (``load_extra_state`` restores
-    them). Keys other than the method's own (e.g. a format version) are ignored."""
+    them). Keys other than the method's own (e.g. a format version) are ignored.
+
+    ``fact_pool``: the sentences the random-facts methods draw from (a checkpoint keeps its run's,
+    :func:`reckoning_ray.core.checkpoint.load_pretrained` passes them); None: the other tasks of
+    each batch."""
     schemas = {"inner": InnerConfig, "outer": OuterConfig, "eval": EvalConfig}
 
     def config(name: str) -> Any:
@@ -146,15 +158,16 @@ def build_method_from_settings(settings: dict[str, Any], model: torch.nn.Module,
         # (not merged onto the defaults: a dict such as inner.steps_by_hops replaces the default's).
         return OmegaConf.to_object(OmegaConf.structured(schemas[name](**settings[name])))
 
-    encoder = Encoder(tokenizer, **settings["encoder"])
+    encoder = Encoder(tokenizer, **settings["encoder"], fact_pool=fact_pool)
     return _build(str(settings["method"]), model, tokenizer, encoder, config, float(settings.get("dropout", 0.0)))
 
 
 def _build(method: str, model: torch.nn.Module, tokenizer: Any, encoder: Encoder, config: Any, dropout: float):
     if method == "reckoning":
         return ReckoningMethod(model, tokenizer, encoder, config("inner"), config("outer"), config("eval"), dropout)
+    if method == RECKONING_RANDOM_FACTS:
+        return ReckoningRandomFactsMethod(model, tokenizer, encoder, config("inner"), config("outer"),
+                                          config("eval"), dropout)
     if method in IN_CONTEXT_METHODS:
         return InContextMethod(model, tokenizer, encoder, config("outer"), config("eval"), dropout)
-    raise BilevelError(
-        f"train.method={method!r} is invalid: choose reckoning, icr, icr_no_facts or icr_random_facts"
-    )
+    raise BilevelError(f"train.method={method!r} is invalid: choose one of {', '.join(METHODS)}")

@@ -24,6 +24,10 @@ A checkpoint directory is a trained model that needs nothing else::
                                              encoder: target format, max length; generation length)
     meta_parameters.safetensors              meta-parameters besides the weights (RECKONING's
                                              learned inner learning rates)
+    fact_pool.json                           the random-facts methods only (icr_random_facts,
+                                             reckoning_random_facts): the sentences their random
+                                             knowledge is drawn from (the training knowledge), so
+                                             the checkpoint alone draws as the run did
     trainer_state.pt                         outer optimizer, scheduler, random state, progress and
                                              validation history (the latest checkpoint only: to
                                              resume training)
@@ -48,6 +52,7 @@ RECORD = "checkpoints.json"
 CHECKPOINTS = "checkpoints"
 SETTINGS = "reckoning.json"
 META_PARAMETERS = "meta_parameters.safetensors"
+FACT_POOL = "fact_pool.json"
 TRAINER_STATE = "trainer_state.pt"
 FORMAT_VERSION = 1
 
@@ -72,7 +77,32 @@ def save_pretrained(method: Any, directory: str | os.PathLike, task: Optional[di
     (directory / SETTINGS).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     extra = {k: v.detach().to("cpu").contiguous() for k, v in method.extra_state().items()}
     save_file(extra, str(directory / META_PARAMETERS))
+    pool = _fact_pool_to_keep(method)
+    if pool is not None:
+        (directory / FACT_POOL).write_text(json.dumps(pool) + "\n")
     return directory
+
+
+def _fact_pool_to_keep(method: Any) -> Optional[list[str]]:
+    """The encoder's fact pool when the method draws random knowledge from it, else None."""
+    # heavy: imported here to keep torch off this module's import (the encoder module imports it)
+    from reckoning_ray.core.data.encode import RANDOM_FACTS_METHODS
+
+    encoder = getattr(method, "encoder", None)
+    if encoder is None or encoder.method not in RANDOM_FACTS_METHODS or encoder.fact_pool is None:
+        return None
+    return list(encoder.fact_pool)
+
+
+def read_fact_pool(directory: str | os.PathLike) -> Optional[list[str]]:
+    """The fact pool a random-facts checkpoint keeps (:data:`FACT_POOL`), None when it has none."""
+    path = Path(directory) / FACT_POOL
+    if not path.is_file():
+        return None
+    pool = json.loads(path.read_text())
+    if not isinstance(pool, list) or not all(isinstance(s, str) for s in pool):
+        raise CheckpointError(f"{path} is not a list of sentences")
+    return pool
 
 
 def read_settings(directory: str | os.PathLike) -> dict[str, Any]:
@@ -105,7 +135,7 @@ def load_pretrained(directory: str | os.PathLike, device: Optional["torch.device
     settings = read_settings(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, **({"dtype": dtype} if dtype else {}))
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    method = build_method_from_settings(settings, model, tokenizer)
+    method = build_method_from_settings(settings, model, tokenizer, fact_pool=read_fact_pool(directory))
     restore_method(method, directory, weights=False)
     if device is not None:
         method.to(device)
@@ -123,7 +153,8 @@ def restore_method(method: Any, directory: str | os.PathLike, weights: bool = Tr
     a checkpoint on its own) builds it from the checkpoint's ``reckoning.json``;
     :func:`reckoning_ray.core.runs.prepare` with ``model_dir`` (resume, test evaluation, model
     soups) builds it from the run's config, whose encoder knows the run's data (the fact pool of
-    ``icr_random_facts``) and whose model loader keeps a resumed run exact. Both then call this,
+    ``icr_random_facts`` and ``reckoning_random_facts``, which :func:`load_pretrained` reads from
+    the checkpoint's ``fact_pool.json`` instead) and whose model loader keeps a resumed run exact. Both then call this,
     and resume calls it again with the weights (the latest checkpoint, or a wsd run's stable one). It
     lives here, not in the training loop, because this module owns the checkpoint's layout
     (``meta_parameters.safetensors``, ``trainer_state.pt``) and nothing about restoring needs the
@@ -228,6 +259,7 @@ __all__ = [
     "is_checkpoint",
     "load_pretrained",
     "load_trainer_state",
+    "read_fact_pool",
     "read_record",
     "read_settings",
     "resolve",

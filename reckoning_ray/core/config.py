@@ -44,6 +44,8 @@ class MethodName(Choice):
     icr = "icr"
     icr_no_facts = "icr_no_facts"
     icr_random_facts = "icr_random_facts"
+    icr_no_question = "icr_no_question"
+    reckoning_random_facts = "reckoning_random_facts"
 
 
 class Source(Choice):
@@ -114,7 +116,8 @@ ENGINES = Engine.values()
 TRACKING_MODES = TrackingMode.values()
 NODE_TYPES = ("", "auto", "a100", "rtx3090")
 # node_type "auto": the paper's placement, RECKONING on A100 nodes and the baselines on RTX 3090s.
-AUTO_NODE_TYPE = {"reckoning": "a100", "icr": "rtx3090", "icr_no_facts": "rtx3090", "icr_random_facts": "rtx3090"}
+AUTO_NODE_TYPE = {"reckoning": "a100", "icr": "rtx3090", "icr_no_facts": "rtx3090", "icr_random_facts": "rtx3090",
+                  "icr_no_question": "rtx3090", "reckoning_random_facts": "a100"}
 # The validation metrics a run can rank by, each with its direction: "max" when a larger value is
 # better, "min" when a smaller one is. The one place that says so: early stopping and the best
 # checkpoint (train.metric), the W&B run summaries, and the check that tune.mode agrees with
@@ -205,17 +208,33 @@ _SPLIT_HOPS = ("Hop counts of the {split} split (length generalisation, e.g. dat
                "generated with these hop counts.")
 
 
+class Proofs(Choice):
+    """Which proof of a ProofWriter yes / no question gives its facts (data.proofs)."""
+
+    shortest = "shortest"
+    merged = "merged"
+
+
+PROOFS = Proofs.values()
+
+
 @dataclass
 class DataConfig:
     """The tasks: source, hop counts, which questions, how many, how split."""
 
     source: Source = doc(
         Source.generate,
-        "generate (offline generator, data.generator.*) | proofwriter (meta-*.jsonl) | clutrr (CSV) | "
-        "hf (a datasets save_to_disk directory or a hub id).")
+        "generate (offline generator, data.generator.*) | proofwriter (meta-*.jsonl) | clutrr (the CLUTRR "
+        "CSV files, or the CLUTRR-SG text files *_proof_1.k_{train,valid,test}_*.txt[.4000] of "
+        "NicolasAG/SGinPG, told apart by name or first line) | hf (a datasets save_to_disk directory or a hub id).")
     family: Family = doc(Family.proofwriter, "Task family of generated data: proofwriter | clutrr.")
     path: Optional[str] = doc(None, "File or directory of the proofwriter / clutrr / hf sources.")
-    hops: List[int] = doc([0], "Keep only tasks with these hop counts; empty keeps all.")
+    hops: List[int] = doc(
+        [0],
+        "Keep only tasks with these hop counts; empty keeps all. For a directory of CLUTRR-SG files it "
+        "also picks the files: level 1.k (k hops) is read when k is listed (data.hops=[4]: the authors' "
+        "clutrr_4_hop model; train / valid / test files -> train / validation / test; data.<split>_hops "
+        "picks one split's levels).")
     train_hops: Optional[List[int]] = doc(None, _SPLIT_HOPS.format(split="training"))
     validation_hops: Optional[List[int]] = doc(None, _SPLIT_HOPS.format(split="validation"))
     test_hops: Optional[List[int]] = doc(None, _SPLIT_HOPS.format(split="test"))
@@ -229,6 +248,17 @@ class DataConfig:
         "to the theory's Unknown count, and data.distractors drawn with replacement then de-duplicated "
         "(for every file source). hops stays QDep; the paper's \"depth-D\" is the release file data.path "
         "points at.")
+    balance: bool = doc(
+        True,
+        "data.selection=paper: true resamples each theory's True and False questions (with replacement) "
+        "to its Unknown count, as the authors did; false keeps every selected question once. No effect "
+        "under qdep or on other sources.")
+    proofs: Proofs = doc(
+        Proofs.shortest,
+        "The facts of a ProofWriter True / False question (data.source=proofwriter, either selection): "
+        '"shortest", the sentences of one shortest proof (of depth QDep, fewest sentences); "merged", the '
+        "sentences of all its alternative proofs merged, as the authors' notebook takes them (selection=paper "
+        "then counts the merged sentences for its >= 2 test).")
     distractors: int = doc(
         0,
         "Distractor sentences kept per task: -1 keeps all the source has, 0 none, n at most n "
@@ -353,7 +383,10 @@ class TrainConfig:
         MethodName.reckoning,
         "reckoning | icr (fine-tuned in-context reasoning: knowledge and question in one prompt) | "
         "icr_no_facts (the question alone) | icr_random_facts (the question with facts drawn from other "
-        "tasks).")
+        "tasks) | icr_no_question (the knowledge alone, no question: the paper's No-Question control) | "
+        "reckoning_random_facts (RECKONING whose inner loop encodes as many sentences drawn from other "
+        "training tasks instead of the task's own, seeded by train.seed; the target keeps the task's own "
+        "facts: the paper's Random-Facts control).")
     batch_size: int = doc(
         2,
         "Tasks per micro-batch, global: an optimizer step consumes train.batch_size x train.grad_accum "
@@ -612,6 +645,10 @@ def _check_data(d: Any) -> None:
         if d[k] is not None:
             _check(all(h >= 0 for h in d[k]), f"data.{k}", list(d[k]), "hop counts must be >= 0 (or null to use data.hops)")
     _check(d.distractors >= -1, "data.distractors", d.distractors, "-1 (all), 0 (none) or a count")
+    _check(isinstance(d.balance, bool), "data.balance", d.balance, "true (resample True / False per theory to "
+           "the Unknown count, selection=paper) or false (keep every selected question)")
+    _check(d.proofs in PROOFS, "data.proofs", d.proofs, f"choose one of {PROOFS}: shortest (one shortest proof's "
+           f"sentences) or merged (the sentences of all alternative proofs)")
     for k in ("validation_fraction", "test_fraction"):
         _check(0.0 <= d[k] < 1.0, f"data.{k}", d[k], "must be in [0, 1)")
     labels = list(d.generator.labels)

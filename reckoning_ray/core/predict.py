@@ -67,6 +67,10 @@ class ReckoningModel:
 
         ``hops``: the reasoning depth, which sets the inner steps as in training
         (``inner.steps_by_hops``); default: the most steps the model was trained with.
+
+        The paper's controls answer as they were trained: an ``icr_no_question`` model sees the
+        knowledge alone (not ``question``), a ``reckoning_random_facts`` (or ``icr_random_facts``)
+        model as many sentences drawn from its checkpoint's fact pool instead of ``knowledge``.
         """
         return self.answer_many([knowledge], [question], hops=hops)[0]
 

@@ -1,14 +1,7 @@
-"""Ray Tune sweep with ASHA over RECKONING's inner-loop settings: the project's main job.
-
-    python -m reckoning_ray.tune [preset | --config FILE] [space=<name or path>] [key=value ...] [--resume]
-    python -m reckoning_ray.tune publish SWEEP_DIR [--dry-run]
-    python -m reckoning_ray.tune soup SWEEP_DIR [--top K]
-
-Each trial is a function that builds and fits a ``TorchTrainer`` (``reckoning_ray.train``) with
-Ray's ``TuneReportCallback``: the current Train + Tune pattern. Trials are named by their trial
-id, so a resumed sweep finds its runs; every trial logs to W&B (run id = trial id, group = sweep
-name) from the sweep's driver, offline unless ``tracking.mode=online``. The sweep is also a W&B
-sweep (``reckoning_ray.wandb_sweep``): created at the start when online, or afterwards by ``publish``.
+"""What a finished sweep leaves: the table of trials (each trial's best value from its whole
+validation history, its status and rounds from Tune's record), the test metrics of every trial's
+best checkpoint (evaluated after the sweep as Ray tasks, since ASHA stops a trial by ending its
+workers), the best config (``best_config.yaml``) and ``sweep_summary.json``.
 """
 
 from __future__ import annotations
@@ -31,7 +24,7 @@ from reckoning_ray.core.storage import (
     pull_checkpoint,
     sweep_store,
 )
-from reckoning_ray.on_ray.trials import trial_config
+from reckoning_ray.on_ray.trials import cell_name, trial_config
 from reckoning_ray.tracking.sweeps import sweep_id_for
 from reckoning_ray.tracking.writer import RunWriter, record_test, run_names
 
@@ -132,7 +125,7 @@ def trial_table(rows: list[dict[str, Any]], keys: list[str], metric: str) -> str
     lines = [header]
     for r in rows:
         test = r.get("test") or {}
-        lines.append([r["trial"], *[_fmt(r.get(k)) for k in keys], _fmt(r["best"]),
+        lines.append([r["trial"], *[_fmt(cell_name(r.get(k))) for k in keys], _fmt(r["best"]),
                       _fmt(r.get("label_accuracy")), _fmt(test.get("test/label_accuracy")),
                       _fmt(test.get("test/recall")), str(r["rounds"]), r["status"]])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]

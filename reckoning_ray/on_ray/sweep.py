@@ -1,14 +1,11 @@
-"""Ray Tune sweep with ASHA over RECKONING's inner-loop settings: the project's main job.
+"""The Ray Tune driver: one sweep over a search space, resumable (``--resume``).
 
-    python -m reckoning_ray.tune [preset | --config FILE] [space=<name or path>] [key=value ...] [--resume]
-    python -m reckoning_ray.tune publish SWEEP_DIR [--dry-run]
-    python -m reckoning_ray.tune soup SWEEP_DIR [--top K]
-
-Each trial is a function that builds and fits a ``TorchTrainer`` (``reckoning_ray.train``) with
-Ray's ``TuneReportCallback``: the current Train + Tune pattern. Trials are named by their trial
-id, so a resumed sweep finds its runs; every trial logs to W&B (run id = trial id, group = sweep
-name) from the sweep's driver, offline unless ``tracking.mode=online``. The sweep is also a W&B
-sweep (``reckoning_ray.wandb_sweep``): created at the start when online, or afterwards by ``publish``.
+Each trial is a function that builds and fits a ``TorchTrainer`` (:mod:`.trials`, :mod:`.trainer`)
+with Ray's ``TuneReportCallback``: the current Train + Tune pattern. Trials are named by their
+trial id, so a resumed sweep finds its runs; every trial logs to W&B (run id = trial id, group =
+sweep name) from the sweep's driver (:class:`.callbacks.TrackingCallback`), offline unless
+``tracking.mode=online``. The sweep is also a W&B sweep (:mod:`reckoning_ray.tracking.sweeps`):
+created at the start when online, or afterwards by ``tune publish``.
 """
 
 from __future__ import annotations
@@ -36,6 +33,7 @@ from reckoning_ray.on_ray.callbacks import TrackingCallback
 from reckoning_ray.on_ray.results import summarize
 from reckoning_ray.on_ray.schedulers import build_trial_scheduler
 from reckoning_ray.on_ray.trials import (
+    CELL,
     board_name,
     promotion_board,
     run_trial,
@@ -67,6 +65,8 @@ def placement(cfg: DictConfig, space: dict[str, tuple[str, list]]) -> tuple[list
     methods = {cfg.train.method}
     if "train.method" in space:
         methods |= set(space["train.method"][1])
+    if CELL in space:
+        methods |= {cell["train.method"] for cell in space[CELL][1] if "train.method" in cell}
     usable = []
     for method in sorted(methods):
         trial_cfg = OmegaConf.merge(cfg, {"train": {"method": method}})
@@ -141,7 +141,9 @@ def start_wandb_sweep(cfg: DictConfig, space: dict[str, tuple[str, list]], fresh
     return start_online_sweep(cfg, root, config)
 
 
-def run(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
+def run(cfg: DictConfig, resume: bool = False, space: Optional[dict[str, tuple[str, list]]] = None) -> dict[str, Any]:
+    """Run (or with ``resume`` continue) the sweep of ``cfg`` over ``space``, by default the search
+    space file ``tune.space`` names; returns the summary (table, best trial, config, checkpoint)."""
     # heavy: imported here to keep torch off this module's import
     from reckoning_ray.core.runs import check_inputs
 
@@ -158,7 +160,7 @@ def run(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     if resume and saved.exists():
         print(f"resuming with the sweep's saved config {saved}")
         cfg = load_config(str(saved))
-    space = load_space(cfg.tune.space, cfg)  # fails before any work starts
+    space = space if space is not None else load_space(cfg.tune.space, cfg)  # fails before any work starts
     if int(cfg.resources.num_workers) == 0:
         raise ConfigError("resources.num_workers=0 runs one training without Ray; a sweep's trials are Ray Train "
                           "runs: set resources.num_workers >= 1")

@@ -1,14 +1,7 @@
-"""Ray Tune sweep with ASHA over RECKONING's inner-loop settings: the project's main job.
-
-    python -m reckoning_ray.tune [preset | --config FILE] [space=<name or path>] [key=value ...] [--resume]
-    python -m reckoning_ray.tune publish SWEEP_DIR [--dry-run]
-    python -m reckoning_ray.tune soup SWEEP_DIR [--top K]
-
-Each trial is a function that builds and fits a ``TorchTrainer`` (``reckoning_ray.train``) with
-Ray's ``TuneReportCallback``: the current Train + Tune pattern. Trials are named by their trial
-id, so a resumed sweep finds its runs; every trial logs to W&B (run id = trial id, group = sweep
-name) from the sweep's driver, offline unless ``tracking.mode=online``. The sweep is also a W&B
-sweep (``reckoning_ray.wandb_sweep``): created at the start when online, or afterwards by ``publish``.
+"""One trial of a sweep: the sampled parameters on the sweep's base config, a ``TorchTrainer``
+fitted inside the Tune trial, and, with ``tune.extend``, the trial extended to ASHA's next rung
+when ASHA keeps it at the end of its planned rounds (decisions on the :class:`PromotionBoard`,
+a named actor the driver holds for the whole sweep).
 """
 
 from __future__ import annotations
@@ -49,12 +42,26 @@ def to_tune_space(space: dict[str, tuple[str, list]]) -> dict[str, Any]:
     return {key: build[dist](args) for key, (dist, args) in space.items()}
 
 
+# A search-space key whose values are sets of overrides ({config key: value}): one grid value that
+# sets several keys at once, as a cell of the paper's tables does (method, preset keys, data).
+CELL = "cell"
+
+
 def trial_config(base: dict, params: dict[str, Any]) -> DictConfig:
+    """The sweep's ``base`` config with a trial's sampled ``params`` ({config key: value}); a
+    :data:`CELL` parameter's overrides are applied first, then the other keys."""
     cfg = from_container(base)
-    for key, value in params.items():
+    overrides = dict(params.get(CELL) or {})
+    overrides.update((k, v) for k, v in params.items() if k != CELL)
+    for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, merge=False)
     validate(cfg)
     return cfg
+
+
+def cell_name(value: Any) -> Any:
+    """How a :data:`CELL` value is shown: its W&B group (the cell's name)."""
+    return value.get("tracking.group", "cell") if isinstance(value, dict) else value
 
 
 # -- the trial -------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 from reckoning_ray.core.config import METRICS, TRACKING_MODES, ConfigError, load_config, metric_mode
 from reckoning_ray.core.evaluate import save_test
+from reckoning_ray.tracking.secrets import has_api_key, scrub
 
 log = logging.getLogger(__name__)
 
@@ -64,91 +65,6 @@ FLUSH_WAIT_S = 10.0
 # names for offline and online).
 _ENV_MODES = {"offline": "offline", "dryrun": "offline", "online": "online", "run": "online",
               "disabled": "disabled"}
-_DEFAULT_BASE_URL = "https://api.wandb.ai"
-
-
-# --------------------------------------------------------------------------------------------
-# secrets
-
-
-# Words that make a config key name a secret. Key names are split into words (at non-letters
-# and camelCase humps), so "eval.max_new_tokens" or "tokenizer" are kept while "hf_token",
-# "wandb.api_key", "apiKey" or "aws_secret_access_key" are dropped.
-_SECRET_WORDS = {"token", "password", "passwd", "secret", "secrets", "credential", "credentials",
-                 "apikey", "auth"}
-_SECRET_PAIRS = {("api", "key"), ("private", "key"), ("access", "key")}
-
-
-def _words(name: str) -> list[str]:
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name)
-    return [w for w in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if w]
-
-
-def looks_secret(name: str) -> bool:
-    """True when a key name looks like it holds a secret (api_key, token, password, ...)."""
-    words = _words(name)
-    if any(w in _SECRET_WORDS for w in words):
-        return True
-    return any(pair in _SECRET_PAIRS for pair in zip(words, words[1:]))
-
-
-def _secret_env_values(environ: Mapping[str, str]) -> set[str]:
-    # Values of environment variables that look secret (WANDB_API_KEY, HF_TOKEN, ...): a config
-    # value equal to one of them is dropped too, whatever its key is called. Short values
-    # ("1", "true") are not secrets and would drop unrelated entries.
-    return {v for k, v in environ.items() if looks_secret(k) and len(v) >= 8}
-
-
-def scrub(config: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
-    """A copy of ``config`` without secrets, for W&B.
-
-    Drops every entry (at any depth of nested dicts) whose key name looks like a secret
-    (``looks_secret``) and every string value that contains the value of a secret-looking
-    environment variable (``WANDB_API_KEY``, ``HF_TOKEN``, ...; ``environ`` defaults to
-    ``os.environ``). The config passed to W&B is the resolved config, which holds no keys:
-    this is defence in depth.
-    """
-    secrets = _secret_env_values(os.environ if environ is None else environ)
-
-    def keep(value: Any) -> bool:
-        return not (isinstance(value, str) and any(s in value for s in secrets))
-
-    def walk(node: Mapping[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            if looks_secret(str(key)) or not keep(value):
-                continue
-            if isinstance(value, Mapping):
-                value = walk(value)
-            elif isinstance(value, (list, tuple)):
-                value = [walk(v) if isinstance(v, Mapping) else v for v in value if keep(v)]
-            out[key] = value
-        return out
-
-    return walk(config)
-
-
-# --------------------------------------------------------------------------------------------
-# mode and names
-
-
-def has_api_key(environ: Optional[Mapping[str, str]] = None) -> bool:
-    """True when W&B could authenticate without a prompt.
-
-    Looks at ``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE`` and the ``.netrc`` entry that
-    ``wandb login`` writes for ``WANDB_BASE_URL`` (default https://api.wandb.ai; the file is
-    ``$NETRC`` or ``~/.netrc``). Never contacts the server.
-    """
-    env = os.environ if environ is None else environ
-    if env.get("WANDB_API_KEY") or env.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return True
-    try:
-        from wandb.sdk.lib.wbauth import read_netrc_auth
-
-        return bool(read_netrc_auth(host=env.get("WANDB_BASE_URL") or _DEFAULT_BASE_URL))
-    except Exception as exc:  # unreadable netrc or a key in a bad format: W&B would fail too
-        log.warning("W&B: cannot read a W&B API key from netrc (%s: %s)", type(exc).__name__, exc)
-        return False
 
 
 def resolve_mode(configured: str, environ: Optional[Mapping[str, str]] = None) -> str:
@@ -370,6 +286,15 @@ class Tracker:
         except Exception as exc:
             self._give_up("log", exc)
 
+    def log_values(self, values: Mapping[str, Any]) -> None:
+        """Log ``values`` that belong to no training step (W&B tables of a report)."""
+        if self._run is None:
+            return
+        try:
+            self._run.log(dict(values))
+        except Exception as exc:
+            self._give_up("log", exc)
+
     def summary(self, values: Mapping[str, Any]) -> None:
         """Set run summary values (e.g. the best validation metric and its step)."""
         if self._run is None:
@@ -582,3 +507,29 @@ def record_test(run_dir: str | Path, metrics: dict[str, float], checkpoint: str,
         with RunWriter(cfg.tracking, run_dir, run_names(cfg)) as resumed:
             resumed.summary(values)
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def log_tables(run_dir: str | Path, tables: Mapping[str, list[dict[str, Any]]]) -> str:
+    """Log ``tables`` ({W&B key: rows as dicts}) as W&B Tables in a run of their own, ``report``,
+    beside the sweep's trials (the sweep's saved config gives project, entity and mode: offline
+    unless configured online). Returns where the run went, or why nothing was logged."""
+    run_dir = Path(run_dir)
+    saved = run_dir / "sweep_config.yaml"
+    if not saved.is_file():
+        return f"not logged ({saved} is missing)"
+    cfg = load_config(str(saved))
+    tracker = Tracker.start(cfg.tracking, f"{cfg.tune.name}-report", f"{cfg.tune.name} report",
+                            cfg.tune.name, {"tune.name": cfg.tune.name}, run_dir, best={})
+    if not tracker.active:
+        return "not logged (tracking.mode=disabled or W&B did not start)"
+    import wandb
+
+    with tracker:
+        for key, rows in tables.items():
+            columns = sorted({k for row in rows for k in row}, key=lambda k: list(rows[0]).index(k)
+                             if k in rows[0] else len(rows[0]))
+            data = [[json.dumps(row.get(c)) if isinstance(row.get(c), (dict, list)) else row.get(c)
+                     for c in columns] for row in rows]
+            tracker.log_values({key: wandb.Table(columns=columns, data=data)})
+        where = str(tracker.run_file or run_dir / "wandb")
+    return where

@@ -73,7 +73,7 @@ from reckoning_ray.core.bilevel.lm import (
     token_mean_loss,
     trainable,
 )
-from reckoning_ray.core.bilevel.method import ReckoningMethod, method_settings
+from reckoning_ray.core.bilevel.method import ReckoningMethod, ReckoningRandomFactsMethod, method_settings
 from reckoning_ray.core.bilevel.reference import (
     AdamWState,
     ReferenceEngine,
@@ -89,6 +89,7 @@ __all__ = [
     "ENGINES",
     "FusedEngine",
     "ReckoningMethod",
+    "ReckoningRandomFactsMethod",
     "ReferenceEngine",
     "adamw_step",
     "additive_causal_mask",

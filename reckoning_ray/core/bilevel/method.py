@@ -23,7 +23,7 @@ from reckoning_ray.core.bilevel.lm import (
 )
 from reckoning_ray.core.bilevel.reference import ReferenceEngine
 from reckoning_ray.core.config import ENGINES, EvalConfig, InnerConfig, OuterConfig
-from reckoning_ray.core.data.encode import Encoder, TaskBatch
+from reckoning_ray.core.data.encode import RANDOM_FACTS_METHODS, RECKONING_RANDOM_FACTS, Encoder, TaskBatch
 
 logger = logging.getLogger(__name__)
 
@@ -263,13 +263,49 @@ def _select(batch: TaskBatch, index: list[int]) -> TaskBatch:
     return batch.select(index) if len(index) < len(batch) else batch
 
 
+class ReckoningRandomFactsMethod(ReckoningMethod):
+    """The paper's Random-Facts control (Table 1, ``train.method=reckoning_random_facts``): RECKONING
+    "trained using RECKONING with random knowledge that is not relevant to the questions".
+
+    Everything is RECKONING's (inner loop, learned rates, outer loss, engines, evaluation); only the
+    knowledge differs, and the encoder makes it (``Encoder(method="reckoning_random_facts")``): the
+    inner loop encodes ``len(task knowledge)`` sentences drawn from the fact pool (the training
+    set's knowledge; without one, the other tasks of the batch) minus the task's own sentences,
+    seeded per task by ``f"{train.seed}:{task id}"`` so a task gets the same sentences in every
+    epoch, in training and evaluation alike. The question prompt names as many facts
+    (``Based on fact_0 ... fact_{n-1}``) as RECKONING's.
+
+    The target stays the task's own: its answer, and with ``outer.multi_task`` its own relevant
+    facts ("{answer} because {facts}"), and the recall metric compares with those, as in the
+    authors' code (eric11eca/reckoning-metakg, option ``random_facts``: its data reader replaces a
+    task's inner-loop ``context`` with ``random.choices(all facts of the file, k=len(context))`` and
+    leaves the task's question/answer pairs, the multi-task "Based on {the task's facts}" answer
+    included, as they are). Unlike that reader, the draw here is reproducible and excludes the task's own sentences
+    unless the pool has no other (the paper: knowledge "not relevant to the questions").
+    """
+
+    name = RECKONING_RANDOM_FACTS
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, encoder: Encoder, inner: InnerConfig,
+                 outer: OuterConfig, eval: EvalConfig, dropout: float = 0.0) -> None:
+        if encoder.method != RECKONING_RANDOM_FACTS:
+            raise BilevelError(
+                f"reckoning_random_facts needs an Encoder with method={RECKONING_RANDOM_FACTS!r} (it draws "
+                f"the random knowledge), got method={encoder.method!r}"
+            )
+        super().__init__(model, tokenizer, encoder, inner, outer, eval, dropout)
+
+
 def method_settings(name: str, encoder: Encoder, dropout: float, **groups: Any) -> dict[str, Any]:
     """:meth:`ReckoningMethod.settings` (also the baseline's): the config groups as JSON values."""
     return {
         "method": name,
         **{key: _plain(dataclasses.asdict(group)) for key, group in groups.items()},
         "encoder": {"method": str(encoder.method), "multi_task": bool(encoder.multi_task),
-                    "max_length": int(encoder.max_length)},
+                    "max_length": int(encoder.max_length),
+                    # the random-facts methods draw with the run's seed (a checkpoint keeps its pool:
+                    # reckoning_ray.core.checkpoint.FACT_POOL)
+                    **({"seed": int(encoder.seed)} if encoder.method in RANDOM_FACTS_METHODS else {})},
         "dropout": float(dropout),
     }
 

@@ -6,7 +6,10 @@ knowledge line (RECKONING inner loop), one per sentence of ``record["knowledge"]
 
     fact_{i}: {fact}<eos>              loss on "{fact}<eos>" only
 
-question prompt (RECKONING, n = len(knowledge))::
+    reckoning_random_facts: the same lines, the task's knowledge replaced by as many sentences drawn
+    from other tasks (the fact pool; see :meth:`Encoder.random_facts`)
+
+question prompt (RECKONING and reckoning_random_facts, n = len(knowledge))::
 
     proofwriter: Based on fact_0 fact_1 ... fact_{n-1}, can we conclude {question}?
     clutrr:      Based on fact_0 fact_1 ... fact_{n-1}, {question}
@@ -16,6 +19,7 @@ in-context prompt (FT-ICR baselines)::
     icr:              {knowledge joined by "\\n"}\\n{question phrase}
     icr_no_facts:     {question phrase}
     icr_random_facts: like icr, the knowledge replaced by as many sentences of other tasks
+    icr_no_question:  {knowledge joined by "\n"}  (no question phrase)
 
     question phrase: "can we conclude {question}?" (proofwriter) / "{question}" (clutrr)
 
@@ -24,6 +28,9 @@ target (after the prompt, separated by one space)::
     multi-task:  {answer} because {relevant facts joined by " "}<eos>   (just {answer}<eos> when a
                  task has no relevant facts, e.g. ProofWriter "none" answers)
     single-task: {answer}<eos>
+
+    The same for every method: the random-facts and no-question controls keep the task's own answer
+    and relevant facts as the target.
 
 Every text piece is tokenised on its own and the ids are concatenated (a knowledge line is
 ``ids("fact_i:") + ids(" " + fact) + [eos]``, a sequence ``ids(prompt) + ids(" " + target) +
@@ -46,8 +53,13 @@ from reckoning_ray.core.config import InputError
 
 IGNORE_INDEX = -100
 RECKONING = "reckoning"
-IN_CONTEXT_METHODS = ("icr", "icr_no_facts", "icr_random_facts")
-METHODS = (RECKONING,) + IN_CONTEXT_METHODS
+RECKONING_RANDOM_FACTS = "reckoning_random_facts"
+# Methods with an inner loop: the encoder builds a knowledge batch and the "Based on fact_0 ..." prompt.
+BILEVEL_METHODS = (RECKONING, RECKONING_RANDOM_FACTS)
+IN_CONTEXT_METHODS = ("icr", "icr_no_facts", "icr_random_facts", "icr_no_question")
+# Methods whose knowledge is drawn from other tasks (seed and fact pool matter).
+RANDOM_FACTS_METHODS = ("icr_random_facts", RECKONING_RANDOM_FACTS)
+METHODS = (RECKONING, "icr", "icr_no_facts", "icr_random_facts", "icr_no_question", RECKONING_RANDOM_FACTS)
 
 # A word or a single punctuation mark: the canonical split used to compare generated text
 # with gold text whatever the tokenizer's spacing ("Bob is red." == "bob is red .").
@@ -213,11 +225,14 @@ def reckoning_prompt(record: dict[str, Any]) -> str:
     return f"Based on {names}, {_question_phrase(record)}"
 
 
-def in_context_prompt(record: dict[str, Any], knowledge: Optional[Sequence[str]]) -> str:
+def in_context_prompt(record: dict[str, Any], knowledge: Optional[Sequence[str]], question: bool = True) -> str:
     """Knowledge sentences joined by "\\n", a "\\n", then the question phrase.
 
-    ``knowledge=None`` (or empty) gives the question phrase alone (icr_no_facts).
+    ``knowledge=None`` (or empty) gives the question phrase alone (icr_no_facts);
+    ``question=False`` the knowledge sentences alone, joined by "\\n" (icr_no_question).
     """
+    if not question:
+        return "\n".join(knowledge or ())
     phrase = _question_phrase(record)
     if not knowledge:
         return phrase
@@ -285,16 +300,18 @@ class Encoder:
         tokenizer: a Hugging Face tokenizer with ``pad_token_id`` and ``eos_token_id`` set, or
             None for a text-only encoder (``corpus``, ``prompt_text``, ``parse_generation``),
             e.g. to collect the corpus the embedded tokenizer is built from.
-        method: "reckoning" (knowledge batch + question prompt) or one of the in-context
-            methods "icr", "icr_no_facts", "icr_random_facts" (knowledge in the prompt).
+        method: "reckoning" (knowledge batch + question prompt), "reckoning_random_facts" (the same
+            with the knowledge batch built from sentences of other tasks) or one of the in-context
+            methods "icr", "icr_no_facts", "icr_random_facts", "icr_no_question" (knowledge in the
+            prompt).
         multi_task: target "<answer> because <relevant facts>" (True) or "<answer>" (False).
         max_length: most tokens of one knowledge line and of one prompt + target sequence.
             Prompts that are too long lose tokens from the LEFT (the question end is kept); the
             target is never truncated.
-        seed: seed of the random facts of icr_random_facts (drawn per task from
-            ``f"{seed}:{task id}"``, so a task gets the same facts in every epoch).
-        fact_pool: sentences icr_random_facts draws from (e.g. all training knowledge); None
-            draws from the knowledge of the other tasks in the same collated batch.
+        seed: seed of the random facts of icr_random_facts and reckoning_random_facts (drawn per
+            task from ``f"{seed}:{task id}"``, so a task gets the same facts in every epoch).
+        fact_pool: sentences the random-facts methods draw from (e.g. all training knowledge);
+            None draws from the knowledge of the other tasks in the same collated batch.
     """
 
     def __init__(
@@ -328,6 +345,11 @@ class Encoder:
         self._prefix_cache: dict[int, list[int]] = {}
         self._ids_cache: dict[str, list[int]] = {}
 
+    @property
+    def bilevel(self) -> bool:
+        """True for the methods with an inner loop (a knowledge batch): reckoning, reckoning_random_facts."""
+        return self.method in BILEVEL_METHODS
+
     # ---------------------------------------------------------------- texts
 
     def random_facts(self, record: dict[str, Any], pool: Sequence[str]) -> list[str]:
@@ -351,7 +373,7 @@ class Encoder:
         candidates = [s for s in unique if s not in own]
         if not candidates:
             raise EncodeError(
-                f"task {record['id']!r}: icr_random_facts has no knowledge of other tasks to draw "
+                f"task {record['id']!r}: {self.method} has no knowledge of other tasks to draw "
                 "from; pass fact_pool=<sentences of the training knowledge> or collate more than "
                 "one task per batch"
             )
@@ -361,21 +383,44 @@ class Encoder:
 
     def prompt_text(self, record: dict[str, Any], pool: Optional[Sequence[str]] = None) -> str:
         """The prompt of ``record`` for this encoder's method (see the module docstring)."""
-        if self.method == RECKONING:
+        if self.bilevel:
+            # reckoning_random_facts: as many random sentences as the task's own, so the same names
             return reckoning_prompt(record)
         if self.method == "icr":
             return in_context_prompt(record, record["knowledge"])
         if self.method == "icr_no_facts":
             return in_context_prompt(record, None)
+        if self.method == "icr_no_question":
+            if not record["knowledge"]:
+                raise EncodeError(
+                    f"task {record['id']!r}: field 'knowledge' is empty; icr_no_question's prompt is "
+                    "the knowledge alone and needs at least one sentence"
+                )
+            return in_context_prompt(record, record["knowledge"], question=False)
+        return in_context_prompt(record, self.random_facts(record, self._pool(record, pool)))
+
+    def knowledge_of(self, record: dict[str, Any], pool: Optional[Sequence[str]] = None) -> list[str]:
+        """The sentences the inner loop encodes for ``record`` (bilevel methods): the task's own
+        knowledge (reckoning) or as many sentences drawn from ``pool`` / the encoder's fact pool
+        (reckoning_random_facts, :meth:`random_facts`)."""
+        if not self.bilevel:
+            raise EncodeError(
+                f"train.method={self.method!r} has no inner loop: only {BILEVEL_METHODS} encode knowledge"
+            )
+        if self.method == RECKONING:
+            return list(record["knowledge"])
+        return self.random_facts(record, self._pool(record, pool))
+
+    def _pool(self, record: dict[str, Any], pool: Optional[Sequence[str]]) -> Sequence[str]:
         if pool is None:
             pool = self.fact_pool
         if pool is None:
             raise EncodeError(
-                f"task {record['id']!r}: icr_random_facts needs a fact pool: pass "
+                f"task {record['id']!r}: {self.method} needs a fact pool: pass "
                 "fact_pool=<sentences> to Encoder or use collate(), which falls back to the "
                 "other tasks of the batch"
             )
-        return in_context_prompt(record, self.random_facts(record, pool))
+        return pool
 
     def corpus(self, records: Iterable[dict[str, Any]]) -> Iterator[str]:
         """Every text this encoder produces for ``records`` (to build the embedded tokenizer).
@@ -384,15 +429,17 @@ class Encoder:
         tokenizer serves both target formats) and the fact pool's sentences.
         """
         records = list(records)
-        if self.method == "icr_random_facts" and self.fact_pool is None:
+        if self.method in RANDOM_FACTS_METHODS and self.fact_pool is None:
             pool: Optional[list[str]] = [k for r in records for k in r["knowledge"]]
         else:
             pool = None
         for record in records:
+            # reckoning_random_facts: its knowledge lines are "fact_i:" prefixes of the task's own
+            # lines with sentences of the pool, both yielded here
             for i, fact in enumerate(record["knowledge"]):
                 yield knowledge_line(i, fact)
             yield reckoning_prompt(record)
-            if self.method != RECKONING:
+            if not self.bilevel:
                 yield self.prompt_text(record, pool)
             yield target_text(record, multi_task=True)
             yield target_text(record, multi_task=False)
@@ -450,7 +497,8 @@ class Encoder:
         """Encode a list of records into one :class:`TaskBatch` (a DataLoader collate_fn).
 
         Raises EncodeError naming the task when its target alone does not fit in max_length,
-        when a knowledge line does not fit, or when RECKONING gets a task without knowledge.
+        when a knowledge line does not fit, or when RECKONING (or icr_no_question) gets a task
+        without knowledge.
         """
         if self.tokenizer is None:
             raise EncodeError(
@@ -461,12 +509,13 @@ class Encoder:
             raise EncodeError("collate() got no records; a batch needs at least one task")
         records = list(records)
         pool: Optional[list[str]] = None
-        if self.method == "icr_random_facts" and self.fact_pool is None:
+        if self.method in RANDOM_FACTS_METHODS and self.fact_pool is None:
             pool = [k for r in records for k in r["knowledge"]]
 
         prompts = [self.prompt_text(r, pool) for r in records]
         targets = [" " + target_text(r, self.multi_task) for r in records]
-        knowledge_bodies = self._knowledge_bodies(records) if self.method == RECKONING else []
+        knowledge = [self._checked_knowledge(r, pool) for r in records] if self.bilevel else []
+        knowledge_bodies = [" " + fact for sentences in knowledge for fact in sentences]
 
         # One tokenizer call for all pieces of the batch (the Rust tokenizer batches them);
         # the "fact_i:" prefixes are the same for every task and come from a cache.
@@ -474,30 +523,27 @@ class Encoder:
         T = len(records)
         target_ids = [ids + [self.eos_id] for ids in pieces[T : 2 * T]]
         sequence, prompt = self._sequence_and_prompt(self._sequence_rows(records, pieces[:T], target_ids))
-        knowledge = None
-        if self.method == RECKONING:
-            knowledge = self._knowledge_batch(self._knowledge_lines(records, pieces[2 * T :]))
+        knowledge_batch = None
+        if self.bilevel:
+            knowledge_batch = self._knowledge_batch(self._knowledge_lines(records, knowledge, pieces[2 * T :]))
         return TaskBatch(
             ids=[str(r["id"]) for r in records],
             hops=torch.tensor([int(r["hops"]) for r in records], dtype=torch.long),
             answers=[r["answer"] for r in records],
             facts=[list(r["facts"]) for r in records],
-            knowledge=knowledge,
+            knowledge=knowledge_batch,
             sequence=sequence,
             prompt=prompt,
         )
 
-    def _knowledge_bodies(self, records: list[dict[str, Any]]) -> list[str]:
-        """``" " + fact`` for every knowledge sentence of every task, in order (RECKONING)."""
-        bodies: list[str] = []
-        for r in records:
-            if not r["knowledge"]:
-                raise EncodeError(
-                    f"task {r['id']!r}: field 'knowledge' is empty; RECKONING encodes the "
-                    "knowledge into the weights and needs at least one sentence"
-                )
-            bodies.extend(" " + fact for fact in r["knowledge"])
-        return bodies
+    def _checked_knowledge(self, record: dict[str, Any], pool: Optional[Sequence[str]]) -> list[str]:
+        """:meth:`knowledge_of` ``record``, refusing a task without knowledge (bilevel methods)."""
+        if not record["knowledge"]:
+            raise EncodeError(
+                f"task {record['id']!r}: field 'knowledge' is empty; RECKONING encodes the "
+                "knowledge into the weights and needs at least one sentence"
+            )
+        return self.knowledge_of(record, pool)
 
     def _sequence_rows(
         self, records: list[dict[str, Any]], prompt_ids: list[list[int]], target_ids: list[list[int]]
@@ -536,15 +582,16 @@ class Encoder:
                 PromptBatch(_long(prm_ids), _long(prm_mask)))
 
     def _knowledge_lines(
-        self, records: list[dict[str, Any]], body_ids: list[list[int]]
+        self, records: list[dict[str, Any]], knowledge: list[list[str]], body_ids: list[list[int]]
     ) -> list[list[tuple[list[int], list[int]]]]:
         """Per task, (``fact_i:`` prefix ids, body ids + eos) of each knowledge line, checked to
-        fit in max_length; ``body_ids`` are the tokenised bodies of all tasks in order."""
+        fit in max_length; ``knowledge`` the sentences of each task (:meth:`knowledge_of`),
+        ``body_ids`` the tokenised bodies of all tasks in order."""
         lines: list[list[tuple[list[int], list[int]]]] = []
         k = 0
-        for r in records:
+        for r, sentences in zip(records, knowledge):
             task_lines = []
-            for i, fact in enumerate(r["knowledge"]):
+            for i, fact in enumerate(sentences):
                 pre, body = self._prefix_ids(i), body_ids[k] + [self.eos_id]
                 k += 1
                 if len(pre) + len(body) > self.max_length:

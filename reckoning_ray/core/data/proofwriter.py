@@ -3,7 +3,9 @@
 ``meta-{train,dev,test}.jsonl`` hold one theory per line, several questions per theory. Answers
 true / false / "Unknown" become the labels yes / no / none; ``hops`` is the question's ``QDep``.
 ``selection="qdep"`` keeps every question; ``selection="paper"`` rebuilds the RECKONING authors'
-task set (see ``read_proofwriter_file``). ``read_proofwriter`` reads a directory with one file per
+task set (see ``read_proofwriter_file``), with or without its per-theory label balance
+(``balance``). ``proofs`` chooses a yes / no question's facts: the sentences of one shortest proof
+or of all its alternative proofs merged. ``read_proofwriter`` reads a directory with one file per
 split, or one file split by theory (``splits.split_by_group``).
 """
 
@@ -17,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-from reckoning_ray.core.config import SELECTIONS
+from reckoning_ray.core.config import PROOFS, SELECTIONS
 from reckoning_ray.core.data.errors import DataFormatError
 from reckoning_ray.core.data.schema import Record, make_record
 from reckoning_ray.core.data.splits import Splits, read_splits, split_by_group
@@ -194,16 +196,22 @@ def _label_and_hops(theory: _Theory, qid: str, q: Mapping[str, Any]) -> tuple[st
     return _PW_ANSWERS[answer], hops
 
 
-def _proof_facts(theory: _Theory, qid: str, q: Mapping[str, Any], hops: int) -> list[str]:
-    """Facts of a yes / no question: the sentences of its proof of depth QDep.
+def _proof_facts(theory: _Theory, qid: str, q: Mapping[str, Any], hops: int,
+                 proofs: str = "shortest") -> list[str]:
+    """Facts of a yes / no question.
 
-    ProofWriter lists every proof; QDep is the depth of the shallowest. Take the first proof of
-    that depth that uses the fewest sentences.
+    ``proofs="shortest"``: the sentences of its proof of depth QDep. ProofWriter lists every
+    proof; QDep is the depth of the shallowest. Take the first proof of that depth that uses the
+    fewest sentences. ``proofs="merged"``: the sentences of all its alternative proofs (every
+    depth) merged, in theory order, as the authors' notebook takes every triple / rule id of the
+    ``proofs`` string.
     """
     try:
         alternatives = _parse_proof(q["proofs"])
     except ValueError as exc:
         raise theory.fail(f"question {qid!r}: expected {exc}") from None
+    if proofs == "merged":
+        return theory.sentence_texts([i for _, ids in alternatives for i in ids], f"question {qid!r} proof")
     at_depth = [ids for depth, ids in alternatives if depth == hops] or [alternatives[0][1]]
     return min((theory.sentence_texts(ids, f"question {qid!r} proof") for ids in at_depth), key=len)
 
@@ -230,15 +238,15 @@ def _unknown_facts(theory: _Theory, qid: str, q: Mapping[str, Any]) -> list[str]
 
 
 def _question_facts(theory: _Theory, qid: str, q: Mapping[str, Any], label: str, hops: int,
-                    selection: str) -> Optional[list[str]]:
+                    selection: str, proofs: str = "shortest") -> Optional[list[str]]:
     """The relevant facts of one question, or None when ``selection`` drops the question.
 
-    selection=paper keeps yes / no questions whose proof names >= 2 sentences, and the authors'
-    Unknown tasks: a deepest failed proof attempt that names >= 2 rules, whose sentences are then
-    exactly the facts.
+    selection=paper keeps yes / no questions whose proof (under ``proofs``: the shortest one, or
+    all alternatives merged) names >= 2 sentences, and the authors' Unknown tasks: a deepest
+    failed proof attempt that names >= 2 rules, whose sentences are then exactly the facts.
     """
     if label != "none":
-        facts = _proof_facts(theory, qid, q, hops)
+        facts = _proof_facts(theory, qid, q, hops, proofs)
         return None if selection == "paper" and len(facts) < 2 else facts
     if selection == "paper":
         failed = _failed_rules(q["proofs"])
@@ -249,17 +257,17 @@ def _question_facts(theory: _Theory, qid: str, q: Mapping[str, Any], label: str,
 
 
 def _proofwriter_theory(theory: Mapping[str, Any], path: Path, line: int, selection: str = "qdep",
-                        seed: int = 0) -> list[Record]:
+                        seed: int = 0, balance: bool = True, proofs: str = "shortest") -> list[Record]:
     """Records for the questions of one ProofWriter theory (one JSONL line).
 
     ``selection="qdep"``: every question. ``selection="paper"``: the questions whose proof names
-    >= 2 sentences, balanced per theory (see ``read_proofwriter_file``).
+    >= 2 sentences, balanced per theory when ``balance`` (see ``read_proofwriter_file``).
     """
     parsed = _Theory(theory, path, line)
     records = []
     for qid, q in theory["questions"].items():
         label, hops = _label_and_hops(parsed, qid, q)
-        facts = _question_facts(parsed, qid, q, label, hops, selection)
+        facts = _question_facts(parsed, qid, q, label, hops, selection, proofs)
         if facts is None:
             continue
         question = str(q["question"]).strip()
@@ -278,7 +286,7 @@ def _proofwriter_theory(theory: Mapping[str, Any], path: Path, line: int, select
                 hops=hops,
             )
         )
-    if selection == "paper":
+    if selection == "paper" and balance:
         records = _balance_labels(records, str(theory["id"]), seed)
     return records
 
@@ -314,12 +322,15 @@ def _balance_labels(records: list[Record], theory_id: str, seed: int) -> list[Re
     return out
 
 
-def _check_selection(selection: str) -> None:
+def _check_selection(selection: str, proofs: str = "shortest") -> None:
     if selection not in SELECTIONS:
         raise ValueError(f"data.selection={selection!r} is invalid: choose one of {SELECTIONS}")
+    if proofs not in PROOFS:
+        raise ValueError(f"data.proofs={proofs!r} is invalid: choose one of {PROOFS}")
 
 
-def read_proofwriter_file(path: str | os.PathLike, selection: str = "qdep", seed: int = 0) -> list[Record]:
+def read_proofwriter_file(path: str | os.PathLike, selection: str = "qdep", seed: int = 0,
+                          balance: bool = True, proofs: str = "shortest") -> list[Record]:
     """The questions of a ProofWriter ``meta-*.jsonl`` file as records (file order).
 
     Record ids are ``<theory id>-<question id>`` (e.g. ``AttNonegNatLang-OWA-146-Q3``).
@@ -334,21 +345,30 @@ def read_proofwriter_file(path: str | os.PathLike, selection: str = "qdep", seed
     - none questions whose deepest-failure record (``... deepest failure = (rule3 <- rule5 <-
       FAIL)``) names >= 2 rules; their facts are exactly those rules' sentences;
     - per theory, yes and no resampled with replacement to the theory's none count, seeded by
-      ``seed`` and the theory id (``_balance_labels``; repeats get ids ``...-Q3-r1``, ...).
+      ``seed`` and the theory id (``_balance_labels``; repeats get ids ``...-Q3-r1``, ...), when
+      ``balance`` (default); ``balance=False`` keeps every selected question once.
+    ``balance`` has no effect under ``selection="qdep"``.
+
+    ``proofs="shortest"`` (default): a yes / no question's facts are the sentences of one shortest
+    proof, as above. ``proofs="merged"``: the sentences of all its alternative proofs merged (the
+    authors' notebook reads every triple / rule id of the ``proofs`` string); under
+    ``selection="paper"`` the ">= 2 sentences" test then counts the merged sentences. Unknown
+    questions are not affected.
+
     ``hops`` stays the question's QDep in both: the paper's "depth-D" data set is the release file
     (``OWA/depth-D/meta-*.jsonl``) the path points at, not a filter on questions.
 
     Raises DataFormatError naming the file, the line and what was expected, ValueError for an
-    unknown ``selection``.
+    unknown ``selection`` or ``proofs``.
     """
-    return _read_proofwriter_theories(path, selection, seed)[0]
+    return _read_proofwriter_theories(path, selection, seed, balance, proofs)[0]
 
 
-def _read_proofwriter_theories(path: str | os.PathLike, selection: str = "qdep",
-                               seed: int = 0) -> tuple[list[Record], list[str]]:
+def _read_proofwriter_theories(path: str | os.PathLike, selection: str = "qdep", seed: int = 0,
+                               balance: bool = True, proofs: str = "shortest") -> tuple[list[Record], list[str]]:
     """``read_proofwriter_file``'s records and the ids of all the file's theories (also those
     that ``selection`` leaves without a question)."""
-    _check_selection(selection)
+    _check_selection(selection, proofs)
     path = Path(path)
     records: list[Record] = []
     theory_ids: list[str] = []
@@ -364,7 +384,7 @@ def _read_proofwriter_theories(path: str | os.PathLike, selection: str = "qdep",
                 ) from None
             if not isinstance(theory, dict):
                 raise DataFormatError(path, line_no, f"expected a JSON object (one theory per line), got {type(theory).__name__}")
-            records.extend(_proofwriter_theory(theory, path, line_no, selection, seed))
+            records.extend(_proofwriter_theory(theory, path, line_no, selection, seed, balance, proofs))
             theory_ids.append(str(theory["id"]))
     if not theory_ids:
         raise DataFormatError(path, None, "expected at least one theory line, the file has none")
@@ -381,15 +401,16 @@ def proofwriter_theory_id(record: Mapping[str, Any]) -> str:
     return _REPEAT_SUFFIX.sub("", str(record["id"])).rsplit("-", 1)[0]
 
 def read_proofwriter(path: str | os.PathLike, validation_fraction: float = 0.1, test_fraction: float = 0.1,
-                     seed: int = 0, selection: str = "qdep") -> Splits:
+                     seed: int = 0, selection: str = "qdep", balance: bool = True,
+                     proofs: str = "shortest") -> Splits:
     """ProofWriter splits from a directory (meta-train/meta-dev/meta-test.jsonl or train/dev/test.jsonl)
-    or from one file split by theory; ``selection`` as in ``read_proofwriter_file`` (``seed`` also
-    seeds its resampling). A single file is split over all its theories, so each theory lands in
-    the same split under every selection."""
-    _check_selection(selection)
+    or from one file split by theory; ``selection``, ``balance`` and ``proofs`` as in
+    ``read_proofwriter_file`` (``seed`` also seeds its resampling). A single file is split over all
+    its theories, so each theory lands in the same split under every selection."""
+    _check_selection(selection, proofs)
     file = Path(os.path.expanduser(str(path)))
     if file.is_file():
-        records, theories = _read_proofwriter_theories(file, selection, seed)
+        records, theories = _read_proofwriter_theories(file, selection, seed, balance, proofs)
         return split_by_group(records, proofwriter_theory_id, validation_fraction, test_fraction, seed, theories)
-    return read_splits(path, lambda p: read_proofwriter_file(p, selection, seed), PROOFWRITER_SPLIT_FILES,
+    return read_splits(path, lambda p: read_proofwriter_file(p, selection, seed, balance, proofs), PROOFWRITER_SPLIT_FILES,
                        proofwriter_theory_id, validation_fraction, test_fraction, seed, "ProofWriter")

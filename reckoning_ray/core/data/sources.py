@@ -5,7 +5,9 @@ builds a ``datasets.DatasetDict``.
 Sources
 -------
 - ``proofwriter``: the original ProofWriter files (``reckoning_ray.core.data.proofwriter``).
-- ``clutrr``: the original CLUTRR CSV files (``reckoning_ray.core.data.clutrr``).
+- ``clutrr``: the original CLUTRR CSV files (``reckoning_ray.core.data.clutrr``), or the CLUTRR-SG
+  text files of NicolasAG/SGinPG (``reckoning_ray.core.data.clutrr_sg``; told apart by file name or
+  first line; a directory's files are picked by level with each split's hop counts).
 - ``hf``: a DatasetDict saved with ``save_to_disk`` (or a hub id, online only) whose rows already
   follow the schema (``load_hf``, here).
 - ``generate``: the offline generators of ``reckoning_ray.core.data.generate``.
@@ -22,6 +24,7 @@ from typing import Any, Sequence
 
 from reckoning_ray.core.config import ConfigError
 from reckoning_ray.core.data.clutrr import read_clutrr
+from reckoning_ray.core.data.clutrr_sg import is_clutrr_sg, read_clutrr_sg
 from reckoning_ray.core.data.errors import DataFormatError
 from reckoning_ray.core.data.generate import generate_splits
 from reckoning_ray.core.data.proofwriter import read_proofwriter
@@ -171,7 +174,12 @@ def read_records(data_cfg: Any) -> Splits:
         raise ValueError(f"data.source={source} needs data.path=<file or directory>")
     if source == "proofwriter":
         return read_proofwriter(data_cfg.path, data_cfg.validation_fraction, data_cfg.test_fraction, data_cfg.seed,
-                                getattr(data_cfg, "selection", "qdep"))
+                                getattr(data_cfg, "selection", "qdep"), bool(getattr(data_cfg, "balance", True)),
+                                str(getattr(data_cfg, "proofs", "shortest")))
+    if source == "clutrr" and is_clutrr_sg(data_cfg.path):
+        # the files of the levels each split's hop counts list (data.<split>_hops, else data.hops)
+        return read_clutrr_sg(data_cfg.path, {split: split_hops(data_cfg, split) for split in SPLITS},
+                              data_cfg.validation_fraction, data_cfg.test_fraction, data_cfg.seed)
     if source == "clutrr":
         return read_clutrr(data_cfg.path, data_cfg.validation_fraction, data_cfg.test_fraction, data_cfg.seed)
     if source == "hf":
@@ -235,7 +243,8 @@ def load_splits(data_cfg: Any) -> "datasets.DatasetDict":  # noqa: F821
     """train / validation / test ``datasets.DatasetDict`` for ``data`` (a DictConfig or DataConfig).
 
     Dispatches on data.source (generate | proofwriter | clutrr | hf; ProofWriter files read with
-    data.selection), then filters hop counts (data.train_hops / validation_hops / test_hops, or
+    data.selection, data.balance and data.proofs; CLUTRR-SG directories read at the levels of the
+    hop counts), then filters hop counts (data.train_hops / validation_hops / test_hops, or
     data.hops for a split without its own; empty keeps all), distractors (data.distractors; -1
     keeps all) and caps file sources at data.num_* (> 0). Rows follow ``reckoning_ray.core.data.schema``.
     """

@@ -189,10 +189,22 @@ def test_every_cell_runs_and_the_report_shows_every_row(paper_data, tmp_path, mo
     base = load_config("paper", [f"data.path={paper_data['proofwriter']}/depth-2", *MINI,
                                  f"tune.storage_path={tmp_path}", "tune.name=paper-all"])
     save_config(base, sweep / "sweep_config.yaml")
+    run_dirs = {}
     for i, cell in enumerate(cells("all", paper_data)):
         cfg = cell_config(cell, [*MINI, "resources.num_workers=0", f"train.output_dir={sweep / 'trials'}",
                                  f"train.run_name=cell-{i:02d}"])
-        run_in_process(cfg, sweep / "trials" / f"cell-{i:02d}")
+        run_dirs[cell.name] = sweep / "trials" / f"cell-{i:02d}"
+        run_in_process(cfg, run_dirs[cell.name])
+    # each preset's run ends with test metrics per hop, in summary.json and in its W&B run
+    from wandb_files import read_offline_run_merged
+
+    for name in ("table1/reckoning-mt/pw-3", "distractors/ft-icr-mt/pw-5", "table1/no-question/pw-2"):
+        test = json.loads((run_dirs[name] / "summary.json").read_text())["test"]
+        hops = sorted(int(k.rsplit("_", 1)[1]) for k in test if k.startswith("test/label_accuracy/hops_"))
+        assert hops and min(hops) >= 1  # the paper's selection keeps proofs of >= 2 sentences: no 0-hop
+        assert "test/recall" in test  # multi-task: recall is computed
+        wandb_summary = read_offline_run_merged(run_dirs[name], run_dirs[name].name)["summary"]
+        assert wandb_summary["test/label_accuracy"] == test["test/label_accuracy"]
     capsys.readouterr()
     assert paper_main(["report", str(sweep)]) == 0
     out = capsys.readouterr().out

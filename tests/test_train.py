@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ONE_FACT, PROOFWRITER_DEV
+from conftest import ONE_FACT
 from reckoning_ray.core.checkpoint import checkpoint_path
 from reckoning_ray.core.config import load_config
 from reckoning_ray.train import main, run
@@ -91,30 +91,6 @@ def test_evaluate_command_reproduces_the_recorded_test_metrics(reference, capsys
     assert "not a run directory" in capsys.readouterr().err
 
 
-PROOFWRITER = PROOFWRITER_DEV
-TINY_PAPER = [
-    f"data.path={PROOFWRITER}", "model.name_or_path=embedded", "model.n_positions=512", "model.dtype=float32",
-    "resources.use_gpu=false", "resources.cpus_per_worker=1", "resources.max_failures=0",
-    "train.max_steps=2", "data.num_train=32", "data.num_validation=16", "data.num_test=16",
-    "eval.max_new_tokens=12", "tracking.mode=offline",
-]
-
-
-# one through Ray Train (W&B from the controller), the variants in one process (W&B from there)
-@pytest.mark.parametrize("preset, workers", [("paper", 1), ("paper-distractors", 0), ("paper-icr", 0)])
-def test_each_paper_preset_ends_with_test_metrics_per_hop(ray_local, tmp_path, preset, workers):
-    from wandb_files import read_offline_run_merged
-
-    cfg = load_config(preset, TINY_PAPER + [f"train.output_dir={tmp_path}", f"train.run_name={preset}",
-                                            f"resources.num_workers={workers}"])
-    summary = run(cfg)
-    test = summary["test"]
-    hops = sorted(int(k.rsplit("_", 1)[1]) for k in test if k.startswith("test/label_accuracy/hops_"))
-    assert hops and min(hops) >= 1  # the paper's selection keeps proofs of >= 2 sentences: no 0-hop
-    assert test["test/tasks"] == 16 and "test/recall" in test  # multi-task: recall is computed
-    wandb_summary = read_offline_run_merged(tmp_path / preset, preset)["summary"]
-    assert wandb_summary["test/label_accuracy"] == test["test/label_accuracy"]
-    assert wandb_summary["test/label_accuracy/hops_" + str(hops[0])] == test["test/label_accuracy/hops_" + str(hops[0])]
 
 
 def test_two_workers_split_the_same_global_batch_and_match_one_worker(reference):

@@ -25,13 +25,12 @@ the ``hops`` argument.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any, Optional
 
-from reckoning_ray.core.data.errors import DataFormatError
+from reckoning_ray.core.data.errors import DataFormatError, jsonl_objects
 from reckoning_ray.core.data.schema import Record, make_record
 from reckoning_ray.core.data.splits import Splits, read_splits
 
@@ -69,37 +68,28 @@ def read_authors_file(path: str | os.PathLike, hops: Optional[int] = None) -> li
             raise DataFormatError(path, None, "expected a path with the set's name (owa_proof_D_hop...) to give the "
                                               "hop count; pass hops= to read it from elsewhere")
     records: list[Record] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataFormatError(path, line_no, f"expected a JSON object: {exc.msg} at character {exc.pos}") from None
-            if not isinstance(item, dict):
-                raise DataFormatError(path, line_no, f"expected a JSON object, got {type(item).__name__}")
-            for key in ("guid", "questions", "answers", "facts"):
-                if key not in item:
-                    raise DataFormatError(path, line_no, f"expected key {key!r} (keys found: {sorted(item)})")
-            for key in ("questions", "answers", "facts", "distractors"):
-                if key in item and not _strings(item[key]):
-                    raise DataFormatError(path, line_no, f"expected {key!r} to be a list of strings")
-            questions, answers = item["questions"], item["answers"]
-            if len(questions) != len(answers):
-                raise DataFormatError(path, line_no, f"expected one answer per question, got {len(questions)} "
-                                                     f"questions and {len(answers)} answers")
-            bad = [a for a in answers if a.lower() not in _ANSWERS]
-            if bad:
-                raise DataFormatError(path, line_no, f"expected answers true, false or unknown, got {bad[0]!r}")
-            facts = [f.strip() for f in item["facts"]]
-            knowledge = list(dict.fromkeys(facts + [d.strip() for d in item.get("distractors", [])]))
-            for n, (question, answer) in enumerate(zip(questions, answers), start=1):
-                records.append(make_record(
-                    id=f"{item['guid']}-Q{n}", family="proofwriter", source="authors", knowledge=knowledge,
-                    facts=list(dict.fromkeys(facts)), question=question.strip().rstrip(".?").rstrip(),
-                    answer=_ANSWERS[answer.lower()], hops=hops,
-                ))
+    for line_no, item in jsonl_objects(path, "one processed theory per line"):
+        for key in ("guid", "questions", "answers", "facts"):
+            if key not in item:
+                raise DataFormatError(path, line_no, f"expected key {key!r} (keys found: {sorted(item)})")
+        for key in ("questions", "answers", "facts", "distractors"):
+            if key in item and not _strings(item[key]):
+                raise DataFormatError(path, line_no, f"expected {key!r} to be a list of strings")
+        questions, answers = item["questions"], item["answers"]
+        if len(questions) != len(answers):
+            raise DataFormatError(path, line_no, f"expected one answer per question, got {len(questions)} "
+                                                 f"questions and {len(answers)} answers")
+        bad = [a for a in answers if a.lower() not in _ANSWERS]
+        if bad:
+            raise DataFormatError(path, line_no, f"expected answers true, false or unknown, got {bad[0]!r}")
+        facts = [f.strip() for f in item["facts"]]
+        knowledge = list(dict.fromkeys(facts + [d.strip() for d in item.get("distractors", [])]))
+        for n, (question, answer) in enumerate(zip(questions, answers), start=1):
+            records.append(make_record(
+                id=f"{item['guid']}-Q{n}", family="proofwriter", source="authors", knowledge=knowledge,
+                facts=list(dict.fromkeys(facts)), question=question.strip().rstrip(".?").rstrip(),
+                answer=_ANSWERS[answer.lower()], hops=hops,
+            ))
     if not records:
         raise DataFormatError(path, None, "expected at least one question, the file has none")
     return records

@@ -1,9 +1,11 @@
-"""The error every data reader raises for a file it cannot parse."""
+"""The error every data reader raises for a file it cannot parse, and the JSON-lines reading
+that raises it."""
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 from reckoning_ray.core.config import InputError
 
@@ -26,3 +28,20 @@ class DataFormatError(InputError, ValueError):
         if column is not None:
             where += f", column {column}"
         super().__init__(f"{where}: {expected}")
+
+
+def jsonl_objects(path: str | os.PathLike, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) of every non-blank line of a JSON-lines file whose lines are
+    JSON objects (``what`` each line holds, e.g. "one ProofWriter theory per line", for the error)."""
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataFormatError(path, line_no, f"expected a JSON object ({what}): {exc.msg} at character "
+                                                     f"{exc.pos}") from None
+            if not isinstance(item, dict):
+                raise DataFormatError(path, line_no, f"expected a JSON object ({what}), got {type(item).__name__}")
+            yield line_no, item

@@ -11,7 +11,6 @@ split, or one file split by theory (``splits.split_by_group``).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 from reckoning_ray.core.config import PROOFS, SELECTIONS
-from reckoning_ray.core.data.errors import DataFormatError
+from reckoning_ray.core.data.errors import DataFormatError, jsonl_objects
 from reckoning_ray.core.data.schema import Record, make_record
 from reckoning_ray.core.data.splits import Splits, read_splits, split_by_group
 
@@ -372,20 +371,9 @@ def _read_proofwriter_theories(path: str | os.PathLike, selection: str = "qdep",
     path = Path(path)
     records: list[Record] = []
     theory_ids: list[str] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                theory = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataFormatError(
-                    path, line_no, f"expected a JSON object (one ProofWriter theory per line): {exc.msg} at character {exc.pos}"
-                ) from None
-            if not isinstance(theory, dict):
-                raise DataFormatError(path, line_no, f"expected a JSON object (one theory per line), got {type(theory).__name__}")
-            records.extend(_proofwriter_theory(theory, path, line_no, selection, seed, balance, proofs))
-            theory_ids.append(str(theory["id"]))
+    for line_no, theory in jsonl_objects(path, "one ProofWriter theory per line"):
+        records.extend(_proofwriter_theory(theory, path, line_no, selection, seed, balance, proofs))
+        theory_ids.append(str(theory["id"]))
     if not theory_ids:
         raise DataFormatError(path, None, "expected at least one theory line, the file has none")
     if not records:

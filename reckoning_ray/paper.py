@@ -138,7 +138,10 @@ def report(args: argparse.Namespace, out: Any = print) -> dict[str, list[dict[st
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(args) if args.command == "run" else (report(args) and 0)
+        if args.command == "run":
+            return run(args)
+        report(args)
+        return 0
     except (InputError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -68,6 +68,18 @@ def test_a_table_without_its_data_names_the_flag():
         cells("table9", DATA)
 
 
+def test_rows_and_columns_choose_cells_and_only_their_data_is_needed(data_dirs):
+    chosen = cells("table1", {"proofwriter": data_dirs["proofwriter"]}, rows=["reckoning-mt", "ft-icr-mt"],
+                   columns=["pw-2"])
+    assert [(c.row, c.column) for c in chosen] == [("ft-icr-mt", "pw-2"), ("reckoning-mt", "pw-2")]
+    assert {(c.table, c.column) for c in cells("all", data_dirs, columns=["pw-3"])} == {
+        ("table1", "pw-3"), ("distractors", "pw-3")}
+    with pytest.raises(ConfigError, match="no row nope in this table; choose from no-facts"):
+        cells("table1", data_dirs, rows=["nope"])
+    with pytest.raises(ConfigError, match="no column csg-3"):
+        cells("table1", data_dirs, columns=["csg-3"])
+
+
 def test_the_sweep_grids_cells_as_their_differences_times_the_seeds(data_dirs):
     table = cells("distractors", data_dirs)
     base, space = sweep_space(table, [], seeds=3)

@@ -135,6 +135,9 @@ def test_report_command_writes_markdown_and_csv(tmp_path, capsys):
     assert paper_main(["report", str(tmp_path), "--no-wandb"]) == 0
     out = capsys.readouterr().out
     assert "### table1" in out and "| RECKONING (MT) | pw-2 | - | 50.0 ± 0.0 | 1 |" in out
+    # the paper's layout: a line per method, a column per data set, "ours (paper)"
+    assert "| method | pw-2 | pw-3 | pw-5 | csg-2 | csg-4 | csg-6 | pw-mean |" in out
+    assert "| RECKONING (MT) | 50.0 (-) | not run (-) | not run (-) |" in out
     assert "| No-Facts | pw-2 | - | not run | 0 |" in out
     assert "### recall" in out
     assert (tmp_path / "paper_report.md").read_text() in out

@@ -70,12 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def sweep_space(table_cells: list[Cell], overrides: list[str], seeds: int) -> tuple[Any, dict[str, tuple[str, list]]]:
-    """The experiment's base config (the first cell's) and its space: a grid over the cells, each
-    as the keys where it differs from the base, times a grid over the seeds."""
+def sweep_space(table_cells: list[Cell], configs: list[Any], seeds: int) -> tuple[Any, dict[str, tuple[str, list]]]:
+    """The experiment's base config (the first cell's) and its space: a grid over the cells (their
+    ``configs``), each as the keys where it differs from the base, times a grid over the seeds."""
     from reckoning_ray.on_ray.trials import CELL  # heavy: keeps ray off `paper report` and --help
 
-    configs = [cell_config(cell, overrides) for cell in table_cells]
     base = configs[0]
     flat_base = flatten(base)
     diffs = []
@@ -95,10 +94,10 @@ def run(args: argparse.Namespace) -> int:
     table_cells = cells(args.table, {k: v for k, v in data.items() if v},
                         args.rows.split(",") if args.rows else None, args.columns.split(",") if args.columns else None)
     overrides = [*SWEEP_KEYS, f"tune.name=paper-{args.table}", *args.overrides]
-    base, space = sweep_space(table_cells, overrides, args.seeds)
+    configs = [cell_config(cell, overrides) for cell in table_cells]
+    base, space = sweep_space(table_cells, configs, args.seeds)
     checked = set()
-    for cell in table_cells:  # every data set once, on the driver, before any trial starts
-        cfg = cell_config(cell, overrides)
+    for cell, cfg in zip(table_cells, configs):  # every data set once, on the driver, before any trial starts
         key = (cfg.data.source, cfg.data.path, tuple(cfg.data.hops))
         if key not in checked:
             checked.add(key)

@@ -82,7 +82,7 @@ def test_rows_and_columns_choose_cells_and_only_their_data_is_needed(data_dirs):
 
 def test_the_sweep_grids_cells_as_their_differences_times_the_seeds(data_dirs):
     table = cells("distractors", data_dirs)
-    base, space = sweep_space(table, [], seeds=3)
+    base, space = sweep_space(table, [cell_config(c, []) for c in table], seeds=3)
     assert space["train.seed"] == ("grid", [0, 1, 2])
     kind, diffs = space["cell"]
     assert kind == "grid" and len(diffs) == len(table)

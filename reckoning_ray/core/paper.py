@@ -217,9 +217,9 @@ def report_rows(table: str, results: dict[str, list[dict[str, Any]]],
         for row in table_rows(table):
             rows.append(_row(table, row, column, results.get(f"{table}/{row}/{column}", []), metric, numbers))
     for row in table_rows(table):  # the means the paper's text gives
-        for mean_column, prefix in (("mean", "pw-"), ("pw-mean", "pw-")):
+        for mean_column in ("mean", "pw-mean"):  # over the ProofWriter depths
             if (table, row, mean_column) in numbers:
-                cells_ = [r for r in rows if r["row"] == row and r["column"].startswith(prefix)]
+                cells_ = [r for r in rows if r["row"] == row and r["column"].startswith("pw-")]
                 rows.append(_mean_row(table, row, mean_column, cells_, numbers))
     return rows
 

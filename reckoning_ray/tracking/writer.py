@@ -526,8 +526,7 @@ def log_tables(run_dir: str | Path, tables: Mapping[str, list[dict[str, Any]]]) 
 
     with tracker:
         for key, rows in tables.items():
-            columns = sorted({k for row in rows for k in row}, key=lambda k: list(rows[0]).index(k)
-                             if k in rows[0] else len(rows[0]))
+            columns = list(dict.fromkeys(k for row in rows for k in row))
             data = [[json.dumps(row.get(c)) if isinstance(row.get(c), (dict, list)) else row.get(c)
                      for c in columns] for row in rows]
             tracker.log_values({key: wandb.Table(columns=columns, data=data)})

@@ -447,10 +447,8 @@ def test_node_resources_command_prints_json():
 # -- the fake cluster config follows a100.yaml ---------------------------------------------------
 
 def test_fake_cluster_config_is_derived_from_a100_yaml(tmp_path: Path):
-    from ray.autoscaler._private.util import validate_config
-
     fake = fc.fake_cluster_config(A100_YAML, gcs_address="127.0.0.1:6390")
-    validate_config(fake)  # the autoscaler reads it raw, so it must pass without prepare_config
+    rc.ray_validate(fake, prepare=False)  # the autoscaler reads it raw, so it must pass unprepared
     types = fake["available_node_types"]
     assert set(types) == {"ray.head.default", "ray.worker.a100", "ray.worker.rtx3090"}
     assert types["ray.head.default"]["resources"] == {"CPU": 1, "GPU": 0}

@@ -117,6 +117,10 @@ def test_sweep_with_asha_extensions_wandb_and_best_config(tmp_path):
     done = subprocess.run(tune_sweep_command(storage, space), capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    # a quiet terminal: none of Ray's internal debug or native error lines
+    output = done.stdout + done.stderr
+    assert "RAW:" not in output and "core_worker.cc" not in output, \
+        [line for line in output.splitlines() if "RAW:" in line or "core_worker.cc" in line]
     summary = json.loads((storage / "test-sweep" / "sweep_summary.json").read_text())
     rows = summary["trials"]
     # every grid point exactly once, each with a result

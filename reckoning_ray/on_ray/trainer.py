@@ -141,6 +141,8 @@ def quiet_worker_logs() -> None:
     transformers.utils.logging.disable_progress_bar()
     names = ["dill", "ray.train", "datasets"]
     try:  # Ray Train V2 logs every report at INFO under a logger named after its file
+        # Private API (ray==2.60.0): that logger is named by the path of a private module, and
+        # neither ray.train.LoggingConfig nor Ray's logging settings reach it.
         from ray.train.v2._internal.execution import context as train_context
 
         names.append(train_context.__file__)
@@ -351,7 +353,17 @@ def init_ray() -> None:
     env = {"env_vars": {"WANDB_MODE": os.environ.get("WANDB_MODE", ""), "TOKENIZERS_PARALLELISM": "false"}}
     if not env["env_vars"]["WANDB_MODE"]:
         del env["env_vars"]["WANDB_MODE"]
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env=env, log_to_driver=True,
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        # Private API (ray==2.60.0): an undocumented Ray Train setting, read by each run's
+        # controller. Train starts a PreemptionWatcher actor per worker group (it relays a cloud
+        # node's preemption notice to the workers); creating it logs a core_worker.cc error line
+        # ("has constructor arguments in the object store and max_restarts > 0") to the terminal,
+        # once per run or trial. A local Ray instance (started here, on one machine) has no node
+        # that can be preempted, so its runs go without one. Runs on a cluster keep it. The
+        # local instance's processes inherit this process's environment.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray.init(address=address, runtime_env=env, log_to_driver=True,
              configure_logging=True, logging_level="WARNING")
 
 

@@ -81,17 +81,20 @@ def load_cluster_yaml(path: str | Path) -> Dict[str, Any]:
     return data
 
 
-def ray_validate(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+def ray_validate(cfg: Mapping[str, Any], prepare: bool = True) -> Dict[str, Any]:
     """Ray's own validation of a cluster config, as ``ray up`` runs it; returns the prepared config.
 
     ``prepare_config`` merges the provider's defaults (``validate_config`` alone fails on the
     missing ``cluster_synced_files``), then ``validate_config`` checks the JSON schema (unknown
-    keys, types) and the head node type. Raises Ray's exceptions (jsonschema.ValidationError,
+    keys, types) and the head node type. ``prepare=False``: the config as given, for one the
+    autoscaler reads raw (the fake cluster's). Raises Ray's exceptions (jsonschema.ValidationError,
     ValueError, click.ClickException from the local provider) unchanged.
     """
+    # Private API (ray==2.60.0): Ray has no public call that validates a cluster config without
+    # launching it (`ray up` has no dry run); these two are what `ray up` runs first.
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    prepared = prepare_config(copy.deepcopy(dict(cfg)))
+    prepared = prepare_config(copy.deepcopy(dict(cfg))) if prepare else copy.deepcopy(dict(cfg))
     validate_config(prepared)
     return prepared
 

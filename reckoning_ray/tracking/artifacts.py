@@ -43,9 +43,9 @@ def wandb_base_url() -> str:
     url = os.environ.get("WANDB_BASE_URL")
     if url:
         return url.rstrip("/")
-    from wandb.sdk import wandb_setup
+    import wandb
 
-    return str(wandb_setup.singleton().settings.base_url).rstrip("/")
+    return str(wandb.setup().settings.base_url).rstrip("/")
 
 
 def fetch_authors(name: str, dest: str | os.PathLike, *, archive: Optional[str | os.PathLike] = None,

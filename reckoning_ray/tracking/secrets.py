@@ -11,9 +11,6 @@ from typing import Any, Mapping, Optional
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_BASE_URL = "https://api.wandb.ai"
-
-
 # Words that make a config key name a secret. Key names are split into words (at non-letters
 # and camelCase humps), so "eval.max_new_tokens" or "tokenizer" are kept while "hf_token",
 # "wandb.api_key", "apiKey" or "aws_secret_access_key" are dropped.
@@ -74,17 +71,18 @@ def scrub(config: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None
 def has_api_key(environ: Optional[Mapping[str, str]] = None) -> bool:
     """True when W&B could authenticate without a prompt.
 
-    Looks at ``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE`` and the ``.netrc`` entry that
-    ``wandb login`` writes for ``WANDB_BASE_URL`` (default https://api.wandb.ai; the file is
-    ``$NETRC`` or ``~/.netrc``). Never contacts the server.
+    Looks at ``WANDB_API_KEY`` and ``WANDB_IDENTITY_TOKEN_FILE`` in ``environ`` (default
+    ``os.environ``), then asks wandb itself (``wandb.login(prompt=False, verify=False)``: the
+    ``.netrc`` entry that ``wandb login`` writes for the configured server, no prompt, and no
+    check against the server).
     """
     env = os.environ if environ is None else environ
     if env.get("WANDB_API_KEY") or env.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     try:
-        from wandb.sdk.lib.wbauth import read_netrc_auth
+        import wandb
 
-        return bool(read_netrc_auth(host=env.get("WANDB_BASE_URL") or _DEFAULT_BASE_URL))
+        return bool(wandb.login(prompt=False, verify=False))
     except Exception as exc:  # unreadable netrc or a key in a bad format: W&B would fail too
-        log.warning("W&B: cannot read a W&B API key from netrc (%s: %s)", type(exc).__name__, exc)
+        log.warning("W&B: cannot read a W&B API key (%s: %s)", type(exc).__name__, exc)
         return False

@@ -226,28 +226,54 @@ def find_sweep(config: dict[str, Any], entity: str, project: str) -> Optional[st
     return None
 
 
-def attach_runs(config: dict[str, Any], sweep_id: str, entity: str, project: str, run_ids: list[str]) -> None:
-    """Add ``run_ids`` to the existing sweep ``sweep_id`` (what ``wandb sweep --update ID -R run``
-    does; wandb has no public Python call for it)."""
+def sweep_command(*args: str, entity: str, project: str) -> list[str]:
+    """``wandb sweep`` of this interpreter's wandb (whatever PATH holds) in ``entity``/``project``."""
+    cmd = [sys.executable, "-m", "wandb", "sweep", "--project", project]
+    if entity:
+        cmd += ["--entity", entity]
+    return cmd + list(args)
+
+
+def attach_command(sweep_id: str, entity: str, project: str, run_ids: list[str], config_file: Path) -> list[str]:
+    """The ``wandb sweep --update`` command that attaches ``run_ids`` to the sweep ``sweep_id``
+    (its config re-sent from ``config_file``)."""
+    prior = [arg for run_id in run_ids for arg in ("--prior_run", run_id)]
+    return sweep_command("--update", sweep_id, *prior, str(config_file), entity=entity, project=project)
+
+
+def stop_command(sweep_id: str, entity: str, project: str) -> list[str]:
+    """The ``wandb sweep --stop`` command that marks the sweep finished."""
+    return sweep_command("--stop", sweep_id, entity=entity, project=project)
+
+
+def run_wandb_command(cmd: list[str], out: Callable[[str], None]) -> None:
+    """Run a wandb CLI command, showing it and its output; RuntimeError when it failed.
+
+    ``wandb sweep`` reports some failures (a sweep it cannot find, no entity) as a ``wandb: ERROR``
+    line with exit status 0, so both count.
+    """
+    out("+ " + shlex.join(cmd))
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    text = (done.stdout + done.stderr).strip()
+    for line in text.splitlines():
+        out("  " + line)
+    if done.returncode != 0 or "wandb: ERROR" in text:
+        raise RuntimeError(f"`{shlex.join(cmd[1:])}` failed (exit status {done.returncode})")
+
+
+def default_entity() -> str:
+    """The logged-in user's default W&B entity (``wandb sweep --update`` needs one)."""
     import wandb
-    from wandb.apis.public.sweeps import _sweep_with_runs, _upsert_sweep
 
-    api = wandb.Api()
-    found = _sweep_with_runs(api, sweep_id, "{}", entity=entity or None, project=project)
-    if not found:
-        raise RuntimeError(f"W&B sweep {entity}/{project}/{sweep_id} not found")
-    _upsert_sweep(api, config, obj_id=found["id"], entity=entity or None, project=project, prior_runs=run_ids)
+    return wandb.Api().default_entity or ""
 
 
-def finish_sweep(sweep_id: str, entity: str, project: str) -> None:
-    """Mark the sweep finished (``wandb sweep --stop``): no controller or agent will act on it."""
+def sweep_state(sweep_id: str, entity: str, project: str) -> str:
+    """The W&B sweep's state (``RUNNING``, ``FINISHED``, ...), through the public API."""
     import wandb
-    from wandb.apis.public.sweeps import _get_sweep_state, _set_sweep_state
 
-    api = wandb.Api()
-    state = _get_sweep_state(api, sweep_id, entity=entity or None, project=project)
-    if str(state).upper() in ("RUNNING", "PAUSED", "PENDING"):
-        _set_sweep_state(api, sweep_id, "FINISHED", entity=entity or None, project=project)
+    path = "/".join(p for p in (entity, project, sweep_id) if p)
+    return str(wandb.Api().sweep(path).state).upper()
 
 
 def start_online_sweep(cfg: Any, sweep_dir: str | Path, config: dict[str, Any],
@@ -297,6 +323,7 @@ class Publication:
     entity: str
     project: str
     config: dict[str, Any]  # the W&B sweep config
+    config_file: Path  # the same, as a file (what `wandb sweep --update` reads)
     run_ids: list[str]  # the trials' run ids
     sync: Optional[list[str]]  # the `wandb sync` command of the offline runs, None when there is none
     recorded: Optional[dict[str, Any]]  # the W&B sweep recorded for this entity and project
@@ -313,8 +340,11 @@ def publish(sweep_dir: str | Path, dry_run: bool = False, out: Callable[[str], N
 
     1. ``wandb sync`` of every trial's offline run directories (already synced ones are skipped);
     2. the W&B sweep: the one recorded in ``wandb_sweep.json`` (or found by name), with the trial
-       runs attached, else a new one (``wandb.sweep(config, prior_runs=trial ids)``), recorded;
-    3. the sweep marked finished when the Tune sweep has finished (``sweep_summary.json``).
+       runs attached (``wandb sweep --update ID --prior_run ...``), else a new one
+       (``wandb.sweep(config, prior_runs=trial ids)``), recorded;
+    3. the sweep marked finished (``wandb sweep --stop``) when the Tune sweep has finished
+       (``sweep_summary.json``).
+    Only wandb's public API and command line are used.
     ``dry_run``: print the commands and the config (with every trial id) and touch no network.
     """
 
@@ -355,7 +385,7 @@ def read_publication(sweep_dir: Path, store: Any, out: Callable[[str], None]) ->
     if problems:
         out(f"error: {sweep_dir / SWEEP_FILE} is not a valid W&B sweep config: " + "; ".join(problems))
         return None
-    return Publication(sweep_dir, store, entity, project, config, list(runs),
+    return Publication(sweep_dir, store, entity, project, config, sweep_dir / SWEEP_FILE, list(runs),
                        sync_command(offline_dirs, entity, project) if offline_dirs else None, recorded,
                        (sweep_dir / "sweep_summary.json").exists(), checked)
 
@@ -368,17 +398,21 @@ def show_publication(plan: Publication, out: Callable[[str], None]) -> None:
     out("# 1. upload the trials' offline runs:")
     out(shlex.join(plan.sync) if plan.sync else "#    (no offline run to upload)")
     if plan.recorded:
-        out(f"# 2. add the trial runs to the recorded W&B sweep {plan.recorded['id']} "
-            "(as `wandb sweep --update <id> -R <run id> ...` does), with this config:")
+        out(f"# 2. add the trial runs to the recorded W&B sweep {plan.recorded['id']} (its config: "
+            f"{plan.config_file}, shown below):")
+        out(shlex.join(attach_command(plan.recorded["id"], plan.entity, plan.project, plan.run_ids,
+                                      plan.config_file)))
     else:
-        out("# 2. create the W&B sweep, wandb.sweep(config, entity=, project=, prior_runs=), with these "
-            "values (or add the runs to a sweep the project already has from this same config), and "
-            f"record its id in {plan.sweep_dir / SWEEP_ID_FILE}:")
+        out("# 2. create the W&B sweep, wandb.sweep(config, entity=, project=, prior_runs=), with the values "
+            "below (or add the runs to a sweep the project already has from this same config, as for a "
+            f"recorded sweep), and record its id in {plan.sweep_dir / SWEEP_ID_FILE}")
+    if plan.finished:
+        out("# 3. the Tune sweep has finished: mark the W&B sweep finished")
+        out(shlex.join(stop_command(plan.recorded["id"] if plan.recorded else "<sweep id>", plan.entity,
+                                    plan.project)))
     out("---")
     out(yaml.safe_dump({"entity": plan.entity or None, "project": plan.project, "prior_runs": plan.run_ids,
                         "config": plan.config}, sort_keys=False).rstrip())
-    if plan.finished:
-        out("# 3. the Tune sweep has finished: mark the W&B sweep finished (as `wandb sweep --stop` does)")
 
 
 def send_publication(plan: Publication, out: Callable[[str], None]) -> int:
@@ -394,7 +428,11 @@ def send_publication(plan: Publication, out: Callable[[str], None]) -> int:
     try:
         sweep_id = plan.recorded["id"] if plan.recorded else find_sweep(plan.config, entity, project)
         if sweep_id:
-            attach_runs(plan.config, sweep_id, entity, project, run_ids)
+            if not plan.config_file.exists():  # a sweep started before wandb_sweep.yaml existed
+                plan.config_file.write_text(yaml.safe_dump(plan.config, sort_keys=False))
+            # `wandb sweep --update` looks the sweep up in an entity: name the user's default one
+            run_wandb_command(attach_command(sweep_id, entity or default_entity(), project, run_ids,
+                                             plan.config_file), out)
             out(f"added {len(run_ids)} run(s) to W&B sweep {sweep_id}")
         else:
             sweep_id = create_sweep(plan.config, entity, project, run_ids)
@@ -402,8 +440,8 @@ def send_publication(plan: Publication, out: Callable[[str], None]) -> int:
         record_sweep(plan.sweep_dir, sweep_id, entity, project)
         if plan.store is not None:
             plan.store.push_sweep()
-        if plan.finished:
-            finish_sweep(sweep_id, entity, project)
+        if plan.finished and sweep_state(sweep_id, entity, project) in ("RUNNING", "PAUSED", "PENDING"):
+            run_wandb_command(stop_command(sweep_id, entity, project), out)
     except Exception as exc:  # no key, no network, server errors: say so, keep the files
         out(f"error: W&B sweep not published ({type(exc).__name__}: {exc}); the runs' files stay in "
             f"{plan.sweep_dir}/trials; run the command again once W&B can be reached")

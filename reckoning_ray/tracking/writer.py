@@ -52,8 +52,6 @@ log = logging.getLogger(__name__)
 # wandb.init gives up after this long (its default is 90 s): offline starts take ~1 s here,
 # an online start against an unreachable server fails after exactly this long.
 INIT_TIMEOUT_S = 20.0
-# Seconds to wait for the wandb-core service process to come up.
-SERVICE_WAIT_S = 30.0
 # Online runs: stop waiting for uploads at finish after this long; the data stays on disk
 # for `wandb sync` (the W&B default, 0, waits forever).
 FINISH_TIMEOUT_S = 60.0
@@ -224,7 +222,6 @@ class Tracker:
         directory.mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(
             init_timeout=INIT_TIMEOUT_S,
-            x_service_wait=SERVICE_WAIT_S,
             finish_timeout=FINISH_TIMEOUT_S,
             # Ray already captures worker output; W&B's console capture would wrap it again.
             console="off",

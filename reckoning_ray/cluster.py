@@ -42,7 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check = sub.add_parser("check", help="validate cluster YAMLs (Ray's validation and the project's checks)")
     check.add_argument("paths", nargs="+", type=Path)
     sub.add_parser("node-resources", help="print this machine's GPU model resources as JSON (for ray start --resources)")
-    sub.add_parser("pins", help="print the pip install command of the node software at the project's pinned versions")
+    sub.add_parser("pins", help="print the nodes' install line (the project with constraints.txt, the versions CI tests)")
     fake = sub.add_parser("fake-config", help="print the fake multi-node config derived from a cluster YAML")
     fake.add_argument("path", type=Path)
     args = parser.parse_args(argv)

@@ -94,80 +94,88 @@ def test_a100_yaml_node_types():
     assert rc.storage_path(cfg) == "s3://YOUR-BUCKET/reckoning-ray"
 
 
-# -- the README's GPU install = every cluster's setup_commands -----------------------------------
+# -- one constraints file: CI, the README's GPU install and every cluster's setup_commands ---------
 
-def test_readme_gpu_install_section():
+def test_readme_gpu_install_is_the_nodes_install_line():
     section = pins.readme_section((REPO / "README.md").read_text())
-    assert pins.pip_install_specs(section) == pins.pinned_specs() + ["-e .[cluster]"]
-    assert pins.pinned_specs()[:2] == ["torch==2.13.0", "ray[default,train,tune]==2.60.0"]
+    assert [line for line in _shell_lines(section) if line] == [pins.INSTALL_COMMAND]
+    assert pins.pip_installs(pins.pins_command()) == [["-c", "constraints.txt", "-e", ".[cluster]"]]
 
 
-def test_pins_command_installs_the_pins():
-    assert pins.pip_install_specs(pins.pins_command()) == pins.pinned_specs()
-    assert [pins._requirement(s) for s in pins.pinned_specs()] == [(n, f"=={v}") for n, v in pins.NODE_PINS.items()]
+def test_ci_and_the_main_job_install_with_the_constraints_file():
+    # .ci/run runs the README's test command; every pip install there and in the main job's
+    # command uses constraints.txt (sweeps is installed --no-deps: its pins are not taken).
+    text = (REPO / "README.md").read_text()
+    test_command = text.split("<!-- test-command:start -->", 1)[1].split("<!-- test-command:end -->", 1)[0]
+    main_job = next(line for line in text.splitlines() if line.endswith("python -m reckoning_ray.tune"))
+    for command in (test_command, main_job):
+        installs = [args for line in _shell_lines(command) for args in pins.pip_installs(line)]
+        assert len(installs) >= 2
+        for args in installs:
+            assert args[:2] == ["-c", "constraints.txt"] or args[:1] == ["--no-deps"], args
 
 
-def test_node_pins_meet_the_project_requirements():
+def test_constraints_pin_every_requirement_at_an_allowed_version():
     from packaging.requirements import Requirement
 
-    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    import tomllib
+
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    requirements = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["cluster"]]
-    by_name = {}
-    for req in requirements:
-        by_name.setdefault(pins._requirement(req.name)[0], []).append(req)
-    # Every runtime dependency of the project is pinned, at a version its requirement allows.
-    assert set(pins.NODE_PINS) == {pins._requirement(r)[0] for r in project["dependencies"]}
-    for name, version in pins.NODE_PINS.items():
-        for req in by_name[name]:
-            assert req.specifier.contains(version), f"NODE_PINS {name}=={version} is outside pyproject's {req}"
-    assert set(pins.NODE_PIN_EXTRAS["ray"].split(",")) == next(r.extras for r in by_name["ray"] if r.extras >= {"train"})
+    extras = project["optional-dependencies"]
+    node = pins.node_pins()
+    assert node["torch"] == "2.13.0" and "+" not in node["torch"]  # the CPU and the CUDA build alike
+    for spec in project["dependencies"] + extras["cluster"] + extras["test"] + extras["bench"]:
+        req = Requirement(spec)
+        name = pins.normalize(req.name)
+        assert name in node, f"{name} ({spec} in pyproject.toml) is not pinned in constraints.txt"
+        assert req.specifier.contains(node[name], prereleases=True), \
+            f"constraints.txt pins {name}=={node[name]}, outside pyproject's {spec}"
+    # what is installed here is what the file pins (the test command installs with it)
+    from importlib import metadata
+
+    for name in ("torch", "ray", "transformers", "wandb", "datasets", "numpy", "scipy"):
+        assert metadata.version(name).split("+")[0] == node[name], name
 
 
-def test_readme_pins_agree_with_node_pins():
-    # Wherever the README pins a node package (the CPU install's torch too), it is the pinned version.
-    text = (REPO / "README.md").read_text()
-    found = re.findall(r"\b([a-z][a-z0-9_-]*)(?:\[[^\]]*\])?==([0-9][^\s\"'`]*)", text)
-    pinned = [(name, version) for name, version in found if name in pins.NODE_PINS]
-    assert ("torch", "2.13.0") in pinned
-    assert all(pins.NODE_PINS[name] == version for name, version in pinned), pinned
+def test_constraints_file_errors_name_the_line(tmp_path: Path):
+    bad = tmp_path / "constraints.txt"
+    bad.write_text("# pins\ntorch==2.13.0\nray>=2.5\n")
+    with pytest.raises(pins.PinsError, match=r"constraints.txt:3: 'ray>=2.5' is not a name==version pin"):
+        pins.node_pins(bad)
+    with pytest.raises(pins.PinsError, match="run this from a checkout"):
+        pins.node_pins(tmp_path / "absent.txt")
 
 
-@pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=lambda p: p.name)
-def test_setup_commands_install_the_readme_packages(path: Path):
-    readme = pins.pip_install_specs(pins.readme_section((REPO / "README.md").read_text()))
-    cfg = rc.load_cluster_yaml(path)
-    commands = "\n".join(rc.cluster_commands(cfg, "initialization_commands", "setup_commands",
-                                      "head_setup_commands", "worker_setup_commands"))
-    assert pins.pip_install_specs(commands) == readme
-    # The editable install runs in the directory the project is mounted at.
-    assert any(c.startswith("cd ~/reckoning-ray && pip install -e") for c in cfg["setup_commands"])
-    assert "~/reckoning-ray" in cfg["file_mounts"]
-
-
-@pytest.mark.parametrize("text, specs", [
-    ('pip install "torch>=2.4"', ["torch>=2.4"]),
-    ("python3 -m pip install -U 'ray[default]==2.60.0' boto3", ["ray[default]==2.60.0", "boto3"]),
-    ("cd ~/x && pip install -e \".[cluster]\"; echo done", ["-e .[cluster]"]),
-    ("pip install --index-url https://example.org/simple -r req.txt 'numpy < 3'", ["-r req.txt", "numpy<3"]),
-    ("```bash\n$ pip install \\\n    \"torch>=2.4\"  # CUDA build on Linux\npip install --editable=.\n```", ["torch>=2.4", "-e ."]),
-    ("pip download torch\npip uninstall -y torch\necho pip install x", []),
-    ("pip install a\npip install a b", ["a", "b"]),
-    ("pip install x 2>&1 | tee log; pip install y > log.txt", ["x", "y"]),
+@pytest.mark.parametrize("text, installs", [
+    ('pip install -c constraints.txt "torch>=2.4"', [["-c", "constraints.txt", "torch>=2.4"]]),
+    ("python3 -m pip install -U 'ray[default]==2.60.0' boto3", [["-U", "ray[default]==2.60.0", "boto3"]]),
+    ('cd ~/x && pip install -e ".[cluster]"; echo done', [["-e", ".[cluster]"]]),
+    ("~/venv/bin/pip3.11 install a && pip install b", [["a"], ["b"]]),
+    ("pip download torch; pip uninstall -y torch; echo pip install x", []),
 ])
-def test_pip_install_specs(text: str, specs: List[str]):
-    assert pins.pip_install_specs(text) == specs
-
-
-@pytest.mark.parametrize("text", ["pip install torch>=2.4", "pip install numpy<3", "cd x && pip install torch>2 y"])
-def test_pip_install_specs_rejects_unquoted_specifier(text: str):
-    with pytest.raises(ValueError, match="unquoted version specifier"):
-        pins.pip_install_specs(text)
+def test_pip_installs(text: str, installs: List[List[str]]):
+    assert pins.pip_installs(text) == installs
 
 
 def test_readme_section_missing_markers():
     with pytest.raises(ValueError, match="gpu-install:start"):
         pins.readme_section("# no install section here")
+
+
+def _shell_lines(text: str) -> List[str]:
+    """Command lines of a Markdown bash block: backslash continuations joined, fences and ``$ `` dropped."""
+    lines, pending = [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("```"):
+            continue
+        line = line[2:] if line.startswith("$ ") else line
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        lines.append(pending + line)
+        pending = ""
+    return lines + ([pending] if pending else [])
 
 
 # -- broken copies: who rejects them -------------------------------------------------------------
@@ -225,15 +233,18 @@ def _storage_command(replacement: str | None) -> Callable[[Dict[str, Any]], None
 
 
 def _pins_command(replacement: str | None) -> Callable[[Dict[str, Any]], None]:
-    """Replace (None: drop) the setup command that installs the pinned node software."""
+    """Replace (None: drop) the setup command that installs the project with the constraints file."""
     def mutate(cfg: Dict[str, Any]) -> None:
         commands = cfg["setup_commands"]
-        index = commands.index(pins.pins_command())
+        index = commands.index(INSTALL)
         if replacement is None:
             del commands[index]
         else:
             commands[index] = replacement
     return mutate
+
+
+INSTALL = f"cd ~/reckoning-ray && {pins.INSTALL_COMMAND}"
 
 
 def _venv_command(replacement: str) -> Callable[[Dict[str, Any]], None]:
@@ -281,17 +292,13 @@ BROKEN = [
     ("storage_path_missing", _storage_command(None), None, "no shared storage path"),
     ("storage_path_not_s3", _storage_command("echo 'export RECKONING_STORAGE_PATH=/tmp/results' >> ~/.bashrc"), None,
      "use an S3 URI"),
-    # The node software: unpinned, drifted from the project's pins, missing; the venv's Python.
-    ("torch_unpinned", _pins_command(pins.pins_command().replace('"torch==2.13.0"', '"torch>=2.4"')), None,
-     "setup_commands[3]: torch>=2.4 is not pinned; install torch==2.13.0"),
-    ("torch_bare", _pins_command(pins.pins_command().replace('"torch==2.13.0"', "torch")), None,
-     "setup_commands[3]: torch is not pinned; install torch==2.13.0"),
-    ("ray_drift", _pins_command(pins.pins_command().replace("==2.60.0", "==2.50.0")), None,
-     "setup_commands[3]: ray[default,train,tune]==2.50.0 differs from the project's pin ray==2.60.0"),
-    ("pins_missing", _pins_command(None), None,
-     "setup_commands install no pinned torch, ray, transformers, tokenizers, wandb, omegaconf, datasets, tqdm"),
-    ("pins_unquoted", _pins_command("pip install torch>=2.4"), None,
-     "setup_commands[3]: unquoted version specifier"),
+    # The node software: installed without the constraints file, or not at all; the venv's Python.
+    ("install_unconstrained", _pins_command('cd ~/reckoning-ray && pip install -e ".[cluster]"'), None,
+     "setup_commands[3]: `pip install -e '.[cluster]'` runs without constraints.txt"),
+    ("extra_package_unconstrained", _pins_command(INSTALL + ' && pip install "torch==2.13.0+cu126"'), None,
+     "setup_commands[3]: `pip install torch==2.13.0+cu126` runs without constraints.txt"),
+    ("project_missing", _pins_command(None), None, "setup_commands never install the project"),
+    ("pins_unsplittable", _pins_command("pip install 'torch"), None, "cannot split shell command"),
     ("venv_python3", _venv_command("test -x ~/venv/bin/pip || python3 -m venv ~/venv"), None,
      "setup_commands[0]: `python3 -m venv` makes the nodes' environment"),
 ]
@@ -332,22 +339,22 @@ def test_local_provider_rejects_node_types_so_local_yaml_uses_ray_start_resource
     assert "--num-gpus=0" in local["head_start_ray_commands"][-1]
 
 
-def test_pins_allow_a_local_build_tag_and_ignore_other_packages():
+def test_constrained_installs_of_other_packages_pass():
     cfg = rc.load_cluster_yaml(LOCAL_YAML)
-    _pins_command(pins.pins_command().replace('"torch==2.13.0"', '"torch==2.13.0+cu126" boto3 "numpy<3"'))(cfg)
+    _pins_command(INSTALL + " && python3.11 -m pip install --constraint=/opt/x/constraints.txt boto3")(cfg)
     assert rc.project_problems(cfg) == []
-    cfg["worker_setup_commands"] = ['pip install "transformers==5.0.0"']  # drift anywhere that installs
-    assert rc.project_problems(cfg) == ["worker_setup_commands[0]: transformers==5.0.0 differs from the project's pin "
-                                        "transformers==5.24.0; install transformers==5.24.0, or change NODE_PINS if the "
-                                        "project moved (the pins are NODE_PINS in reckoning_ray/ops/pins.py; "
-                                        "`python -m reckoning_ray.cluster pins` prints the command)"]
+    cfg["worker_setup_commands"] = ['pip install "transformers==5.0.0"']  # anywhere that installs
+    [problem] = rc.project_problems(cfg)
+    assert problem.startswith("worker_setup_commands[0]: `pip install transformers==5.0.0` runs without constraints.txt")
 
 
-def test_yaml_setup_commands_are_the_pins_command():
+def test_yaml_setup_commands_end_with_the_install_line():
     for path in CLUSTER_YAMLS:
-        commands = rc.load_cluster_yaml(path)["setup_commands"]
-        assert commands[-2:] == [pins.pins_command(), 'cd ~/reckoning-ray && pip install -e ".[cluster]"'], path
+        cfg = rc.load_cluster_yaml(path)
+        commands = cfg["setup_commands"]
+        assert commands[-1] == INSTALL, path
         assert any(f"python{pins.NODE_PYTHON} -m venv" in c for c in commands), path
+        assert "~/reckoning-ray" in cfg["file_mounts"]  # the install runs where the project is mounted
 
 
 # -- what must not be in a cluster YAML: placeholders, W&B keys ----------------------------------
@@ -479,7 +486,7 @@ def test_fake_cluster_config_needs_node_types():
 def _readme_commands(prefix: str) -> List[List[str]]:
     text = (CLUSTER_DIR / "README.md").read_text()
     blocks = text.split("```bash")[1:]
-    lines = [line for block in blocks for line in pins.shell_lines(block.split("```")[0])]
+    lines = [line for block in blocks for line in _shell_lines(block.split("```")[0])]
     return [shlex.split(line) for line in lines if line.startswith(prefix)]
 
 

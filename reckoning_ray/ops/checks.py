@@ -12,7 +12,7 @@ What is here:
   ``validate_config``, what ``ray up`` runs) followed by the project's checks of the keys Ray does
   not look into (``node_config``, ``provider``, commands): instance types, the GPU resources on the
   right node types, a head without GPUs, the shared storage path, and the node software pinned to
-  ``NODE_PINS`` (``pin_problems``, :mod:`reckoning_ray.ops.pins`).
+  constraints.txt (``pin_problems``, :mod:`reckoning_ray.ops.pins`).
 - ``text_problems``: what must not be in a cluster YAML at all: ``YOUR-...`` placeholders and
   W&B keys (a key in a tracked file; keys travel in the job's runtime environment instead,
   ``job_runtime_env`` in :mod:`reckoning_ray.ops.jobs` / ``cluster/submit_tune.py``).
@@ -125,7 +125,7 @@ def project_problems(cfg: Mapping[str, Any]) -> List[str]:
     max_workers, a head with ``GPU: 0`` on a CPU instance) or, on premises, that workers declare
     their GPU resources at ``ray start`` and the head takes no GPU work; the shared storage path
     (s3:// on AWS, with an instance profile on the workers that write to it); and the node
-    software pinned to ``NODE_PINS`` (``pin_problems``).
+    software installed with constraints.txt (``pin_problems``).
     """
     problems: List[str] = pin_problems(cfg)
     provider = (cfg.get("provider") or {}).get("type")

@@ -1,41 +1,27 @@
-"""The node software: its pinned versions and where a text installs them.
+"""The node software: one constraints file, and the install line every machine runs with it.
 
-- ``NODE_PINS``: the versions of the node software (torch, Ray, transformers, W&B, ...), the
-  one place they are set. Every cluster YAML's setup commands and the README's GPU install pin
-  them with ``==`` (``python -m reckoning_ray.cluster pins`` prints the command, ``pins_command``);
-  ``pin_problems`` (part of ``cluster check``, :mod:`reckoning_ray.ops.checks`) fails on a YAML
-  that installs them unpinned, at other versions, or not at all.
-- ``pip_install_specs``: the packages a text's ``pip install`` commands install (shell lines of a
-  YAML command or a Markdown code block, ``shell_lines``), to prove the cluster's
-  ``setup_commands`` install what the top-level README's GPU install (``readme_section``) shows.
+- ``constraints.txt`` (the repository's top level) pins every package the project installs, its
+  dependencies' dependencies too, at the versions CI tests. CI, the README's GPU install and every
+  cluster YAML's ``setup_commands`` install with ``pip install -c constraints.txt ...``, so the
+  nodes run exactly what CI tested. ``node_pins`` reads it.
+- ``INSTALL_COMMAND``: the nodes' install line (``python -m reckoning_ray.cluster pins`` prints it);
+  ``pin_problems`` (part of ``cluster check``, :mod:`reckoning_ray.ops.checks`) fails on a YAML whose
+  ``pip install`` runs without the constraints file, that never installs the project, or that makes
+  the nodes' environment with another Python than ``NODE_PYTHON``.
 
 Plain Python: no Ray, no YAML.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-from typing import Any, Dict, Iterator, List, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Mapping
 
-# The node software, pinned to the versions the project is tested with (the CPU test install has
-# torch==2.13.0 too): the one place to change them. Every cluster YAML's setup commands and the
-# README's GPU install carry `pip install "torch==2.13.0" ...` (`python -m reckoning_ray.cluster
-# pins` prints it); `cluster check` fails on a YAML whose pins differ. The project's
-# `pip install -e ".[cluster]"` after it keeps these versions; their own dependencies (numpy,
-# ...) are what pip resolves for them.
-NODE_PINS: Dict[str, str] = {
-    "torch": "2.13.0",
-    "ray": "2.60.0",
-    "transformers": "5.24.0",
-    "tokenizers": "0.23.3",
-    "wandb": "0.31.0",
-    "omegaconf": "2.4.0",
-    "datasets": "5.2.0",
-    "tqdm": "4.70.1",
-    "pyarrow": "26.0.1",
-}
+# The repository checkout this module lives in (the cluster tools run from one: the YAMLs mount it).
+REPO = Path(__file__).resolve().parents[2]
+CONSTRAINTS_FILE = "constraints.txt"
 
 
 # The nodes' Python (their virtual environment is made with `python3.11 -m venv`): the version
@@ -44,8 +30,8 @@ NODE_PINS: Dict[str, str] = {
 NODE_PYTHON = "3.11"
 
 
-# Extras installed with a pinned package (the project's own dependency names them).
-NODE_PIN_EXTRAS: Dict[str, str] = {"ray": "default,train,tune"}
+# The install line of every node, run in the repository (the YAMLs mount it at ~/reckoning-ray).
+INSTALL_COMMAND = f'pip install -c {CONSTRAINTS_FILE} -e ".[cluster]"'
 
 
 # Cluster YAML keys whose commands install software on the nodes.
@@ -56,39 +42,90 @@ INSTALL_KEYS = ("initialization_commands", "setup_commands", "head_setup_command
 GPU_INSTALL_MARKERS = ("<!-- gpu-install:start -->", "<!-- gpu-install:end -->")
 
 
-# -- the pins in a cluster YAML ---------------------------------------------------------------------
+class PinsError(ValueError):
+    """The constraints file is missing or unreadable."""
 
-def pinned_specs() -> List[str]:
-    """``NODE_PINS`` as pip requirement specs, e.g. ``["torch==2.13.0", "ray[default,train,tune]==2.60.0", ...]``."""
-    return [f"{name}[{NODE_PIN_EXTRAS[name]}]=={version}" if name in NODE_PIN_EXTRAS else f"{name}=={version}"
-            for name, version in NODE_PINS.items()]
+
+def constraints_path(repo: Path = REPO) -> Path:
+    return repo / CONSTRAINTS_FILE
+
+
+def normalize(name: str) -> str:
+    """A distribution name as pip compares them: ``PyYAML`` -> ``pyyaml``, ``ray_cpp`` -> ``ray-cpp``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def node_pins(path: Path | None = None) -> Dict[str, str]:
+    """``{normalized name: version}`` of every ``name==version`` line of the constraints file."""
+    path = path or constraints_path()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PinsError(f"cannot read {path} ({exc}); the node pins live in the repository's "
+                        f"{CONSTRAINTS_FILE}: run this from a checkout") from None
+    pins: Dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s;]+)", line)
+        if not match:
+            raise PinsError(f"{path}:{number}: {raw.strip()!r} is not a name==version pin")
+        pins[normalize(match.group(1))] = match.group(2)
+    return pins
 
 
 def pins_command() -> str:
-    """The ``pip install`` command that installs the node software at ``NODE_PINS``."""
-    return "pip install " + " ".join(f'"{spec}"' for spec in pinned_specs())
+    """The nodes' install line (run in the repository)."""
+    return INSTALL_COMMAND
 
 
-def _requirement(spec: str) -> tuple[str, str]:
-    """(normalized distribution name, version specifier) of a pip spec: ``Ray[tune]==2.60.0`` -> ("ray", "==2.60.0")."""
-    match = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?(.*)", spec)
-    if not match:
-        return "", ""
-    return re.sub(r"[-_.]+", "-", match.group(1)).lower(), match.group(3).split(";", 1)[0].strip()
+# pip run as a program (pip, pip3, pip3.11) or as a module (python -m pip, python3.11 -m pip)
+_PIP = re.compile(r"^(?:pip(?:3(?:\.\d+)?)?|python(?:3(?:\.\d+)?)?\s+-m\s+pip)$")
+
+
+def pip_installs(command: str) -> List[List[str]]:
+    """The arguments after ``pip install`` of each ``pip install`` in a shell command (split at
+    ``&&``, ``||``, ``;`` and ``|``); ValueError for a command the shell could not split."""
+    found = []
+    for segment in re.split(r"&&|\|\||;|\|", command):
+        try:
+            words = shlex.split(segment)
+        except ValueError as exc:
+            raise ValueError(f"cannot split shell command {segment.strip()!r}: {exc}") from None
+        for i in range(1, len(words)):
+            if words[i] == "install" and _PIP.match(" ".join(w.rsplit("/", 1)[-1] for w in words[:i])):
+                found.append(words[i + 1:])
+                break
+    return found
+
+
+def _constrained(args: List[str]) -> bool:
+    for i, arg in enumerate(args):
+        value = None
+        if arg in ("-c", "--constraint") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--constraint="):
+            value = arg.split("=", 1)[1]
+        elif arg.startswith("-c") and len(arg) > 2:
+            value = arg[2:]
+        if value is not None and Path(value).name == CONSTRAINTS_FILE:
+            return True
+    return False
 
 
 def pin_problems(cfg: Mapping[str, Any]) -> List[str]:
-    """Where the node software of a cluster config is not installed at ``NODE_PINS``; [] when it is.
+    """Where a cluster config's node software would not be what CI tested; [] when it is.
 
-    Each ``pip install`` of a pinned package in ``INSTALL_KEYS`` must read ``name==version`` with
-    the pinned version (a local build tag such as ``+cu126`` is allowed), and every pinned package
-    must be installed somewhere: otherwise each node gets whatever pip finds that day.
+    Every ``pip install`` in ``INSTALL_KEYS`` must pass ``-c constraints.txt`` (else that node gets
+    whatever pip finds that day), one of them must install the project with its ``cluster`` extra,
+    and the nodes' virtual environment must be made with ``python{NODE_PYTHON}``.
     """
     problems: List[str] = []
-    seen: set[str] = set()
     venvs = 0
-    fix = ("the pins are NODE_PINS in reckoning_ray/ops/pins.py; "
-           "`python -m reckoning_ray.cluster pins` prints the command")
+    installs_project = False
+    fix = f"install with the constraints file: `{INSTALL_COMMAND}` in ~/reckoning-ray " \
+          "(`python -m reckoning_ray.cluster pins` prints it)"
     for key in INSTALL_KEYS:
         for i, command in enumerate(cfg.get(key) or []):
             for match in re.finditer(r"\b(python[\d.]*)\s+-m\s+venv\b", str(command)):
@@ -98,141 +135,25 @@ def pin_problems(cfg: Mapping[str, Any]) -> List[str]:
                                     f"whatever Python that is (Ubuntu 22.04: 3.10); use python{NODE_PYTHON} -m venv "
                                     f"(NODE_PYTHON in reckoning_ray/ops/pins.py)")
             try:
-                specs = pip_install_specs(str(command))
+                installs = pip_installs(str(command))
             except ValueError as exc:
                 problems.append(f"{key}[{i}]: {exc}")
                 continue
-            for spec in specs:
-                name, version = _requirement(spec)
-                if name not in NODE_PINS:
-                    continue
-                seen.add(name)
-                want = NODE_PINS[name]
-                exact = re.fullmatch(r"==\s*([^\s,]+)", version)
-                if not exact:
-                    problems.append(f"{key}[{i}]: {spec} is not pinned; install {name}=={want} ({fix})")
-                elif exact.group(1).split("+", 1)[0] != want:
-                    problems.append(f"{key}[{i}]: {spec} differs from the project's pin {name}=={want}; "
-                                    f"install {name}=={want}, or change NODE_PINS if the project moved ({fix})")
+            for args in installs:
+                if not _constrained(args):
+                    problems.append(f"{key}[{i}]: `pip install {shlex.join(args)}` runs without {CONSTRAINTS_FILE}, "
+                                    f"so the node may get other versions than CI tested; {fix}")
+                if any(a.replace('"', "").endswith(".[cluster]") for a in args):
+                    installs_project = True
     if not venvs:
         problems.append(f"setup_commands make no virtual environment: add `python{NODE_PYTHON} -m venv ~/venv` "
                         f"(NODE_PYTHON in reckoning_ray/ops/pins.py) and activate it in ~/.bashrc")
-    missing = [name for name in NODE_PINS if name not in seen]
-    if missing:
-        problems.append(f"setup_commands install no pinned {', '.join(missing)}: add the command "
-                        f"`python -m reckoning_ray.cluster pins` prints, before the project's install")
+    if not installs_project:
+        problems.append(f"setup_commands never install the project: {fix}")
     return problems
 
 
-# -- pip install specs (README vs setup_commands) ---------------------------------------------------
-
-# pip install options that take a value in the next argument (pip 24-25).
-_PIP_VALUE_OPTIONS = {
-    "-r", "--requirement", "-c", "--constraint", "-t", "--target", "--platform", "--python-version",
-    "--implementation", "--abi", "--root", "--prefix", "--src", "--upgrade-strategy", "--progress-bar",
-    "--log", "-i", "--index-url", "--extra-index-url", "-f", "--find-links", "-C", "--config-settings",
-    "--global-option", "--no-binary", "--only-binary", "--cache-dir", "--proxy", "--retries", "--timeout",
-    "--exists-action", "--trusted-host", "--cert", "--client-cert", "--report", "--python",
-    "--keyring-provider", "--use-feature", "--use-deprecated", "--root-user-action", "--group",
-}
-
-
-_SHELL_OPERATORS = {"&&", "||", ";", "|", "&", "(", ")", ";;"}
-
-
-def shell_lines(text: str) -> Iterator[str]:
-    """Command lines of ``text``: backslash continuations joined, Markdown fences and ``$`` prompts dropped."""
-    pending = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line.startswith("```"):
-            continue
-        if line.startswith("$ "):
-            line = line[2:]
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        yield pending + line
-        pending = ""
-    if pending:
-        yield pending
-
-
-def _is_pip(words: Sequence[str]) -> int:
-    """Index just after the pip program in ``words`` (0 if the command is not pip)."""
-    if not words:
-        return 0
-    prog = os.path.basename(words[0])
-    if re.fullmatch(r"pip(3(\.\d+)?)?", prog):
-        return 1
-    if re.fullmatch(r"python(3(\.\d+)?)?", prog) and list(words[1:3]) == ["-m", "pip"]:
-        return 3
-    return 0
-
-
-def pip_install_specs(text: str) -> List[str]:
-    """Package specs installed by the ``pip install`` commands in ``text``, in order, each once.
-
-    ``text`` is shell (a YAML command, several joined with newlines) or a Markdown section with a
-    code block. Specs keep their form without quotes or spaces: ``torch>=2.4``; an editable
-    install reads ``-e .[cluster]``, a requirements file ``-r file``. Options such as ``-U`` are
-    dropped. Raises ValueError for a line the shell could not split or for an unquoted version
-    specifier (``pip install torch>=2.4`` redirects the output to a file named ``=2.4``).
-    """
-    specs: List[str] = []
-    for line in shell_lines(text):
-        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
-        lexer.whitespace_split = True
-        try:
-            tokens = list(lexer)
-        except ValueError as exc:
-            raise ValueError(f"cannot split shell line {line!r}: {exc}") from None
-        command: List[str] = []
-        for token in tokens + [";"]:
-            if token not in _SHELL_OPERATORS:
-                command.append(token)
-                continue
-            for spec in _install_specs(command, line):
-                if spec not in specs:
-                    specs.append(spec)
-            command = []
-    return specs
-
-
-def _install_specs(words: List[str], line: str) -> List[str]:
-    start = _is_pip(words)
-    if not start or start >= len(words) or words[start] != "install":
-        return []
-    args = words[start + 1:]
-    out: List[str] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if set(arg) <= set("<>&"):  # a redirection: the shell takes the next word as its target
-            target = args[i + 1] if i + 1 < len(args) else ""
-            if arg in (">", "<") and re.match(r"=?\d", target):
-                raise ValueError(f"unquoted version specifier in {line!r}: quote it, e.g. pip install \"torch>=2.4\"")
-            if out and out[-1].isdigit():  # the file descriptor of "2>&1"
-                out.pop()
-            i += 2
-            continue
-        if arg in ("-e", "--editable", "-r", "--requirement") and i + 1 < len(args):
-            flag = "-e" if arg in ("-e", "--editable") else "-r"
-            out.append(f"{flag} {args[i + 1].replace(' ', '')}")
-            i += 2
-            continue
-        if arg.startswith("--editable=") or arg.startswith("--requirement="):
-            flag = "-e" if arg.startswith("--editable=") else "-r"
-            out.append(f"{flag} {arg.split('=', 1)[1].replace(' ', '')}")
-        elif arg in _PIP_VALUE_OPTIONS:
-            i += 1  # skip its value
-        elif not arg.startswith("-"):
-            out.append(arg.replace(" ", ""))
-        i += 1
-    return out
-
-
-def readme_section(text: str, markers: Sequence[str] = GPU_INSTALL_MARKERS, where: str = "README.md") -> str:
+def readme_section(text: str, markers=GPU_INSTALL_MARKERS, where: str = "README.md") -> str:
     """The text between ``markers`` (start, end) in ``text``; ValueError naming ``where`` if absent."""
     start, end = markers
     if start not in text or end not in text.split(start, 1)[1]:

@@ -13,6 +13,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -35,6 +36,19 @@ ONE_FACT = [
     'data.generator.labels=["yes","no"]', "outer.multi_task=false", "outer.lr=1e-3", "eval.max_new_tokens=4",
     "model.max_length=32",
 ]
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``ray`` form one xdist group: they run one after the other on one worker, in
+    file order, while the other workers take the rest (``-n auto --dist loadgroup``). They are
+    collected first, so that their long chain starts at once, and the users of the suite-wide fake
+    cluster come last in it (the cluster lives until the session ends)."""
+    ray = [item for item in items if item.get_closest_marker("ray")]
+    ray.sort(key=lambda item: "fake_a100_cluster" in getattr(item, "fixturenames", ()))  # stable
+    for item in ray:
+        item.add_marker(pytest.mark.xdist_group("ray"))
+    items[:] = ray + [item for item in items if not item.get_closest_marker("ray")]
 
 
 def load_bench(name: str):
@@ -180,3 +194,68 @@ def clutrr_sg_release(root: Path, levels=(2, 4, 6)) -> dict:
                     "<STORY> A is the son of B . <QUERY> How is B related to A ? <PROOF> . . . <ANSWER> . . . \n",
                     encoding="utf-8")
     return where
+
+
+# ------------------------------------------------------------------------ the paper's data, fetched
+# every cell with the embedded model: a few tasks, one optimizer step, a short answer
+PAPER_MINI = [
+    "model.name_or_path=embedded", "model.n_layer=1", "model.n_embd=32", "model.n_positions=512",
+    "model.dtype=float32", "resources.use_gpu=false", "resources.cpus_per_worker=1", "resources.max_failures=0",
+    "train.max_steps=1", "train.validations_per_epoch=1", "data.num_train=8", "data.num_validation=4",
+    "data.num_test=4", "eval.max_new_tokens=6", "tracking.mode=offline",
+]
+
+
+def _owa_archive(path: Path) -> Path:
+    """A release-shaped ProofWriter zip from the shared sample: its theories split among
+    depth-{2,3,5}'s train / dev / test files."""
+    import zipfile
+
+    lines = PROOFWRITER_DEV.read_text().splitlines()
+    with zipfile.ZipFile(path, "w") as z:
+        for d, depth in enumerate((2, 3, 5, 0, 1)):  # the release's depths; the tables read 2, 3, 5
+            for s, split in enumerate(("train", "dev", "test")):
+                part = lines[(3 * d + s)::9] if depth in (2, 3, 5) else lines[s:s + 3]
+                z.writestr(f"proofwriter-dataset-V2020.12.3/OWA/depth-{depth}/meta-{split}.jsonl", "\n".join(part) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def paper_data(tmp_path_factory):
+    """The data of every table, fetched as a user fetches it: ProofWriter from a local archive,
+    CLUTRR-SG from text files converted from the shared CLUTRR CSV as SGinPG's csv2txt.py does."""
+    import hashlib
+
+    from reckoning_ray.core.paper import CLUTRR_SG_LEVELS
+    from reckoning_ray.data import main as data_main
+
+    root = tmp_path_factory.mktemp("paper-data")
+    archive = _owa_archive(root / "proofwriter.zip")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert data_main(["fetch", "proofwriter", "--archive", str(archive), "--sha256", digest,
+                      "--to", str(root / "proofwriter")]) == 0
+    clutrr_sg_release(root / "clutrr-sg", levels=CLUTRR_SG_LEVELS)
+    return {"proofwriter": str(root / "proofwriter"), "clutrr-sg": str(root / "clutrr-sg")}
+
+
+# ------------------------------------------------------------------------ one suite-wide fake cluster
+
+@pytest.fixture(scope="session")
+def fake_a100_cluster():
+    """A fake autoscaling cluster with cluster/a100.yaml's node types (a head, then one a100 and
+    one rtx3090 node added on demand) for the tests that only need a cluster to exist; tests that
+    tear a cluster down or kill a node start their own. Ray Train keeps its run and worker records
+    (state tracking, for the state API). Token authentication is off for it and its clients (Ray
+    2.60 turns it on wherever ~/.ray/auth_token exists, and the dashboard then answers 401)."""
+    import time
+
+    from reckoning_ray.ops import fake_cluster as fc
+
+    started = time.time()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        with fc.fake_cluster(REPO / "cluster" / "a100.yaml", cpus_per_node=1, max_workers_per_type=1,
+                             env={"RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "RAY_AUTH_MODE": "disabled"}) as cluster:
+            print(f"fake cluster up in {time.time() - started:.1f}s at {cluster.address}")
+            yield cluster
+    # Teardown killed every process of the cluster (fake_cluster's finally).

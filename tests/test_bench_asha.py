@@ -59,6 +59,7 @@ def test_grid_flags_are_parsed_and_checked(bench):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.skipif(
     os.environ.get("RECKONING_BENCH_SWEEPS") != "1",
     reason="two real Ray Tune sweeps (~3 min on 2 cores); set RECKONING_BENCH_SWEEPS=1 to run",

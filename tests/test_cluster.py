@@ -637,28 +637,21 @@ def test_tune_argv_without_cluster_storage_keeps_arguments():
     assert jobs.tune_argv(["paper"], {jobs.STORAGE_ENV: "  "}) == ["paper"]
 
 
-# -- a fake autoscaling cluster with a100.yaml's node types --------------------------------------
-
-@pytest.fixture
-def fake_a100_cluster(monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the cluster's own processes (fake_cluster)
-    started = time.time()
-    with fc.fake_cluster(A100_YAML) as cluster:
-        print(f"fake cluster up in {time.time() - started:.1f}s at {cluster.address}")
-        yield cluster
-    # Teardown killed every process of the cluster (fake_cluster's finally).
-
+# -- a fake autoscaling cluster with a100.yaml's node types (the suite-wide one, tests/conftest.py) --
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(240)
-def test_fake_cluster_places_work_on_the_node_type_it_asks_for(fake_a100_cluster, tmp_path: Path):
+def test_fake_cluster_places_work_on_the_node_type_it_asks_for(fake_a100_cluster, tmp_path: Path, monkeypatch):
     import ray
     from ray.util.state import list_tasks
 
     cluster = fake_a100_cluster
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the fake cluster runs without token authentication
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        nodes = [n for n in ray.nodes() if n["Alive"]]
+        # the head has none of the GPU types (other tests of the suite may have added GPU nodes)
+        nodes = [n for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]]
         assert len(nodes) == 1 and not any(g in nodes[0]["Resources"] for g in rc.GPU_NODE_TYPES)
         head_id = nodes[0]["NodeID"]
 

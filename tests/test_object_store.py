@@ -49,6 +49,7 @@ def _bucket_files(s3env: dict, prefix: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_interrupted_sweep_resumes_from_the_bucket_alone(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # see tests/test_cluster_sweep.py

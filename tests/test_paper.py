@@ -21,6 +21,7 @@ from reckoning_ray.core.paper import (
     report_rows,
     trial_results,
 )
+from conftest import PAPER_MINI as MINI
 from reckoning_ray.paper import main as paper_main
 from reckoning_ray.paper import sweep_space
 
@@ -149,52 +150,10 @@ def test_report_command_writes_markdown_and_csv(tmp_path, capsys):
 
 # -- the whole path in miniature ---------------------------------------------------------------------
 
-# every cell with the embedded model: a few tasks, one optimizer step, a short answer
-MINI = [
-    "model.name_or_path=embedded", "model.n_layer=1", "model.n_embd=32", "model.n_positions=512",
-    "model.dtype=float32", "resources.use_gpu=false", "resources.cpus_per_worker=1", "resources.max_failures=0",
-    "train.max_steps=1", "train.validations_per_epoch=1", "data.num_train=8", "data.num_validation=4",
-    "data.num_test=4", "eval.max_new_tokens=6", "tracking.mode=offline",
-]
-
-
-def _owa_archive(path: Path) -> Path:
-    """A release-shaped ProofWriter zip from the shared sample: its theories split among
-    depth-{2,3,5}'s train / dev / test files."""
-    import zipfile
-
-    from conftest import PROOFWRITER_DEV
-
-    lines = PROOFWRITER_DEV.read_text().splitlines()
-    with zipfile.ZipFile(path, "w") as z:
-        for d, depth in enumerate((2, 3, 5, 0, 1)):  # the release's depths; the tables read 2, 3, 5
-            for s, split in enumerate(("train", "dev", "test")):
-                part = lines[(3 * d + s)::9] if depth in PROOFWRITER_DEPTHS else lines[s:s + 3]
-                z.writestr(f"proofwriter-dataset-V2020.12.3/OWA/depth-{depth}/meta-{split}.jsonl", "\n".join(part) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def paper_data(tmp_path_factory):
-    """The data of every table, fetched as a user fetches it: ProofWriter from a local archive,
-    CLUTRR-SG from text files converted from the shared CLUTRR CSV as SGinPG's csv2txt.py does."""
-    import hashlib
-
-    from conftest import clutrr_sg_release
-    from reckoning_ray.data import main as data_main
-
-    root = tmp_path_factory.mktemp("paper-data")
-    archive = _owa_archive(root / "proofwriter.zip")
-    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    assert data_main(["fetch", "proofwriter", "--archive", str(archive), "--sha256", digest,
-                      "--to", str(root / "proofwriter")]) == 0
-    clutrr_sg_release(root / "clutrr-sg", levels=CLUTRR_SG_LEVELS)
-    return {"proofwriter": str(root / "proofwriter"), "clutrr-sg": str(root / "clutrr-sg")}
-
-
 @pytest.mark.slow
 def test_every_cell_runs_and_the_report_shows_every_row(paper_data, tmp_path, monkeypatch, capsys):
-    """Every cell of every table, one seed, in this process (the Ray path is the next test), then
+    """Every cell of every table, one seed, in this process (`paper run` through Ray Tune, on a
+    cluster: tests/test_cluster_sweep.py), then
     `paper report` on them: every row of Table 1 and Section 4.2 with the paper's number beside ours."""
     from reckoning_ray.core.config import load_config
     from reckoning_ray.on_ray.trainer import run_in_process
@@ -237,28 +196,6 @@ def test_every_cell_runs_and_the_report_shows_every_row(paper_data, tmp_path, mo
         rows = list(csv.DictReader(f))
     assert all(r["ours"] != "" for r in rows if r["column"] not in ("mean", "pw-mean"))
     assert "W&B:" in out and (sweep / "wandb").is_dir()  # the tables went to an offline W&B run
-
-
-@pytest.mark.slow
-def test_paper_run_through_ray_tune_places_cells_and_reports(paper_data, tmp_path, capsys):
-    """`paper run` itself: one Tune experiment (two cells of Table 1, one seed), then the report."""
-    import ray
-
-    try:
-        code = paper_main(["run", "table1", *MINI, "resources.num_workers=1", f"tune.storage_path={tmp_path}",
-                           "tune.max_concurrent=2", "--proofwriter", paper_data["proofwriter"],
-                           "--rows", "reckoning-mt,ft-icr-mt", "--columns", "pw-2", "--seeds", "1"])
-    finally:
-        ray.shutdown()
-    assert code == 0
-    out = capsys.readouterr().out
-    assert "2 cells x 1 seed(s) = 2 runs" in out
-    assert paper_main(["report", str(tmp_path / "paper-table1"), "--no-wandb"]) == 0
-    report = (tmp_path / "paper-table1" / "paper_report.md").read_text()
-    assert "| RECKONING (MT) | pw-2 | - |" in report and "| FT-ICR (MT) | pw-2 | - |" in report
-    assert "| No-Facts | pw-2 | - | not run |" in report  # rows not run are marked, not 0
-    groups = {load(p).tracking.group for p in (tmp_path / "paper-table1" / "trials").glob("*/config.yaml")}
-    assert groups == {"table1/reckoning-mt/pw-2", "table1/ft-icr-mt/pw-2"}
 
 
 def load(path: Path):

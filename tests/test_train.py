@@ -16,7 +16,7 @@ from reckoning_ray.core.checkpoint import checkpoint_path
 from reckoning_ray.core.config import load_config
 from reckoning_ray.train import main, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 BASE = [
     "data.num_train=48", "data.num_validation=16", "data.num_test=8",

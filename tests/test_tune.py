@@ -58,6 +58,7 @@ def test_unknown_space_name_lists_the_spaces():
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_placement_reports_impossible_requests_at_once(capsys):
     import ray
 
@@ -106,6 +107,7 @@ def tune_sweep_command(storage: Path, space: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_sweep_with_asha_extensions_wandb_and_best_config(tmp_path):
     # an interrupted sweep resumed by a fresh driver: tests/test_object_store.py
     storage = tmp_path / "tune"

@@ -1,17 +1,18 @@
-"""The wheel carries what the entry points read: the search spaces (tune_spaces/, shipped as
-reckoning_ray/tune_spaces/) and the presets (reckoning_ray/conf/). Built from a copy of the
-sources and installed without dependencies into a fresh virtual environment, it answers
-``python -m reckoning_ray.tune --help`` from outside the repository and loads every space and
-every preset from the installed copy; an editable install of the same sources still finds the
-top-level tune_spaces/. No network: no build isolation, no index, no dependencies installed (the
-fresh environment reaches this one's packages through a .pth file placed after its own)."""
+"""What `pip install` promises is what runs. The wheel, built from a copy of the sources, carries
+what the entry points read: the search spaces (tune_spaces/, shipped as reckoning_ray/tune_spaces/)
+and the presets (reckoning_ray/conf/). Installed with its declared dependencies only (no extras,
+at the versions of constraints.txt, from the package index) into a fresh virtual environment, it
+answers ``python -m reckoning_ray.tune --help`` from outside the repository, loads every space and
+every preset from the installed copy, and runs a ``tune.scheduler=curve`` sweep (curve stopping
+imports scipy). An editable install of the same sources still finds the top-level tune_spaces/."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
 import shutil
-import site
 import subprocess
 import sys
 import zipfile
@@ -21,11 +22,12 @@ from typing import Dict, List
 import pytest
 
 import reckoning_ray
+from conftest import ONE_FACT
 
 REPO = Path(__file__).resolve().parents[1]
 # What a wheel needs of the sources (pyproject.toml names README.md as the long description).
 SOURCES = ("pyproject.toml", "README.md", "reckoning_ray", "tune_spaces")
-OFFLINE_PIP = {"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1", "PIP_NO_INDEX": "1"}
+QUIET_PIP = {"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
 
 
 def _pyproject() -> Dict:
@@ -81,22 +83,16 @@ def _copy_sources(dest: Path) -> Path:
 def _run(command: List[str], cwd: Path, env: Dict[str, str] | None = None, timeout: float = 120) -> str:
     # no PYTHONPATH unless given: the fresh environment must import what it installed
     full_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    full_env.update({**OFFLINE_PIP, **(env or {})})
+    full_env.update({**QUIET_PIP, **(env or {})})
     out = subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{command} exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out.stdout
 
 
 def _fresh_venv(path: Path) -> Path:
-    """A virtual environment without pip whose packages come first, then this environment's."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=120)
-    python = path / "bin" / "python"
-    purelib = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                  capture_output=True, text=True, check=True).stdout.strip())
-    # A .pth path line is appended after the venv's own site-packages and its own .pth files are
-    # not run, so this environment's editable install of the project stays out of the way.
-    (purelib / "zz_dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    return python
+    """A virtual environment of its own: its pip, none of this environment's packages."""
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=180)
+    return path / "bin" / "python"
 
 
 # Runs in the fresh environment: --help with Ray's init made to fail, then every space and preset.
@@ -137,13 +133,13 @@ def _probe(python: Path, cwd: Path) -> Dict:
     return json.loads(_run([str(python), "-c", script], cwd=cwd).strip().splitlines()[-1])
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_wheel_ships_spaces_and_presets(tmp_path: Path):
-    src = _copy_sources(tmp_path / "src")
-    dist = tmp_path / "dist"
+def _install(root: Path) -> Path:
+    """Build the wheel and install it with its declared dependencies into a fresh virtual
+    environment under ``root``; returns the environment. Checks what the wheel holds."""
+    src = _copy_sources(root / "src")
+    dist = root / "dist"
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)],
-         cwd=tmp_path)
+         cwd=root)
     wheel, = dist.glob("reckoning_ray-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     spaces = sorted(p.name for p in (REPO / "tune_spaces").glob("*.yaml"))
@@ -157,9 +153,45 @@ def test_wheel_ships_spaces_and_presets(tmp_path: Path):
     assert modules <= names, sorted(modules - names)
     assert not any(n.startswith("tune_spaces/") for n in names)  # no top-level package of that name
 
-    venv = tmp_path / "venv"
+    venv = root / "venv"
     python = _fresh_venv(venv)
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", str(wheel)], cwd=tmp_path)
+    # the README's main-job install, from the wheel: torch first, then the project, both with the
+    # constraints file (pip's own cache and the index, which CI reaches, supply the packages)
+    constraints = str(REPO / "constraints.txt")
+    _run([str(python), "-m", "pip", "install", "-q", "-c", constraints, "torch"], cwd=root, timeout=600)
+    _run([str(python), "-m", "pip", "install", "-q", "-c", constraints, str(wheel)], cwd=root, timeout=600)
+    (root / "installed").touch()
+    return venv
+
+
+@pytest.fixture
+def installed_wheel(tmp_path_factory) -> Path:
+    """The fresh environment with the installed wheel: built once per test run, by whichever of the
+    two tests below comes first (they may run on different workers; a file lock orders them)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "wheel-install"
+    root.mkdir(exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (root / "installed").exists():
+                for stale in ("src", "dist", "venv"):
+                    shutil.rmtree(root / stale, ignore_errors=True)
+                _install(root)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return root / "venv"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_wheel_installs_with_its_declared_dependencies_only(installed_wheel: Path, tmp_path: Path):
+    venv = installed_wheel
+    python = venv / "bin" / "python"
+    freeze = _run([str(python), "-m", "pip", "freeze"], cwd=tmp_path)
+    assert not re.search(r"^(pytest|moto|higher|torchopt|boto3|sweeps)==", freeze, re.M), freeze  # no extras
+    spaces = sorted(p.name for p in (REPO / "tune_spaces").glob("*.yaml"))
+    presets = sorted(p.name for p in (REPO / "reckoning_ray" / "conf").glob("*.yaml"))
     outside = tmp_path / "elsewhere"
     outside.mkdir()
 
@@ -178,3 +210,22 @@ def test_wheel_ships_spaces_and_presets(tmp_path: Path):
     assert all(set(by_space) == set(result["spaces"]) and all(by_space.values())
                for by_space in result["loaded"].values())
     assert "search spaces:" in result["help"] and result["ray_initialized"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(1200)
+def test_the_installed_wheel_runs_a_curve_sweep(installed_wheel: Path, tmp_path: Path):
+    # A sweep with curve stopping: 2 trials of 4 validation rounds; the scheduler judges (and
+    # imports scipy, a main dependency) from round 4 on.
+    python = installed_wheel / "bin" / "python"
+    (tmp_path / "space.yaml").write_text("inner.lr_init: {grid: [0.3, 0.001]}\n")
+    sweep = [str(python), "-m", "reckoning_ray.tune", "embedded", "space=space.yaml", "tune.scheduler=curve",
+             "tune.storage_path=tune", "tune.name=curve", "tune.num_samples=1", "tune.max_concurrent=2",
+             "tune.max_rounds=4", "tune.curve_min_rounds=4", "data.num_train=64", "data.num_validation=32",
+             "train.epochs=2", "train.validations_per_epoch=2", "train.patience=0", "tracking.mode=disabled",
+             *ONE_FACT]
+    out = _run(sweep, cwd=tmp_path, env={"RAY_ADDRESS": ""}, timeout=600)
+    summary = json.loads((tmp_path / "tune" / "curve" / "sweep_summary.json").read_text())
+    assert len(summary["trials"]) == 2 and max(r["rounds"] for r in summary["trials"]) == 4, summary["trials"]
+    assert "best config:" in out

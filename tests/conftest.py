@@ -51,6 +51,18 @@ def pytest_collection_modifyitems(config, items):
     items[:] = ray + [item for item in items if not item.get_closest_marker("ray")]
 
 
+def pytest_collection_finish(session):
+    """Refuse to run the Ray tests side by side: under ``--dist loadgroup`` xdist marks each grouped
+    test's id with ``@ray``; a pytest / xdist pair that does not (xdist 3.8 with pytest 9) would
+    spread them over the workers."""
+    if session.config.getvalue("loadgroup"):
+        spread = [item.nodeid for item in session.items
+                  if item.get_closest_marker("ray") and not item.nodeid.endswith("@ray")]
+        if spread:
+            raise pytest.UsageError(f"pytest-xdist did not group the Ray tests ({spread[0]} has no @ray): "
+                                    "install the pytest the test extra allows (pytest>=8,<9), or run with -n 0")
+
+
 def load_bench(name: str):
     """bench/<name>.py imported as a module (the benchmarks are scripts, not a package)."""
     if str(BENCH) not in sys.path:

@@ -55,7 +55,7 @@ def pytest_collection_finish(session):
     """Refuse to run the Ray tests side by side: under ``--dist loadgroup`` xdist marks each grouped
     test's id with ``@ray``; a pytest / xdist pair that does not (xdist 3.8 with pytest 9) would
     spread them over the workers."""
-    if session.config.getvalue("loadgroup"):
+    if getattr(session.config.option, "loadgroup", False):  # set on xdist workers only
         spread = [item.nodeid for item in session.items
                   if item.get_closest_marker("ray") and not item.nodeid.endswith("@ray")]
         if spread:

@@ -93,31 +93,25 @@ def test_evaluate_command_reproduces_the_recorded_test_metrics(reference, capsys
 
 
 
-def test_two_workers_split_the_same_global_batch_and_match_one_worker(reference):
+def test_two_workers_one_killed_restart_and_match_one_worker(reference, tmp_path, monkeypatch):
+    """Two workers split the same global batch, rank 0 dies abruptly at step 7 (as a node lost
+    mid-step), Ray Train restarts the group from the step-6 checkpoint, and the run ends where the
+    uninterrupted one-worker run ends."""
     out, _ = reference
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv("RECKONING_RAY_CRASH_AT", f"7:{marker}")
     cfg = load_config(None, BASE + [f"train.output_dir={out}", "train.run_name=two-workers",
-                                    "resources.num_workers=2"])
+                                    "resources.num_workers=2", "resources.max_failures=1"])
     assert cfg.train.batch_size * cfg.train.grad_accum == 4  # the same tasks per step as one worker
-    run(cfg)
-    assert [r["step"] for r in metrics(out / "two-workers")] == [6, 12]  # the same number of steps
+    summary = run(cfg)
+    assert marker.exists()  # the worker really died at step 7
+    assert summary["steps"] == 12
+    assert [r["step"] for r in metrics(out / "two-workers")] == [6, 12]  # the same steps, each round once
     assert_same(final_state(out / "two-workers"), final_state(out / "one-worker"), rtol=1e-9, atol=1e-11)
     a, b = metrics(out / "one-worker"), metrics(out / "two-workers")
     for ra, rb in zip(a, b):
         assert ra["val/answer_loss"] == pytest.approx(rb["val/answer_loss"], rel=1e-9)
         assert ra["val/label_accuracy"] == rb["val/label_accuracy"]
-
-
-def test_a_killed_worker_is_restarted_from_the_last_checkpoint(reference, tmp_path, monkeypatch):
-    out, _ = reference
-    marker = tmp_path / "crashed"
-    monkeypatch.setenv("RECKONING_RAY_CRASH_AT", f"7:{marker}")
-    cfg = load_config(None, BASE + [f"train.output_dir={out}", "train.run_name=crash-recovered",
-                                    "resources.max_failures=1"])
-    summary = run(cfg)
-    assert marker.exists()  # the worker really died at step 7
-    assert summary["steps"] == 12
-    assert [r["step"] for r in metrics(out / "crash-recovered")] == [6, 12]
-    assert_same(final_state(out / "crash-recovered"), final_state(out / "one-worker"), rtol=1e-10, atol=1e-12)
 
 
 def test_cli_help_and_bad_override():
@@ -141,7 +135,7 @@ def test_bad_override_fails_before_any_work(capsys):
 
 def test_an_input_error_in_a_worker_is_not_retried(reference, tmp_path, monkeypatch, capsys):
     """A worker that raises a config error ends the run at once (exit 2, one line), although
-    resources.max_failures would allow restarts; a crash is restarted (the test above)."""
+    resources.max_failures would allow restarts; a crash is restarted (the two-worker test)."""
     out, _ = reference
     marker = tmp_path / "attempts"
     monkeypatch.setenv("RECKONING_RAY_INPUT_ERROR_AT", f"2:{marker}")

@@ -397,7 +397,8 @@ def start(args: argparse.Namespace, title: str) -> Optional[tuple[dict[str, str]
     """The common start of the sweep benchmarks: header, source fingerprint, the grid's space file
     (checked before Ray starts), W&B off, Ray up. Returns (fingerprint, grid keys, output root,
     space file), or None after printing a bad key or value."""
-    from reckoning_ray.core.config import ConfigError, load_config
+    from reckoning_ray.core.config import load_config
+    from reckoning_ray.core.errors import ConfigError
     from reckoning_ray.on_ray.trainer import init_ray
     from reckoning_ray.core.spaces import load_space
 

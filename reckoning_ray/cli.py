@@ -5,7 +5,7 @@
 
 :func:`parse_args` reads a preset or a saved config, the ``key=value`` overrides and the options
 every command shares; ``--help-config`` prints every config key (or one group's) with its type,
-default and documentation, read from the schema (:mod:`reckoning_ray.core.config`).
+default and documentation, read from the schema (:mod:`reckoning_ray.core.schema`).
 :func:`run_command` loads and validates the config and runs the command's job (exit status 2 on an
 input error).
 """
@@ -23,16 +23,9 @@ from typing import Any, Callable, Optional, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
-from reckoning_ray.core.config import (
-    DOC,
-    Choice,
-    Config,
-    ConfigError,
-    InputError,
-    available_presets,
-    load_config,
-    to_yaml,
-)
+from reckoning_ray.core.config import available_presets, load_config, to_yaml
+from reckoning_ray.core.errors import ConfigError, InputError
+from reckoning_ray.core.schema import DOC, Choice, Config
 
 WIDTH = 100  # --help-config wraps the documentation to this many columns
 

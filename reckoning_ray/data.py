@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from reckoning_ray.core.config import PROOFS, SELECTIONS, DataConfig
+from reckoning_ray.core.schema import PROOFS, SELECTIONS, DataConfig
 from reckoning_ray.core.data import fetch as fetching
 from reckoning_ray.core.data.clutrr_sg import is_clutrr_sg
 from reckoning_ray.core.data.errors import DataFormatError

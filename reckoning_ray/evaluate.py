@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 from reckoning_ray.core.checkpoint import resolve
-from reckoning_ray.core.config import ConfigError, load_config
+from reckoning_ray.core.config import load_config
+from reckoning_ray.core.errors import ConfigError
 from reckoning_ray.core.data.errors import DataFormatError
 from reckoning_ray.core.evaluate import (
     SPLITS,

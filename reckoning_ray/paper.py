@@ -20,7 +20,8 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from reckoning_ray.core.config import InputError, flatten
+from reckoning_ray.core.config import flatten
+from reckoning_ray.core.errors import InputError
 from reckoning_ray.core.paper import (
     REPORTS,
     ROWS,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from reckoning_ray.core.checkpoint import CheckpointError
-from reckoning_ray.core.config import FAMILIES
+from reckoning_ray.core.schema import FAMILIES
 from reckoning_ray.core.predict import ReckoningModel
 
 

@@ -16,7 +16,7 @@ import sys
 from typing import Optional
 
 from reckoning_ray.cli import parse_args, run_command
-from reckoning_ray.core.config import InputError
+from reckoning_ray.core.errors import InputError
 from reckoning_ray.core.soup import make_soups
 from reckoning_ray.core.spaces import SPACES_DIR, load_space
 from reckoning_ray.on_ray.sweep import run

@@ -12,6 +12,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from reckoning_ray.core import config as config_module
+from reckoning_ray.core import schema
 from reckoning_ray.core.config import load_config
 from reckoning_ray.train import main as train_main
 from reckoning_ray.tune import main as tune_main
@@ -87,7 +88,7 @@ def test_help_names_every_config_group_and_points_to_help_config(command, capsys
         assert " ".join(cls.__doc__.split()[:3]) in rows[f"{group}.*"], (group, rows[f"{group}.*"])
 
 
-def _config_groups(cls=config_module.Config, prefix=""):
+def _config_groups(cls=schema.Config, prefix=""):
     for f in dataclasses.fields(cls):
         kind = typing.get_type_hints(cls)[f.name]
         if dataclasses.is_dataclass(kind):
@@ -96,7 +97,7 @@ def _config_groups(cls=config_module.Config, prefix=""):
 
 
 CONFIG_GROUPS = list(_config_groups())
-SCHEMA = OmegaConf.to_container(OmegaConf.structured(config_module.Config), enum_to_str=True)
+SCHEMA = OmegaConf.to_container(OmegaConf.structured(schema.Config), enum_to_str=True)
 KEY_LINE = re.compile(r"^\s*(?P<key>[\w.]+): (?P<type>.+?) = (?P<default>.*)$")
 
 
@@ -116,7 +117,7 @@ def test_help_config_lists_every_key_with_its_type_default_and_doc(command, caps
     status, out, _ = _help_config(MAINS[command], ["--help-config"], capsys)
     assert status == 0
     shown = _shown_keys(out)
-    schema_keys = [f"{prefix}{f.name}" for prefix, cls in [("", config_module.Config)]
+    schema_keys = [f"{prefix}{f.name}" for prefix, cls in [("", schema.Config)]
                    + [(f"{g}.", c) for g, c in CONFIG_GROUPS]
                    for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name])]
     assert sorted(shown) == sorted(schema_keys)
@@ -139,7 +140,7 @@ def test_help_config_of_a_group_prints_that_group_and_its_subgroups_only(capsys)
     status, out, _ = _help_config(train_main, ["--help-config", "inner"], capsys)
     assert status == 0
     shown = _shown_keys(out)
-    assert set(shown) == {f"inner.{f.name}" for f in dataclasses.fields(config_module.InnerConfig)}
+    assert set(shown) == {f"inner.{f.name}" for f in dataclasses.fields(schema.InnerConfig)}
     status, out, _ = _help_config(tune_main, ["--help-config", "data"], capsys)
     assert status == 0
     assert {key.split(".")[0] for key in _shown_keys(out)} == {"data"}

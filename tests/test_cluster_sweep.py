@@ -26,7 +26,7 @@ import yaml
 
 from conftest import PAPER_MINI
 from reckoning_ray.ops import checks as rc
-from reckoning_ray.core.config import AUTO_NODE_TYPE
+from reckoning_ray.core.schema import AUTO_NODE_TYPE
 from reckoning_ray.on_ray.trainer import AUTOSCALER_CONFIG_ENV
 
 REPO = Path(__file__).resolve().parents[1]

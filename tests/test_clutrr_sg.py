@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CLUTRR_TEST, clutrr_sg_release, csv2txt_line, csv_rows, level_of
-from reckoning_ray.core.config import DataConfig
+from reckoning_ray.core.schema import DataConfig
 from reckoning_ray.core.data.clutrr import read_clutrr_file
 from reckoning_ray.core.data.clutrr_sg import is_clutrr_sg, read_clutrr_sg, read_clutrr_sg_file, sg_file_info
 from reckoning_ray.core.data.errors import DataFormatError

@@ -6,8 +6,6 @@ import pytest
 from omegaconf import OmegaConf
 
 from reckoning_ray.core.config import (
-    Config,
-    ConfigError,
     available_presets,
     flatten,
     inner_steps_for,
@@ -15,6 +13,8 @@ from reckoning_ray.core.config import (
     node_type_for,
     save_config,
 )
+from reckoning_ray.core.errors import ConfigError
+from reckoning_ray.core.schema import Config
 
 from conftest import SHARED_DATA as SHARED
 PROOFWRITER = SHARED / "proofwriter-owa-natlang-dev.jsonl"
@@ -232,7 +232,8 @@ def test_every_config_field_is_documented_in_the_schema():
 
 
 def test_each_metric_has_one_direction_and_tune_mode_must_agree_with_tune_metric():
-    from reckoning_ray.core.config import METRIC_MODES, METRICS, metric_mode
+    from reckoning_ray.core.config import metric_mode
+    from reckoning_ray.core.schema import METRICS, METRIC_MODES
 
     assert set(METRICS) == set(METRIC_MODES)
     assert metric_mode("val/label_accuracy") == "max" and metric_mode("val/answer_loss") == "min"

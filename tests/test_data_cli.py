@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from conftest import CLUTRR_TEST, PROOFWRITER_DEV
-from reckoning_ray.core.config import DataConfig
+from reckoning_ray.core.schema import DataConfig
 from reckoning_ray.data import data_config_from_spec, main
 from reckoning_ray.core.data.generate import generate_splits
 from reckoning_ray.core.data.sources import load_splits

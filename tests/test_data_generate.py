@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from reckoning_ray.core.config import DataConfig
+from reckoning_ray.core.schema import DataConfig
 from reckoning_ray.core.data.generate import generate_splits
 from reckoning_ray.core.data.generate_proofwriter import PW_ATTRIBUTES, PW_ENTITIES
 from reckoning_ray.core.data.relations import CLUTRR_RELATIONS

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from reckoning_ray.core.config import DataConfig, load_config
+from reckoning_ray.core.config import load_config
+from reckoning_ray.core.schema import DataConfig
 from reckoning_ray.core.data.clutrr import read_clutrr, read_clutrr_file
 from reckoning_ray.core.data.errors import DataFormatError
 from reckoning_ray.core.data.proofwriter import (

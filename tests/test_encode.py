@@ -228,8 +228,8 @@ def test_icr_random_facts_come_from_other_tasks_and_are_seeded(tok):
 
 
 def test_the_encoder_knows_every_train_method():
-    from reckoning_ray.core.config import AUTO_NODE_TYPE
-    from reckoning_ray.core.config import METHODS as CONFIG_METHODS
+    from reckoning_ray.core.schema import AUTO_NODE_TYPE
+    from reckoning_ray.core.schema import METHODS as CONFIG_METHODS
 
     assert METHODS == CONFIG_METHODS and set(AUTO_NODE_TYPE) == set(METHODS)
     assert AUTO_NODE_TYPE["icr_no_question"] == "rtx3090" and AUTO_NODE_TYPE["reckoning_random_facts"] == "a100"

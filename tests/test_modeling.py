@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from reckoning_ray.core import modeling
-from reckoning_ray.core.config import ModelConfig
+from reckoning_ray.core.schema import ModelConfig
 from reckoning_ray.core.hub import hub_reachable
 from reckoning_ray.core.data.encode import Encoder
 from reckoning_ray.core.data.schema import make_record

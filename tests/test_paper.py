@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from reckoning_ray.core.config import ConfigError, flatten, save_config
+from reckoning_ray.core.config import flatten, save_config
+from reckoning_ray.core.errors import ConfigError
 from reckoning_ray.core.paper import (
     CLUTRR_SG_LEVELS,
     NUMBERS,

@@ -11,7 +11,6 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "reckoning_ray"

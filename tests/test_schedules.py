@@ -87,7 +87,7 @@ def test_extend_to_refuses_runs_that_cannot_extend(tmp_path, capsys):
 
 
 def test_validation_rounds_and_steps_agree_with_the_planned_validations():
-    from reckoning_ray.core.config import TrainConfig
+    from reckoning_ray.core.schema import TrainConfig
     from reckoning_ray.core.plan import planned_validations, steps_for_validations, validations_through
 
     for tasks, batch, per_epoch in [(64, 8, 2), (100, 16, 3), (10, 4, 1), (30, 4, 4)]:

@@ -17,7 +17,8 @@ import torch
 import wandb
 
 from reckoning_ray.tracking import writer as tracking
-from reckoning_ray.core.config import ConfigError, flatten, load_config
+from reckoning_ray.core.config import flatten, load_config
+from reckoning_ray.core.errors import ConfigError
 from reckoning_ray.tracking.secrets import looks_secret, scrub
 from reckoning_ray.tracking.writer import (
     RunWriter,

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ONE_FACT, sweep_command
-from reckoning_ray.core.config import ConfigError, load_config
+from reckoning_ray.core.config import load_config
+from reckoning_ray.core.errors import ConfigError
 from wandb_files import read_offline_run_merged
 from reckoning_ray.core.spaces import load_space
 

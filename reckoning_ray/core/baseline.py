@@ -33,7 +33,8 @@ from reckoning_ray.core.bilevel.lm import (
     row_mean_losses,
 )
 from reckoning_ray.core.bilevel.method import ReckoningMethod, ReckoningRandomFactsMethod, method_settings
-from reckoning_ray.core.config import EvalConfig, InnerConfig, OuterConfig, group
+from reckoning_ray.core.config import group
+from reckoning_ray.core.schema import EvalConfig, InnerConfig, OuterConfig
 from reckoning_ray.core.data.encode import IN_CONTEXT_METHODS, METHODS, RECKONING_RANDOM_FACTS, Encoder, TaskBatch
 
 __all__ = ["IN_CONTEXT_METHODS", "InContextMethod", "build_method", "build_method_from_settings"]

@@ -43,7 +43,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from reckoning_ray.core.config import InputError
+from reckoning_ray.core.errors import InputError
 
 if TYPE_CHECKING:
     import torch

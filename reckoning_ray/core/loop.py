@@ -31,7 +31,8 @@ from reckoning_ray.core.checkpoint import (
     restore_method,
     save_checkpoint,
 )
-from reckoning_ray.core.config import EvalConfig, OuterConfig, TrainConfig, metric_mode
+from reckoning_ray.core.config import metric_mode
+from reckoning_ray.core.schema import EvalConfig, OuterConfig, TrainConfig
 from reckoning_ray.core.method import Method
 from reckoning_ray.core.metrics import hop_sums, summarize_sums
 from reckoning_ray.core.plan import (

@@ -38,7 +38,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from reckoning_ray.core.config import InputError
+from reckoning_ray.core.errors import InputError
 from reckoning_ray.core.hub import endpoint as hub_endpoint
 from reckoning_ray.core.hub import hub_offline, hub_reachable, looks_like_hub_id
 

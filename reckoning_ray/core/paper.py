@@ -29,7 +29,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from reckoning_ray.core.config import ConfigError, load_config
+from reckoning_ray.core.config import load_config
+from reckoning_ray.core.errors import ConfigError
 
 NUMBERS = Path(__file__).resolve().parent / "paper_numbers.csv"
 TABLES = ("table1", "distractors", "figure5")

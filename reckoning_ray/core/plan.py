@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from reckoning_ray.core.config import TrainConfig
+from reckoning_ray.core.schema import TrainConfig
 
 
 def steps_per_epoch(num_tasks: int, train: TrainConfig) -> int:

@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from reckoning_ray.core.checkpoint import load_pretrained, read_settings, resolve
-from reckoning_ray.core.config import FAMILIES
+from reckoning_ray.core.schema import FAMILIES
 
 
 @dataclass

@@ -16,13 +16,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from reckoning_ray.core.checkpoint import checkpoint_path, restore_method
-from reckoning_ray.core.config import (
-    ConfigError,
-    flatten,
-    group,
-    load_config,
-    save_config,
-)
+from reckoning_ray.core.config import flatten, group, load_config, save_config
+from reckoning_ray.core.errors import ConfigError
 from reckoning_ray.core.data.sources import filter_splits, load_splits, read_records
 
 # -- checks on the driver, before any worker starts -----------------------------------------------

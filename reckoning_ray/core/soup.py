@@ -38,7 +38,8 @@ from reckoning_ray.core.checkpoint import (
     read_settings,
     save_pretrained,
 )
-from reckoning_ray.core.config import ConfigError, flatten, load_config
+from reckoning_ray.core.config import flatten, load_config
+from reckoning_ray.core.errors import ConfigError
 from reckoning_ray.core.evaluate import Evaluator
 from reckoning_ray.core.storage import open_sweep, pull_checkpoint
 

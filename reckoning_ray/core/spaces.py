@@ -11,10 +11,8 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from reckoning_ray.core.config import (
-    ConfigError,
-    validate,
-)
+from reckoning_ray.core.config import validate
+from reckoning_ray.core.errors import ConfigError
 
 # The search spaces: the top-level tune_spaces/ directory ships in the wheel as the package data
 # reckoning_ray/tune_spaces/ (pyproject.toml); a source checkout or an editable install (whose

@@ -15,11 +15,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from reckoning_ray.core.config import (
-    ConfigError,
-    load_config,
-    save_config,
-)
+from reckoning_ray.core.config import load_config, save_config
+from reckoning_ray.core.errors import ConfigError
 from reckoning_ray.core.spaces import load_space
 from reckoning_ray.core.storage import (
     SWEEP_RESULTS,

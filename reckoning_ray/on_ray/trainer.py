@@ -21,14 +21,8 @@ from typing import Any, Callable, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from reckoning_ray.core.checkpoint import read_record
-from reckoning_ray.core.config import (
-    ConfigError,
-    InputError,
-    flatten,
-    from_container,
-    group,
-    node_type_for,
-)
+from reckoning_ray.core.config import flatten, from_container, group, node_type_for
+from reckoning_ray.core.errors import ConfigError, InputError
 from reckoning_ray.core.evaluate import evaluate_best
 from reckoning_ray.core.plan import planned_validations, steps_per_epoch
 from reckoning_ray.core.runs import build_loop, summary_values

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import yaml
 
-from reckoning_ray.core.config import NODE_TYPES
+from reckoning_ray.core.schema import NODE_TYPES
 from reckoning_ray.ops.jobs import STORAGE_ENV
 from reckoning_ray.ops.pins import pin_problems
 

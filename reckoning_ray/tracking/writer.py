@@ -43,7 +43,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional
 
-from reckoning_ray.core.config import METRICS, TRACKING_MODES, ConfigError, load_config, metric_mode
+from reckoning_ray.core.config import load_config, metric_mode
+from reckoning_ray.core.errors import ConfigError
+from reckoning_ray.core.schema import METRICS, TRACKING_MODES
 from reckoning_ray.core.evaluate import save_test
 from reckoning_ray.tracking.secrets import has_api_key, scrub
 

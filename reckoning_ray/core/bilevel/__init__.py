@@ -81,7 +81,7 @@ from reckoning_ray.core.bilevel.reference import (
     inner_loop,
     sgd_step,
 )
-from reckoning_ray.core.config import ENGINES
+from reckoning_ray.core.schema import ENGINES
 
 __all__ = [
     "AdamWState",

@@ -43,7 +43,7 @@ from torch.utils.checkpoint import get_device_states, set_device_states
 
 from reckoning_ray.core.bilevel.fused_step import FusedStep, InnerUpdate
 from reckoning_ray.core.bilevel.lm import causal_lm_logits, token_mean_loss, trainable
-from reckoning_ray.core.config import InnerConfig
+from reckoning_ray.core.schema import InnerConfig
 from reckoning_ray.core.data.encode import TaskBatch
 from reckoning_ray.core.modeling import set_attention_for_second_order
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from reckoning_ray.core.config import InputError
+from reckoning_ray.core.errors import InputError
 from reckoning_ray.core.data.encode import (
     IGNORE_INDEX,
     Encoder,

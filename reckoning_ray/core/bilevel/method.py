@@ -22,7 +22,7 @@ from reckoning_ray.core.bilevel.lm import (
     trainable,
 )
 from reckoning_ray.core.bilevel.reference import ReferenceEngine
-from reckoning_ray.core.config import ENGINES, EvalConfig, InnerConfig, OuterConfig
+from reckoning_ray.core.schema import ENGINES, EvalConfig, InnerConfig, OuterConfig
 from reckoning_ray.core.data.encode import RANDOM_FACTS_METHODS, RECKONING_RANDOM_FACTS, Encoder, TaskBatch
 
 logger = logging.getLogger(__name__)

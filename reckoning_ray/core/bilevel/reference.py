@@ -31,7 +31,7 @@ from reckoning_ray.core.bilevel.lm import (
     causal_lm_loss,
     trainable,
 )
-from reckoning_ray.core.config import InnerConfig
+from reckoning_ray.core.schema import InnerConfig
 from reckoning_ray.core.data.encode import TaskBatch
 from reckoning_ray.core.modeling import set_attention_for_second_order
 

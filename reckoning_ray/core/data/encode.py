@@ -49,7 +49,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from reckoning_ray.core.config import InputError
+from reckoning_ray.core.errors import InputError
 
 IGNORE_INDEX = -100
 RECKONING = "reckoning"

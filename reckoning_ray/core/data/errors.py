@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any, Iterator, Optional
 
-from reckoning_ray.core.config import InputError
+from reckoning_ray.core.errors import InputError
 
 
 class DataFormatError(InputError, ValueError):

@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Mapping, Optional
 
 from tqdm import tqdm
 
-from reckoning_ray.core.config import InputError
+from reckoning_ray.core.errors import InputError
 
 PROOFWRITER_ARCHIVE = "proofwriter-dataset-V2020.12.3.zip"
 PROOFWRITER_URL = "https://aristo-data-public.s3.amazonaws.com/proofwriter/" + PROOFWRITER_ARCHIVE

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-from reckoning_ray.core.config import PROOFS, SELECTIONS
+from reckoning_ray.core.schema import PROOFS, SELECTIONS
 from reckoning_ray.core.data.errors import DataFormatError, jsonl_objects
 from reckoning_ray.core.data.schema import Record, make_record
 from reckoning_ray.core.data.splits import Splits, read_splits, split_by_group

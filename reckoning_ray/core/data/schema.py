@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reckoning_ray.core.config import FAMILIES, PROOFWRITER_LABELS
+from reckoning_ray.core.schema import FAMILIES, PROOFWRITER_LABELS
 
 # A task as a plain dict with the fields below.
 Record = dict[str, Any]

@@ -22,7 +22,7 @@ import os
 import random
 from typing import Any, Sequence
 
-from reckoning_ray.core.config import ConfigError
+from reckoning_ray.core.errors import ConfigError
 from reckoning_ray.core.data.clutrr import read_clutrr
 from reckoning_ray.core.data.clutrr_sg import is_clutrr_sg, read_clutrr_sg
 from reckoning_ray.core.data.errors import DataFormatError

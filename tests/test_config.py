@@ -256,3 +256,26 @@ def test_the_training_loop_and_the_run_summary_take_the_metric_direction_from_th
 
     assert loop.metric_mode is metric_mode and writer.metric_mode is metric_mode
     assert not hasattr(writer, "METRIC_MODES")
+
+
+@pytest.mark.parametrize("override", [
+    "train.run_name=/abs/path", "train.run_name=../../x", "train.run_name=a/b", "train.run_name=..",
+    "tune.name=/tmp/elsewhere", "tune.name=../up", "tune.name=x/y", "tune.name=.", "tune.name=a b",
+])
+def test_names_that_become_paths_are_names(override, tmp_path, capsys):
+    key = override.split("=", 1)[0]
+    with pytest.raises(ConfigError, match=rf"^{key}=.* is invalid: a name, not a path: use letters, digits"):
+        load_config(None, [override])
+    # the command line: exit status 2, one line naming the key, nothing written
+    from reckoning_ray.train import main as train_main
+
+    assert train_main([override, f"train.output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{key}=" in err[0], err
+    assert not any(tmp_path.iterdir())
+
+
+def test_names_with_letters_digits_dots_underscores_and_dashes_are_kept():
+    cfg = load_config(None, ["train.run_name=run-1.2_b", "tune.name=sweep_3-a.b"])
+    assert (cfg.train.run_name, cfg.tune.name) == ("run-1.2_b", "sweep_3-a.b")
+    assert load_config(None, ["train.run_name=''"]).train.run_name == ""  # empty: the run is named for you

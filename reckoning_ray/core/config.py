@@ -221,7 +221,22 @@ def _check_outer(o: Any) -> None:
     _check(0 < o.cooldown_fraction <= 1, "outer.cooldown_fraction", o.cooldown_fraction, "must be in (0, 1]")
 
 
+# A name that becomes a file or directory name (a run's directory, a sweep's): letters, digits,
+# ".", "_" and "-", never "." or ".." alone, so that it can never point outside its parent.
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _check_name(key: str, value: Any, empty_ok: bool) -> None:
+    text = "" if value is None else str(value)
+    if empty_ok and text == "":
+        return
+    _check(bool(_NAME.fullmatch(text)) and text not in (".", ".."), key, value,
+           "a name, not a path: use letters, digits, '.', '_' and '-' only (it names a directory under "
+           + ("train.output_dir" if key.startswith("train.") else "tune.storage_path") + ")")
+
+
 def _check_train(t: Any) -> None:
+    _check_name("train.run_name", t.run_name, empty_ok=True)  # empty: a name is made for the run
     _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1")
     _check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
@@ -250,6 +265,7 @@ def _check_resources(r: Any) -> None:
 
 
 def _check_tune(t: Any) -> None:
+    _check_name("tune.name", t.name, empty_ok=False)
     _check(t.num_samples >= 1, "tune.num_samples", t.num_samples, "must be >= 1")
     _check(t.max_concurrent >= 1, "tune.max_concurrent", t.max_concurrent, "must be >= 1")
     _check(t.metric in METRICS, "tune.metric", t.metric, f"choose one of {METRICS}")

@@ -382,7 +382,8 @@ class TrainConfig:
     output_dir: str = doc(
         "runs", "Where runs are written: <output_dir>/<run_name>/ (config, metrics, checkpoints).")
     run_name: str = doc(
-        "", "Run name; rerunning with the same name resumes. Empty: derived from the preset.")
+        "", "Run name (the run's directory under train.output_dir: letters, digits, '.', '_' and '-'); "
+        "rerunning with the same name resumes. Empty: derived from the preset.")
 
 
 @dataclass
@@ -454,7 +455,8 @@ class TuneConfig:
         "ASHA promotion beyond the planned rounds (outer.schedule=wsd, tune.scheduler=asha): a trial ASHA "
         "keeps at the end of its planned rounds continues from the start of its cooldown at the constant "
         "rate to the next rung, cools down again there, and so on up to tune.max_rounds.")
-    name: str = doc("reckoning-sweep", "Sweep name (also the W&B group).")
+    name: str = doc("reckoning-sweep", "Sweep name (also the W&B group; the sweep's directory under "
+                                        "tune.storage_path: letters, digits, '.', '_' and '-').")
     storage_path: str = doc(
         "",
         "Where Tune writes results, under <storage_path>/<tune.name>: a local directory or a URI "

@@ -88,8 +88,8 @@ W&B: runs are written offline under each trial's directory; upload them as one W
 --resume continues an interrupted sweep (finished trials stay finished).
 
 files, all under <tune.storage_path>/<tune.name>/ (default runs/tune/<name>):
-  sweep_config.yaml asha_state.pkl wandb_sweep.yaml   at the start, the rungs after every result
-                                                      (curve_state.pkl: the curves, tune.scheduler=curve)
+  sweep_config.yaml asha_state.json wandb_sweep.yaml   at the start, the rungs after every result
+                                                      (curve_state.json: the curves, tune.scheduler=curve)
   sweep_summary.json best_config.yaml                 the table and the best trial's config, at the end
   trials/<trial id>/   config.yaml metrics.jsonl checkpoints.json checkpoints/step-*/ summary.json,
                        wandb/ wandb_run.json          after every validation

@@ -81,7 +81,7 @@ def test_the_sweep_builds_it_and_it_survives_a_resume(tmp_path):
     assert isinstance(scheduler, ResumableCurve)
     scheduler.set_search_properties("val/label_accuracy", "max")
     _feed(scheduler, "a", [0.1 * t for t in range(1, 5)], "val/label_accuracy")
-    assert (tmp_path / "curve_state.pkl").is_file()
+    assert (tmp_path / "curve_state.json").is_file()
     restored = pickle.loads(pickle.dumps(build_trial_scheduler(cfg, str(tmp_path))))  # as Tune rebuilds it
     restored.set_search_properties("val/label_accuracy", "max")
     restored.on_trial_add(None, SimpleNamespace(trial_id="b"))

@@ -233,3 +233,31 @@ def test_on_a_terminal_the_bar_steps_aside_for_the_validation_lines(tmp_path, mo
         assert before.strip() == "", segment  # the bar was blanked out first
     redraws = [c for c in text.replace("\n", "\r").split("\r") if c.strip()]
     assert re.search(r"\| 6/6 steps \[", redraws[-1]), redraws[-1]  # redrawn below, and finished
+
+
+class _Touch:
+    """Unpickling this runs code: it creates the file ``path``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_crafted_trainer_state_is_refused_and_never_runs(tmp_path):
+    from reckoning_ray.core.checkpoint import TRAINER_STATE, CheckpointError, load_trainer_state
+
+    marker = tmp_path / "code-ran"
+    checkpoint = tmp_path / "step-000003"
+    checkpoint.mkdir()
+    torch.save({"optimizer": {}, "payload": _Touch(marker)}, checkpoint / TRAINER_STATE)
+    with pytest.raises(CheckpointError, match=r"trainer_state.pt is not a trainer state this project wrote"):
+        load_trainer_state(checkpoint)
+    assert not marker.exists()
+    # what the loop writes loads as data only (the exact resume above goes through it too)
+    (checkpoint / TRAINER_STATE).unlink()
+    from reckoning_ray.core.loop import _rng_state
+
+    torch.save({"rng": _rng_state(), "history": [{"round": 1}]}, checkpoint / TRAINER_STATE)
+    assert load_trainer_state(checkpoint)["history"] == [{"round": 1}]

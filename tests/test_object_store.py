@@ -109,7 +109,7 @@ def test_interrupted_sweep_resumes_from_the_bucket_alone(tmp_path: Path, monkeyp
         best_config = yaml.safe_load((got / "best_config.yaml").read_text())
         best_row = next(r for r in rows if r["trial"] == summary["best_trial"])
         assert best_config["inner"]["lr_init"] == best_row["inner.lr_init"]
-        assert (got / "sweep_config.yaml").is_file() and (got / "asha_state.pkl").is_file()
+        assert (got / "sweep_config.yaml").is_file() and (got / "asha_state.json").is_file()
 
         from reckoning_ray.core.checkpoint import load_pretrained, read_record
 

@@ -123,16 +123,16 @@ def test_sweep_store_splits_files_by_writer(tmp_path):
     remote = f"file://{tmp_path / 'store'}/sweep"
     store = SweepStore(tmp_path / "driver", remote)
     (store.local / "trials" / "t").mkdir(parents=True)
-    for name in ("sweep_config.yaml", "asha_state.pkl", "stray.txt"):
+    for name in ("sweep_config.yaml", "asha_state.json", "stray.txt"):
         (store.local / name).write_text(name)
     (store.local / "trials" / "t" / "wandb_run.json").write_text("{}")
     (store.local / "trials" / "t" / "metrics.jsonl").write_text("from the driver's stale copy\n")
     assert store.push_sweep() == 2  # the sweep's own files, nothing else
     assert store.push_trial("t") == 1  # the W&B writer's record, never the workers' metrics
-    assert sorted(store.sweep.remote_files()) == ["asha_state.pkl", "sweep_config.yaml", "trials/t/wandb_run.json"]
-    (store.local / "asha_state.pkl").unlink()  # a fresh sweep of the same name
+    assert sorted(store.sweep.remote_files()) == ["asha_state.json", "sweep_config.yaml", "trials/t/wandb_run.json"]
+    (store.local / "asha_state.json").unlink()  # a fresh sweep of the same name
     store.push_sweep()
-    assert "asha_state.pkl" not in store.sweep.remote_files()
+    assert "asha_state.json" not in store.sweep.remote_files()
 
 
 def test_bad_storage_uri_names_the_setting(tmp_path, monkeypatch):

@@ -253,3 +253,53 @@ def test_a_trial_extends_only_when_asha_kept_it_at_its_planned_end(monkeypatch, 
     cfg.train.max_steps, cfg.train.epochs = 16, 4  # planned rounds 8 = tune.max_rounds: the end
     decisions[("t", 8)] = True
     assert length({"validations": 8, "stopped_early": False}, True) is None
+
+
+def test_asha_state_is_json_survives_a_restart_and_no_pickle_is_read(tmp_path):
+    import pickle
+    from types import SimpleNamespace
+
+    from reckoning_ray.core.errors import ConfigError
+    from reckoning_ray.on_ray.schedulers import ResumableASHA
+
+    marker = tmp_path / "code-ran"
+    # a crafted pickle where the state used to be: never opened
+    (tmp_path / "asha_state.pkl").write_bytes(pickle.dumps(_Touch(marker)))
+
+    def scheduler():
+        s = ResumableASHA(str(tmp_path), time_attr="round", max_t=4, grace_period=1, reduction_factor=2)
+        s.set_search_properties("val/answer_loss", "min")
+        return s
+
+    first = scheduler()
+    trials = [SimpleNamespace(trial_id=f"t{i}", config={}) for i in range(3)]
+    for trial in trials:
+        first.on_trial_add(None, trial)
+    for trial, loss in zip(trials, (1.0, 2.0, 0.5)):
+        first.on_trial_result(None, trial, {"round": 1, "val/answer_loss": loss, "training_iteration": 1})
+    saved = json.loads((tmp_path / "asha_state.json").read_text())
+    assert saved["trial_bracket"] == {"t0": 0, "t1": 0, "t2": 0}
+    # a restarted driver: the same rungs, so the same decision on the next result
+    second = scheduler()
+    late = SimpleNamespace(trial_id="t3", config={})
+    second.on_trial_add(None, late)
+    first.on_trial_add(None, late)
+    result = {"round": 1, "val/answer_loss": 1.5, "training_iteration": 1}
+    assert second.on_trial_result(None, late, dict(result)) == first.on_trial_result(None, late, dict(result))
+    assert second._state() == first._state()
+    assert not marker.exists()
+    # a state file that is not what the project writes: one clear error, nothing run
+    (tmp_path / "asha_state.json").write_bytes(pickle.dumps(_Touch(marker)))
+    with pytest.raises(ConfigError, match="asha_state.json is not the scheduler state this project writes"):
+        scheduler().on_trial_add(None, SimpleNamespace(trial_id="t4", config={}))
+    assert not marker.exists()
+
+
+class _Touch:
+    """Unpickling this runs code: it creates the file ``path``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))

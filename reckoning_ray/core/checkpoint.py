@@ -248,9 +248,20 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, method: Any, trainer_
 
 
 def load_trainer_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """The trainer state of a checkpoint, read as data only (``weights_only=True``: tensors,
+    lists, dicts and numbers; a pickle that would build other objects or run code is refused
+    before anything of it runs). CheckpointError naming the file otherwise."""
+    import pickle
+
     import torch
 
-    return torch.load(Path(directory) / TRAINER_STATE, weights_only=False)
+    path = Path(directory) / TRAINER_STATE
+    try:
+        return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"{path} is not a trainer state this project wrote (it holds more than tensors, "
+                              f"lists and numbers, or is damaged: {str(exc).strip().splitlines()[-1][:200]}); "
+                              "it was not loaded. Resume from a run directory you trust, or start a fresh run") from None
 
 
 __all__ = [

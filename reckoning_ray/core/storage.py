@@ -11,7 +11,7 @@ by the process that wrote them:
   end, and pulls it back first when the storage holds a later checkpoint than its node (a trial
   restarted on another node, or a sweep resumed on a new cluster);
 - the sweep's driver pushes each trial's W&B files (``wandb/``, ``wandb_run.json``) as results
-  come in, and the sweep's own files (``sweep_config.yaml``, ``asha_state.pkl``, ``wandb_sweep.*``,
+  come in, and the sweep's own files (``sweep_config.yaml``, ``asha_state.json``, ``wandb_sweep.*``,
   ``best_config.yaml``, ``sweep_summary.json``); ``--resume`` and ``publish`` pull them first.
 
 A node that is lost loses at most the files of the validation round in flight. Files go through
@@ -259,10 +259,10 @@ def pull_checkpoint(run_dir: str | os.PathLike, remote: str, which: str = "best"
 # -- a sweep directory ---------------------------------------------------------------------------
 
 # The sweep's own files, written by its driver (Ray Tune keeps its experiment state beside them).
-SWEEP_FILES = ("sweep_config.yaml", "asha_state.pkl", "curve_state.pkl", "wandb_sweep.yaml", "wandb_sweep.json",
+SWEEP_FILES = ("sweep_config.yaml", "asha_state.json", "curve_state.json", "wandb_sweep.yaml", "wandb_sweep.json",
                "best_config.yaml", "sweep_summary.json")
 # Files a fresh sweep of the same name starts without (an earlier sweep's rungs and results).
-SWEEP_RESULTS = ("asha_state.pkl", "curve_state.pkl", "best_config.yaml", "sweep_summary.json")
+SWEEP_RESULTS = ("asha_state.json", "curve_state.json", "best_config.yaml", "sweep_summary.json")
 TRIAL_CHECKPOINTS = "trials/*/checkpoints"
 
 
@@ -270,7 +270,7 @@ class SweepStore:
     """The driver's side of a sweep directory kept in an object store: ``local`` (this machine's
     cache) and ``remote`` (``<storage URI>/<tune.name>``), laid out alike::
 
-        sweep_config.yaml asha_state.pkl wandb_sweep.* best_config.yaml sweep_summary.json
+        sweep_config.yaml asha_state.json wandb_sweep.* best_config.yaml sweep_summary.json
         trials/<trial id>/   a trial's run directory (pushed by its rank-0 worker, W&B files by the driver)
     """
 

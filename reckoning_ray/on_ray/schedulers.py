@@ -6,14 +6,15 @@ promotion board. :func:`build_trial_scheduler` builds the one ``tune.scheduler``
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig
 from ray.tune.schedulers import ASHAScheduler
 
+from reckoning_ray.core.errors import ConfigError
 from reckoning_ray.core.storage import local_path
 from reckoning_ray.on_ray.curve import CurveStopping
 from reckoning_ray.on_ray.trials import board_name, promotion_board
@@ -30,7 +31,6 @@ class Resumable:
     """
 
     STATE_FILE = ""
-    _own = ("_sweep_root", "_loaded")
 
     def _init_state(self, sweep_root: str) -> None:
         self._sweep_root = sweep_root  # the sweep directory (path or URI): its file is found where it runs
@@ -40,18 +40,29 @@ class Resumable:
     def _state_path(self) -> str:
         return str(local_path(self._sweep_root) / self.STATE_FILE)
 
+    def _state(self) -> dict[str, Any]:
+        """What a resume needs, as JSON values."""
+        raise NotImplementedError
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
     def _load(self) -> None:
+        # JSON, never a pickle: a sweep directory someone else wrote cannot run code here
         if not self._loaded and os.path.exists(self._state_path):
-            with open(self._state_path, "rb") as f:
-                self.__dict__.update(pickle.load(f))
+            try:
+                with open(self._state_path, encoding="utf-8") as f:
+                    self._restore(json.load(f))
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise ConfigError(f"{self._state_path} is not the scheduler state this project writes ({exc}); "
+                                  "move it away to resume without it, or start the sweep fresh") from None
         self._loaded = True
 
     def _save(self) -> None:
-        state = {k: v for k, v in self.__dict__.items() if k not in self._own}
         Path(self._state_path).parent.mkdir(parents=True, exist_ok=True)
         tmp = self._state_path + ".tmp"
-        with open(tmp, "wb") as f:
-            pickle.dump(state, f)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self._state(), f)
         os.replace(tmp, self._state_path)
 
     def _known(self, trial_id: str) -> bool:
@@ -74,8 +85,7 @@ class ResumableASHA(Resumable, ASHAScheduler):
     name of the sweep's :class:`PromotionBoard`, ``tune.extend``) it posts its decision on each
     trial's last planned round there."""
 
-    STATE_FILE = "asha_state.pkl"
-    _own = (*Resumable._own, "_board")
+    STATE_FILE = "asha_state.json"
 
     def __init__(self, sweep_root: str, board: Optional[str] = None, **kwargs: Any) -> None:
         ASHAScheduler.__init__(self, **kwargs)
@@ -84,6 +94,24 @@ class ResumableASHA(Resumable, ASHAScheduler):
 
     def _known(self, trial_id: str) -> bool:
         return trial_id in self._trial_info
+
+    def _state(self) -> dict[str, Any]:
+        # Ray 2.60's ASHAScheduler: each trial's bracket (_trial_info), each bracket's rungs
+        # (_rungs: [(milestone, {trial id: value})]) and the counters
+        index = {id(bracket): i for i, bracket in enumerate(self._brackets)}
+        return {"counter": self._counter, "num_stopped": self._num_stopped,
+                "trial_bracket": {trial: index[id(bracket)] for trial, bracket in self._trial_info.items()},
+                "rungs": [[[milestone, recorded] for milestone, recorded in bracket._rungs]
+                          for bracket in self._brackets]}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if len(state["rungs"]) != len(self._brackets):
+            raise ValueError(f"{len(state['rungs'])} brackets saved, {len(self._brackets)} configured")
+        for bracket, rungs in zip(self._brackets, state["rungs"]):
+            bracket._rungs = [(milestone, {str(t): float(v) for t, v in recorded.items()})
+                              for milestone, recorded in rungs]
+        self._trial_info = {str(t): self._brackets[int(i)] for t, i in state["trial_bracket"].items()}
+        self._counter, self._num_stopped = int(state["counter"]), int(state["num_stopped"])
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
@@ -96,11 +124,18 @@ class ResumableASHA(Resumable, ASHAScheduler):
 class ResumableCurve(Resumable, CurveStopping):
     """Learning-curve stopping (``tune.scheduler=curve``) whose curves survive ``--resume``."""
 
-    STATE_FILE = "curve_state.pkl"
+    STATE_FILE = "curve_state.json"
 
     def __init__(self, sweep_root: str, **kwargs: Any) -> None:
         CurveStopping.__init__(self, **kwargs)
         self._init_state(sweep_root)
+
+    def _state(self) -> dict[str, Any]:
+        return {"curves": self._curves, "decisions": self.decisions}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self._curves = {str(t): [(float(r), float(z)) for r, z in curve] for t, curve in state["curves"].items()}
+        self.decisions = [dict(d) for d in state["decisions"]]
 
 
 def build_trial_scheduler(cfg: DictConfig, root: str) -> Any:

@@ -140,3 +140,29 @@ def test_bad_storage_uri_names_the_setting(tmp_path, monkeypatch):
         Mirror(tmp_path, "nosuchscheme://bucket/x")
     monkeypatch.setenv("RECKONING_RUNS_CACHE", str(tmp_path / "cache"))
     assert cache_root() == tmp_path / "cache"
+
+
+def test_a_store_that_cannot_be_written_stops_the_sweep_before_ray(tmp_path, bucket):
+    import subprocess
+    import sys
+
+    from reckoning_ray.core.errors import ConfigError
+    from reckoning_ray.on_ray.sweep import run
+    from reckoning_ray.core.config import load_config
+
+    Mirror(tmp_path / "ok", f"{bucket}/reachable").check_access()  # the bucket exists: no error
+    with pytest.raises(StorageError, match=r"cannot write under s3://no-such-bucket/x"):
+        Mirror(tmp_path / "missing", "s3://no-such-bucket/x").check_access()
+    # the sweep: one line, exit status 2, before Ray starts
+    cfg = load_config(None, ["tune.storage_path=s3://no-such-bucket/sweeps", "tune.name=typo",
+                             "tune.space=embedded"])
+    import ray
+
+    with pytest.raises(ConfigError, match=r"^tune.storage_path: cannot write under s3://no-such-bucket/sweeps/typo"):
+        run(cfg)
+    assert not ray.is_initialized()
+    out = subprocess.run([sys.executable, "-m", "reckoning_ray.tune", "tune.storage_path=s3://no-such-bucket/sweeps"],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, RAY_ADDRESS=""))
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tune.storage_path: cannot write under s3://no-such-bucket/sweeps" in lines[0], lines

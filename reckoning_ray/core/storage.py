@@ -117,6 +117,27 @@ class Mirror:
         return {info.path[len(prefix):]: (info.size, int(info.mtime_ns or 0)) for info in infos
                 if info.type == fs.FileType.File and info.path.startswith(prefix)}
 
+    def check_access(self) -> None:
+        """Write, read back and delete a small probe object under the remote root; StorageError
+        naming the storage and the likely fix when any of it fails (a bucket that does not exist,
+        credentials that cannot write or read there)."""
+        probe = f"{self.root}/.reckoning-ray-access-check-{os.getpid()}"
+        step = "write"
+        try:
+            with self.fs.open_output_stream(probe) as f:
+                f.write(b"ok")
+            step = "read"
+            with self.fs.open_input_stream(probe) as f:
+                if f.read() != b"ok":
+                    raise OSError("the probe object read back differs from what was written")
+            step = "delete"
+            self.fs.delete_file(probe)
+        except OSError as exc:
+            reason = " ".join(str(exc).split())[:300]
+            raise StorageError(f"tune.storage_path: cannot {step} under {self.remote} ({reason}); check that "
+                               "the bucket exists and that the credentials at hand (AWS_* variables, "
+                               "~/.aws, the instance profile) may read and write there") from None
+
     def exists(self, rel: str) -> bool:
         from pyarrow import fs
 

@@ -20,6 +20,7 @@ from reckoning_ray.core.errors import ConfigError
 from reckoning_ray.core.spaces import load_space
 from reckoning_ray.core.storage import (
     SWEEP_RESULTS,
+    StorageError,
     is_uri,
     join,
     local_dir,
@@ -150,6 +151,11 @@ def run(cfg: DictConfig, resume: bool = False, space: Optional[dict[str, tuple[s
     if not cfg.tune.storage_path:  # every node reads the sweep's storage from the config, not its environment
         cfg.tune.storage_path = sweep_dir(cfg).rsplit("/", 1)[0]
     store = sweep_store(cfg)
+    if store is not None:  # an object store that cannot be reached stops the sweep here, before Ray starts
+        try:
+            store.sweep.check_access()
+        except StorageError as exc:
+            raise ConfigError(str(exc)) from None
     if resume and store is not None:
         print(f"fetching the sweep's files from {store.remote} into {store.local}")
         store.pull()  # all but the checkpoints: the trials' workers fetch theirs

@@ -303,3 +303,34 @@ class _Touch:
 
     def __reduce__(self):
         return (Path.touch, (self.path,))
+
+
+def test_one_sweep_per_name_and_a_killed_drivers_lock_is_taken_over(tmp_path):
+    import signal
+
+    from reckoning_ray.core.errors import ConfigError
+    from reckoning_ray.core.runs import lock_sweep
+
+    sweep = tmp_path / "tune" / "same-name"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from reckoning_ray.core.runs import "
+         f"lock_sweep; h = lock_sweep(Path({str(sweep)!r})); print('locked', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=rf"tune.name: the sweep {sweep} is already running \(pid {holder.pid} on "):
+            lock_sweep(sweep)
+        # the command line: exit status 2 and one line, before any work
+        out = subprocess.run([sys.executable, "-m", "reckoning_ray.tune", f"tune.storage_path={tmp_path / 'tune'}",
+                              "tune.name=same-name"], capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS=""))
+        assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"pid {holder.pid}" in lines[0], lines
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a driver killed without cleaning up
+        holder.wait(timeout=30)
+    assert (sweep / ".sweep.lock").exists()  # the stale lock file is still there ...
+    handle = lock_sweep(sweep)  # ... and is taken over
+    assert json.loads((sweep / ".sweep.lock").read_text())["pid"] == os.getpid()
+    handle.close()

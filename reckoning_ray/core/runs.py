@@ -5,13 +5,19 @@
 - :func:`run_dir_for`: a fresh run's name, or the run to continue (``--resume``), refusing to
   continue a run with another config (:func:`check_resumable`);
 - :func:`prepare`: data, model, tokenizer, encoder and method of a config (from a checkpoint
-  when resuming); :func:`build_loop`: the training loop of a run directory.
+  when resuming); :func:`build_loop`: the training loop of a run directory;
+- :func:`lock_sweep`: one driver per sweep directory at a time.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import socket
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,6 +25,40 @@ from reckoning_ray.core.checkpoint import checkpoint_path, restore_method
 from reckoning_ray.core.config import flatten, group, load_config, save_config
 from reckoning_ray.core.errors import ConfigError
 from reckoning_ray.core.data.sources import filter_splits, load_splits, read_records
+
+# -- one driver per sweep ------------------------------------------------------------------------------
+
+SWEEP_LOCK = ".sweep.lock"
+
+
+def lock_sweep(directory: Path, key: str = "tune.name") -> IO[str]:
+    """Take the sweep directory's lock (``<directory>/.sweep.lock``, an exclusive ``flock``) for as
+    long as the returned file stays open, i.e. the driver's life: a second driver of the same
+    sweep on this machine gets ConfigError naming the running one. The operating system releases
+    the lock of a driver that dies however it dies (SIGKILL too), so a stale lock file is simply
+    taken over. The sweep's object store is not locked: two machines driving one bucket prefix
+    are not detected."""
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / SWEEP_LOCK, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        try:
+            holder = json.loads(handle.read() or "{}")
+        except ValueError:
+            holder = {}
+        handle.close()
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"])) if "since" in holder else "?"
+        raise ConfigError(f"{key}: the sweep {directory} is already running (pid {holder.get('pid', '?')} on "
+                          f"{holder.get('host', '?')} since {since}); wait for it to end, stop it, or choose "
+                          f"another {key}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+    handle.flush()
+    return handle
+
 
 # -- checks on the driver, before any worker starts -----------------------------------------------
 

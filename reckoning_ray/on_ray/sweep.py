@@ -143,13 +143,14 @@ def run(cfg: DictConfig, resume: bool = False, space: Optional[dict[str, tuple[s
     """Run (or with ``resume`` continue) the sweep of ``cfg`` over ``space``, by default the search
     space file ``tune.space`` names; returns the summary (table, best trial, config, checkpoint)."""
     # heavy: imported here to keep torch off this module's import
-    from reckoning_ray.core.runs import check_inputs
+    from reckoning_ray.core.runs import check_inputs, lock_sweep
 
     # heavy: imported here to keep torch off this module's import
     from reckoning_ray.on_ray.trainer import init_ray
 
     if not cfg.tune.storage_path:  # every node reads the sweep's storage from the config, not its environment
         cfg.tune.storage_path = sweep_dir(cfg).rsplit("/", 1)[0]
+    lock = lock_sweep(local_dir(cfg))  # one driver per sweep: held until this process ends  # noqa: F841
     store = sweep_store(cfg)
     if store is not None:  # an object store that cannot be reached stops the sweep here, before Ray starts
         try:

@@ -114,10 +114,14 @@ class FakeCluster:
     log_path: Path
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
+def _free_ports(n: int) -> List[int]:
+    """``n`` distinct free ports: all bound at once before any is released (one socket at a
+    time, the system may hand out the same port twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def _session_processes(sid: int, marker: str) -> List[int]:
@@ -193,7 +197,7 @@ def fake_cluster(cluster_yaml: str | Path, cpus_per_node: int = 1, max_workers_p
 
     temp_dir = Path(tempfile.mkdtemp(prefix="rr-ray-"))
     ip = ray.util.get_node_ip_address()
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port, client_port, agent_port = _free_ports(4)
     address = f"{ip}:{gcs_port}"
     config = fake_cluster_config(cluster_yaml, gcs_address=address, cpus_per_node=cpus_per_node,
                                  max_workers_per_type=max_workers_per_type, object_store_mb=object_store_mb)
@@ -218,7 +222,7 @@ def fake_cluster(cluster_yaml: str | Path, cpus_per_node: int = 1, max_workers_p
         f"--port={gcs_port}", f"--num-cpus={int(cpus_per_node)}", "--num-gpus=0",
         f"--object-store-memory={int(object_store_mb) * 1024 * 1024}", f"--temp-dir={temp_dir}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-        f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+        f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}",
         "--min-worker-port=0", "--max-worker-port=0",
         f"--autoscaling-config={config_path}", "--disable-usage-stats",
     ]

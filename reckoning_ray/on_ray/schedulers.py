@@ -96,8 +96,9 @@ class ResumableASHA(Resumable, ASHAScheduler):
         return trial_id in self._trial_info
 
     def _state(self) -> dict[str, Any]:
-        # Ray 2.60's ASHAScheduler: each trial's bracket (_trial_info), each bracket's rungs
-        # (_rungs: [(milestone, {trial id: value})]) and the counters
+        # Private API (ray==2.60.0): ASHAScheduler has no public state to save and restore; its
+        # state is each trial's bracket (_trial_info), each bracket's rungs (_rungs: [(milestone,
+        # {trial id: value})]) and two counters, read here and set again in _restore
         index = {id(bracket): i for i, bracket in enumerate(self._brackets)}
         return {"counter": self._counter, "num_stopped": self._num_stopped,
                 "trial_bracket": {trial: index[id(bracket)] for trial, bracket in self._trial_info.items()},

@@ -1,6 +1,12 @@
-"""Answer a question with a trained checkpoint from the command line.
+"""Answer questions with a trained checkpoint from the command line.
 
-    python -m reckoning_ray.predict CHECKPOINT --knowledge FILE --question "Bob is red." [--recall]
+    python -m reckoning_ray.predict CHECKPOINT --knowledge FILE --question "Bob is red." [--question ...]
+                                    [--recall] [--json]
+
+One line per question, in order: the answer label, or ``no label in the generated text: '...'``
+when the model generated none (``--json``: one JSON object per question with the question, the
+label, the generated text and the recalled facts). Exit status 0 when every question got a
+label, 3 when some did not, 2 for bad input.
 
 ``CHECKPOINT`` is a checkpoint directory (``<run dir>/checkpoints/step-*``) or a run directory
 (its best checkpoint). The Python API is :class:`reckoning_ray.core.predict.ReckoningModel`,
@@ -12,6 +18,7 @@ importable from here too::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -35,19 +42,24 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "by the learned inner loop, then the answer is generated.",
         epilog="example:\n  python -m reckoning_ray.predict runs/embedded-20261201-120000 --knowledge facts.txt "
                "--question \"Bob is big.\" --recall\n\nCHECKPOINT: a run directory (its best checkpoint) "
-               "or a <run dir>/checkpoints/step-* directory.",
+               "or a <run dir>/checkpoints/step-* directory.\n\nexit status: 0 every question got a label, "
+               f"{UNLABELLED} some got none (the line says so), 2 bad input.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint or run directory")
     parser.add_argument("--knowledge", required=True, metavar="FILE",
                         help="knowledge sentences, one per line ('-': standard input)")
-    parser.add_argument("--question", required=True, help="the question sentence, e.g. \"Bob is big.\"")
+    parser.add_argument("--question", required=True, action="append",
+                        help="a question sentence, e.g. \"Bob is big.\"; repeat it for several questions "
+                             "about the same knowledge (one output line each)")
     parser.add_argument("--hops", type=int, default=None,
                         help="reasoning depth: sets the inner steps as in training (default: the most steps "
                              "the model was trained with)")
     parser.add_argument("--family", choices=FAMILIES, default=None,
                         help="question wording (default: the training data's)")
     parser.add_argument("--recall", action="store_true", help="also print the facts the model recalls")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per question: question, label, text (the whole generation), facts")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
@@ -56,15 +68,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         knowledge = read_knowledge(args.knowledge)
         model = ReckoningModel.from_pretrained(args.checkpoint, device=args.device, family=args.family)
-        answer = model.answer(knowledge, args.question, hops=args.hops)
+        answers = model.answer_many([knowledge] * len(args.question), args.question, hops=args.hops)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(answer.label)
-    if args.recall:
-        for fact in answer.facts:
-            print(f"  recalled: {fact}")
-    return 0
+    for question, answer in zip(args.question, answers):
+        if args.json:
+            print(json.dumps({"question": question, "label": answer.label or None, "text": answer.text,
+                              "facts": answer.facts}))
+            continue
+        print(answer.label if answer.label else f"no label in the generated text: {answer.text.strip()!r}")
+        if args.recall:
+            for fact in answer.facts:
+                print(f"  recalled: {fact}")
+    return 0 if all(answer.label for answer in answers) else UNLABELLED
+
+
+# Exit status when some question got no label (the model generated none).
+UNLABELLED = 3
 
 
 if __name__ == "__main__":

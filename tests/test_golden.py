@@ -116,6 +116,34 @@ def test_predict_answers_from_the_best_checkpoint(golden_run, tmp_path, capsys):
     assert out[0] == answer.label and answer.label in ("yes", "no", "none")  # the command prints what the API answers
     assert [line.strip() for line in out[1:]] == [f"recalled: {f}" for f in answer.facts]
     assert model.family == "proofwriter" and model.inner_steps == 1
+    # several questions about the same knowledge: one line each, in order; --json gives the whole answer
+    other = load_splits(load_config(str(run_dir / "config.yaml")).data)["validation"][1]["question"]
+    code = predict_main([str(run_dir), "--knowledge", str(facts), "--question", task["question"],
+                         "--question", other, "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = model.answer_many([task["knowledge"]] * 2, [task["question"], other])
+    assert code == 0 and [r["question"] for r in rows] == [task["question"], other]
+    assert [(r["label"], r["text"], r["facts"]) for r in rows] == [(a.label, a.text, a.facts) for a in expected]
     # a bad path: one line naming what to pass, exit 2
     assert predict_main([str(tmp_path), "--knowledge", str(facts), "--question", "x"]) == 2
     assert "holds no best checkpoint" in capsys.readouterr().err
+
+
+def test_predict_says_when_the_generation_holds_no_label(golden_run, tmp_path, capsys, monkeypatch):
+    # the model's answer is taken as generated (this checkpoint labels its answers; a model
+    # stopped early may not): a generation without a label is a line that says so, never an
+    # empty line, and the exit status tells it apart
+    from reckoning_ray.core.predict import Answer
+    from reckoning_ray.predict import UNLABELLED
+
+    facts = tmp_path / "facts.txt"
+    facts.write_text("bob is red .\n")
+    generated = [Answer(label="yes", text="yes because bob is red ."), Answer(label="", text=" bob bob")]
+    monkeypatch.setattr(ReckoningModel, "answer_many", lambda self, knowledge, questions, hops=None: generated)
+    code = predict_main([str(golden_run / "full"), "--knowledge", str(facts), "--question", "a", "--question", "b"])
+    assert capsys.readouterr().out.splitlines() == ["yes", "no label in the generated text: 'bob bob'"]
+    assert code == UNLABELLED == 3
+    code = predict_main([str(golden_run / "full"), "--knowledge", str(facts), "--question", "a", "--question", "b",
+                         "--json"])
+    assert [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()] == ["yes", None]
+    assert code == 3

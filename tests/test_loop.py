@@ -261,3 +261,82 @@ def test_a_crafted_trainer_state_is_refused_and_never_runs(tmp_path):
 
     torch.save({"rng": _rng_state(), "history": [{"round": 1}]}, checkpoint / TRAINER_STATE)
     assert load_trainer_state(checkpoint)["history"] == [{"round": 1}]
+
+
+# -- checkpoints that survive their own writing --------------------------------------------------
+
+def _two_checkpoint_run(output_dir: Path, name: str = "r") -> list[str]:
+    """A run with checkpoints at steps 1 and 2 (the embedded model, one-fact tasks, no Ray)."""
+    from conftest import ONE_FACT
+
+    return ["embedded", "resources.num_workers=0", "tracking.mode=disabled", "train.patience=0", *ONE_FACT,
+            "data.num_train=64", "data.num_validation=16", "data.num_test=8", "train.batch_size=32",
+            "train.epochs=1", "train.validations_per_epoch=2", f"train.output_dir={output_dir}",
+            f"train.run_name={name}"]
+
+
+def test_resume_skips_a_write_cut_short_and_refuses_a_damaged_latest(tmp_path, capsys):
+    from reckoning_ray.core.checkpoint import CHECKPOINTS, read_record
+    from reckoning_ray.train import main as train_main
+
+    args = _two_checkpoint_run(tmp_path)
+    assert train_main(args) == 0
+    run_dir = tmp_path / "r"
+    latest = run_dir / CHECKPOINTS / read_record(run_dir)["latest"]
+    # a SIGKILL during a checkpoint write leaves its temporary directory: skipped, named, removed
+    partial = run_dir / CHECKPOINTS / "step-000003.tmp"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\0" * 10)
+    capsys.readouterr()
+    assert train_main(args + ["train.epochs=2"]) == 0  # continues from step 2 to step 4
+    out = capsys.readouterr().out
+    assert f"skipping {partial}: a checkpoint write cut short" in out and f"resumed from {latest}" in out
+    assert not partial.exists() and read_record(run_dir)["latest"] == "step-000004"
+    # a truncated model in the latest checkpoint, and no older one that resumes: one line naming the file
+    latest = run_dir / CHECKPOINTS / "step-000004"
+    model = latest / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:1000])
+    assert train_main(args + ["train.epochs=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{latest}: model.safetensors is damaged" in err[0], err
+    # a missing meta-parameters file is named the same way
+    model.unlink()
+    (latest / "meta_parameters.safetensors").unlink()
+    assert train_main(args + ["train.epochs=3"]) == 2
+    assert f"{latest}: model.safetensors is missing" in capsys.readouterr().err
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    import shutil
+    import subprocess
+
+    from reckoning_ray.core.checkpoint import CHECKPOINTS, checkpoint_problem, read_record
+    from reckoning_ray.train import main as train_main
+
+    # the size of one checkpoint of this run, measured on the ordinary disk
+    assert train_main(_two_checkpoint_run(tmp_path / "sizing")) == 0
+    one = sum(f.stat().st_size for f in (tmp_path / "sizing" / "r" / CHECKPOINTS).rglob("*") if f.is_file())
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    size_kb = int(one * 1.5) // 1024  # room for one checkpoint, not for the next beside it
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()})")
+    try:
+        capsys.readouterr()
+        assert train_main(_two_checkpoint_run(disk)) == 2
+        err = capsys.readouterr().err.strip().splitlines()  # the progress bars, then the error
+        errors = [line for line in err if line.startswith("error:")]
+        assert errors == [err[-1]], err
+        assert "no space left to write checkpoint" in err[-1] and "step-000001 (intact)" in err[-1], err[-1]
+        run_dir = disk / "r"
+        assert read_record(run_dir)["latest"] == "step-000001"
+        assert checkpoint_problem(run_dir / CHECKPOINTS / "step-000001") is None
+        assert not list((run_dir / CHECKPOINTS).glob("*.tmp"))  # the partial write is gone
+        # with room again, the rerun resumes from it and finishes
+        shutil.copytree(run_dir, tmp_path / "moved" / "r")
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    assert train_main(_two_checkpoint_run(tmp_path / "moved")) == 0
+    assert read_record(tmp_path / "moved" / "r")["latest"] == "step-000002"

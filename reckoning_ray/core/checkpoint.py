@@ -37,6 +37,8 @@ Nothing here imports Ray.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import shutil
@@ -187,6 +189,55 @@ def checkpoint_path(run_dir: str | os.PathLike, which: str = "latest") -> Option
     return Path(run_dir) / CHECKPOINTS / name if name else None
 
 
+# What a checkpoint needs to resume a run.
+RESUME_FILES = ("config.json", SETTINGS, "model.safetensors", META_PARAMETERS, TRAINER_STATE)
+
+
+def checkpoint_problem(directory: str | os.PathLike) -> Optional[str]:
+    """Why the checkpoint ``directory`` cannot resume a run (a missing file, a truncated or corrupt
+    safetensors file), or None when it is complete."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    for name in RESUME_FILES:
+        if not (directory / name).is_file():
+            return f"{name} is missing"
+    for name in ("model.safetensors", META_PARAMETERS):
+        try:
+            with safe_open(str(directory / name), "pt") as f:
+                list(f.keys())
+        except Exception as exc:  # safetensors raises its own error type for a truncated or corrupt file
+            return f"{name} is damaged ({' '.join(str(exc).split())[:160]})"
+    return None
+
+
+def resume_checkpoint(run_dir: str | os.PathLike, log: Any = print) -> Optional[Path]:
+    """The newest complete checkpoint of ``run_dir`` to resume from: the record's latest, else a
+    wsd run's stable one (the only others that keep a trainer state), or None before the first.
+
+    Names what it skips: checkpoint writes cut short (``step-*.tmp``, removed) and a damaged
+    latest. CheckpointError naming the file when the record names checkpoints and none is complete.
+    """
+    run_dir = Path(run_dir)
+    folder = run_dir / CHECKPOINTS
+    for partial in sorted(folder.glob("*.tmp")) if folder.is_dir() else []:
+        log(f"skipping {partial}: a checkpoint write cut short (removed)")
+        shutil.rmtree(partial, ignore_errors=True)
+    record = read_record(run_dir)
+    names = [n for n in dict.fromkeys([record.get("latest"), record.get("stable")]) if n]
+    problems = []
+    for name in names:
+        problem = checkpoint_problem(folder / name)
+        if problem is None:
+            return folder / name
+        problems.append(f"{folder / name}: {problem}")
+        log(f"skipping checkpoint {folder / name}: {problem}")
+    if problems:
+        raise CheckpointError(f"no complete checkpoint to resume {run_dir} from ({'; '.join(problems)}); restore "
+                              f"the file, or move {run_dir} away to start the run afresh")
+    return None
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / SETTINGS).is_file() and (Path(path) / "config.json").is_file()
 
@@ -207,6 +258,17 @@ def resolve(path: str | os.PathLike, which: str = "best") -> Path:
     return found
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """A write that failed for want of space (a full disk, a quota, a file-size limit): an OSError
+    with that errno, or safetensors' error, which carries the OS error's number in its message."""
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        return True
+    return any(f"(os error {number})" in str(exc) for number in _FULL)
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, method: Any, trainer_state: dict[str, Any],
                     best: bool, metric: str, value: Optional[float], task: Optional[dict[str, Any]] = None,
                     stable: bool = False, planned_steps: Optional[int] = None) -> Path:
@@ -221,8 +283,22 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, method: Any, trainer_
     final = run_dir / CHECKPOINTS / name
     tmp = final.with_name(name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(method, tmp, task)
-    torch.save(trainer_state, tmp / TRAINER_STATE)
+    try:
+        save_pretrained(method, tmp, task)
+        # serialized in memory, then written by Python: a full disk is then an OSError with its errno
+        # (torch's own file writer reports it as a RuntimeError without one)
+        buffer = io.BytesIO()
+        torch.save(trainer_state, buffer)
+        (tmp / TRAINER_STATE).write_bytes(buffer.getbuffer())
+        del buffer
+    except Exception as exc:
+        if not _disk_full(exc):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial write; the checkpoints before it are untouched
+        kept = read_record(run_dir).get("latest")
+        raise CheckpointError(f"no space left to write checkpoint {final} under {run_dir}: free space there or "
+                              f"set train.output_dir elsewhere, then rerun to resume"
+                              + (f" from {kept} (intact)" if kept else "")) from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     record = read_record(run_dir)

@@ -21,7 +21,7 @@ from typing import IO, Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from reckoning_ray.core.checkpoint import checkpoint_path, restore_method
+from reckoning_ray.core.checkpoint import restore_method, resume_checkpoint
 from reckoning_ray.core.config import flatten, group, load_config, save_config
 from reckoning_ray.core.errors import ConfigError
 from reckoning_ray.core.data.sources import filter_splits, load_splits, read_records
@@ -197,7 +197,7 @@ def build_loop(cfg: DictConfig, run_dir: Path, hooks: Any) -> Any:
     # heavy: imported here to keep numpy off this module's import
     from reckoning_ray.core.loop import Loop
 
-    resume_dir = checkpoint_path(run_dir, "latest")
+    resume_dir = resume_checkpoint(run_dir, log=hooks.log if hooks.rank == 0 else (lambda message: None))
     method, tokenizer, encoder, splits = prepare(cfg, resume_dir)
     method.to(hooks.device)
     hooks.resume_from = resume_dir

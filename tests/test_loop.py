@@ -340,3 +340,24 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(t
         subprocess.run(["umount", str(disk)], check=False)
     assert train_main(_two_checkpoint_run(tmp_path / "moved")) == 0
     assert read_record(tmp_path / "moved" / "r")["latest"] == "step-000002"
+
+
+def test_a_damaged_latest_falls_back_to_the_stable_checkpoint_of_a_wsd_run(tmp_path, capsys):
+    from reckoning_ray.core.checkpoint import CHECKPOINTS, read_record
+    from reckoning_ray.train import main as train_main
+
+    # 4 steps, validated after each 2nd; the cooldown starts at step 2, whose state is kept ("stable")
+    args = _two_checkpoint_run(tmp_path) + ["train.epochs=2", "outer.schedule=wsd", "outer.cooldown_fraction=0.5",
+                                            "outer.warmup_ratio=0"]
+    assert train_main(args) == 0
+    run_dir = tmp_path / "r"
+    record = read_record(run_dir)
+    assert (record["latest"], record["stable"]) == ("step-000004", "step-000002")
+    latest = run_dir / CHECKPOINTS / "step-000004"
+    (latest / "meta_parameters.safetensors").write_bytes(b"not a safetensors file")
+    capsys.readouterr()
+    assert train_main(args + ["train.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert f"skipping checkpoint {latest}: meta_parameters.safetensors is damaged" in out
+    assert f"resumed from {run_dir / CHECKPOINTS / 'step-000002'}" in out
+    assert read_record(run_dir)["latest"] == "step-000006"

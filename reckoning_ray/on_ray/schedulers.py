@@ -93,7 +93,7 @@ class ResumableASHA(Resumable, ASHAScheduler):
         self._board = board
 
     def _known(self, trial_id: str) -> bool:
-        return trial_id in self._trial_info
+        return trial_id in self._trial_info  # ASHAScheduler's own record (the exception in _state)
 
     def _state(self) -> dict[str, Any]:
         # Private API (ray==2.60.0): ASHAScheduler has no public state to save and restore; its

@@ -63,6 +63,16 @@ def pytest_collection_finish(session):
                                     "install the pytest the test extra allows (pytest>=8,<9), or run with -n 0")
 
 
+class CodeOnUnpickle:
+    """A pickle that runs code when loaded: unpickling it creates the file ``path``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
 def load_bench(name: str):
     """bench/<name>.py imported as a module (the benchmarks are scripts, not a package)."""
     if str(BENCH) not in sys.path:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import CodeOnUnpickle
 from reckoning_ray.core.checkpoint import checkpoint_path
 from reckoning_ray.core.config import group, load_config, save_config
 from reckoning_ray.core.loop import Hooks, Loop, allreduce_gradients, global_step_tasks, shard
@@ -235,15 +236,6 @@ def test_on_a_terminal_the_bar_steps_aside_for_the_validation_lines(tmp_path, mo
     assert re.search(r"\| 6/6 steps \[", redraws[-1]), redraws[-1]  # redrawn below, and finished
 
 
-class _Touch:
-    """Unpickling this runs code: it creates the file ``path``."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __reduce__(self):
-        return (Path.touch, (self.path,))
-
 
 def test_a_crafted_trainer_state_is_refused_and_never_runs(tmp_path):
     from reckoning_ray.core.checkpoint import TRAINER_STATE, CheckpointError, load_trainer_state
@@ -251,7 +243,7 @@ def test_a_crafted_trainer_state_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "code-ran"
     checkpoint = tmp_path / "step-000003"
     checkpoint.mkdir()
-    torch.save({"optimizer": {}, "payload": _Touch(marker)}, checkpoint / TRAINER_STATE)
+    torch.save({"optimizer": {}, "payload": CodeOnUnpickle(marker)}, checkpoint / TRAINER_STATE)
     with pytest.raises(CheckpointError, match=r"trainer_state.pt is not a trainer state this project wrote"):
         load_trainer_state(checkpoint)
     assert not marker.exists()

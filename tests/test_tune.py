@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ONE_FACT, sweep_command
+from conftest import CodeOnUnpickle, ONE_FACT, sweep_command
 from reckoning_ray.core.config import load_config
 from reckoning_ray.core.errors import ConfigError
 from wandb_files import read_offline_run_merged
@@ -264,7 +264,7 @@ def test_asha_state_is_json_survives_a_restart_and_no_pickle_is_read(tmp_path):
 
     marker = tmp_path / "code-ran"
     # a crafted pickle where the state used to be: never opened
-    (tmp_path / "asha_state.pkl").write_bytes(pickle.dumps(_Touch(marker)))
+    (tmp_path / "asha_state.pkl").write_bytes(pickle.dumps(CodeOnUnpickle(marker)))
 
     def scheduler():
         s = ResumableASHA(str(tmp_path), time_attr="round", max_t=4, grace_period=1, reduction_factor=2)
@@ -289,20 +289,11 @@ def test_asha_state_is_json_survives_a_restart_and_no_pickle_is_read(tmp_path):
     assert second._state() == first._state()
     assert not marker.exists()
     # a state file that is not what the project writes: one clear error, nothing run
-    (tmp_path / "asha_state.json").write_bytes(pickle.dumps(_Touch(marker)))
+    (tmp_path / "asha_state.json").write_bytes(pickle.dumps(CodeOnUnpickle(marker)))
     with pytest.raises(ConfigError, match="asha_state.json is not the scheduler state this project writes"):
         scheduler().on_trial_add(None, SimpleNamespace(trial_id="t4", config={}))
     assert not marker.exists()
 
-
-class _Touch:
-    """Unpickling this runs code: it creates the file ``path``."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __reduce__(self):
-        return (Path.touch, (self.path,))
 
 
 def test_one_sweep_per_name_and_a_killed_drivers_lock_is_taken_over(tmp_path):

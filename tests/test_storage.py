@@ -161,6 +161,11 @@ def test_a_store_that_cannot_be_written_stops_the_sweep_before_ray(tmp_path, buc
     with pytest.raises(ConfigError, match=r"^tune.storage_path: cannot write under s3://no-such-bucket/sweeps/typo"):
         run(cfg)
     assert not ray.is_initialized()
+    # a store that cannot even be opened (here: an unknown scheme) is the same one-line input error
+    cfg.tune.storage_path = "nosuchscheme://bucket/x"
+    with pytest.raises(ConfigError, match=r"storage nosuchscheme://bucket/x/typo: .*tune.storage_path must be"):
+        run(cfg)
+    assert not ray.is_initialized()
     out = subprocess.run([sys.executable, "-m", "reckoning_ray.tune", "tune.storage_path=s3://no-such-bucket/sweeps"],
                          capture_output=True, text=True, timeout=120, env=dict(os.environ, RAY_ADDRESS=""))
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]

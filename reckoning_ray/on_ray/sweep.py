@@ -151,12 +151,12 @@ def run(cfg: DictConfig, resume: bool = False, space: Optional[dict[str, tuple[s
     if not cfg.tune.storage_path:  # every node reads the sweep's storage from the config, not its environment
         cfg.tune.storage_path = sweep_dir(cfg).rsplit("/", 1)[0]
     lock = lock_sweep(local_dir(cfg))  # one driver per sweep: held until this process ends  # noqa: F841
-    store = sweep_store(cfg)
-    if store is not None:  # an object store that cannot be reached stops the sweep here, before Ray starts
-        try:
+    try:  # an object store that cannot be reached stops the sweep here, before Ray starts
+        store = sweep_store(cfg)  # opening it resolves the bucket's region
+        if store is not None:
             store.sweep.check_access()
-        except StorageError as exc:
-            raise ConfigError(str(exc)) from None
+    except StorageError as exc:
+        raise ConfigError(str(exc)) from None
     if resume and store is not None:
         print(f"fetching the sweep's files from {store.remote} into {store.local}")
         store.pull()  # all but the checkpoints: the trials' workers fetch theirs

@@ -1,7 +1,10 @@
 """Answer questions with a trained checkpoint from the command line.
 
     python -m reckoning_ray.predict CHECKPOINT --knowledge FILE --question "Bob is red." [--question ...]
-                                    [--recall] [--json]
+                                    [--questions FILE] [--recall] [--json]
+
+The knowledge is encoded into the weights once (one inner loop) and every question is answered
+with those weights (in-context checkpoints put it in every prompt instead).
 
 One line per question, in order: the answer label, or ``no label in the generated text: '...'``
 when the model generated none (``--json``: one JSON object per question with the question, the
@@ -29,8 +32,8 @@ from reckoning_ray.core.predict import ReckoningModel
 
 
 def read_knowledge(path: str) -> list[str]:
-    """Sentences of a knowledge file: one per line (blank lines and ``#`` comments skipped);
-    ``-`` reads standard input."""
+    """Sentences of a knowledge (or questions) file: one per line (blank lines and ``#`` comments
+    skipped); ``-`` reads standard input."""
     text = sys.stdin.read() if path == "-" else Path(path).read_text()
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
@@ -49,9 +52,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint or run directory")
     parser.add_argument("--knowledge", required=True, metavar="FILE",
                         help="knowledge sentences, one per line ('-': standard input)")
-    parser.add_argument("--question", required=True, action="append",
+    parser.add_argument("--question", action="append", default=[],
                         help="a question sentence, e.g. \"Bob is big.\"; repeat it for several questions "
                              "about the same knowledge (one output line each)")
+    parser.add_argument("--questions", metavar="FILE", default=None,
+                        help="a file of questions about the same knowledge, one per line (after any --question); "
+                             "the knowledge is encoded once for all of them")
     parser.add_argument("--hops", type=int, default=None,
                         help="reasoning depth: sets the inner steps as in training (default: the most steps "
                              "the model was trained with)")
@@ -65,14 +71,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the answer is the output: no "Loading weights" bar around it
+    if not args.question and not args.questions:
+        parser.error("give the questions: --question \"...\" (repeatable) or --questions FILE")
     try:
         knowledge = read_knowledge(args.knowledge)
+        questions = list(args.question) + (read_knowledge(args.questions) if args.questions else [])
+        if not questions:
+            raise ValueError(f"--questions {args.questions}: the file holds no question (one per line)")
         model = ReckoningModel.from_pretrained(args.checkpoint, device=args.device, family=args.family)
-        answers = model.answer_many([knowledge] * len(args.question), args.question, hops=args.hops)
+        if model.encodes:  # one inner loop for every question
+            answers = model.answer_many(model.encode(knowledge, hops=args.hops), questions, hops=args.hops)
+        else:
+            answers = model.answer_many([knowledge] * len(questions), questions, hops=args.hops)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for question, answer in zip(args.question, answers):
+    for question, answer in zip(questions, answers):
         if args.json:
             print(json.dumps({"question": question, "label": answer.label or None, "text": answer.text,
                               "facts": answer.facts}))

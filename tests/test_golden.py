@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from reckoning_ray.core.config import load_config
 from reckoning_ray.core.data.sources import load_splits
@@ -118,15 +119,57 @@ def test_predict_answers_from_the_best_checkpoint(golden_run, tmp_path, capsys):
     assert model.family == "proofwriter" and model.inner_steps == 1
     # several questions about the same knowledge: one line each, in order; --json gives the whole answer
     other = load_splits(load_config(str(run_dir / "config.yaml")).data)["validation"][1]["question"]
+    questions = tmp_path / "questions.txt"
+    questions.write_text(f"# about the theory\n{other}\n\n{task['question']}\n")
     code = predict_main([str(run_dir), "--knowledge", str(facts), "--question", task["question"],
-                         "--question", other, "--json"])
+                         "--questions", str(questions), "--json"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    expected = model.answer_many([task["knowledge"]] * 2, [task["question"], other])
-    assert code == 0 and [r["question"] for r in rows] == [task["question"], other]
+    expected = model.answer_many([task["knowledge"]] * 3, [task["question"], other, task["question"]])
+    assert code == 0 and [r["question"] for r in rows] == [task["question"], other, task["question"]]
     assert [(r["label"], r["text"], r["facts"]) for r in rows] == [(a.label, a.text, a.facts) for a in expected]
     # a bad path: one line naming what to pass, exit 2
     assert predict_main([str(tmp_path), "--knowledge", str(facts), "--question", "x"]) == 2
     assert "holds no best checkpoint" in capsys.readouterr().err
+    (tmp_path / "none.txt").write_text("# nothing\n")
+    assert predict_main([str(run_dir), "--knowledge", str(facts), "--questions", str(tmp_path / "none.txt")]) == 2
+    assert "holds no question" in capsys.readouterr().err
+
+
+def test_knowledge_encoded_once_answers_as_an_inner_loop_per_question(golden_run):
+    # the paper's section 4.4: one inner loop, many questions; the answers are those of an inner loop
+    # on each question's own copy of the knowledge
+    run_dir = golden_run / "full"
+    validation = load_splits(load_config(str(run_dir / "config.yaml")).data)["validation"]
+    tasks = [validation[i] for i in range(4)]
+    model = ReckoningModel.from_pretrained(run_dir)
+    knowledge = tasks[0]["knowledge"]
+    questions = [t["question"] for t in tasks]
+    encoded = model.encode(knowledge)
+    assert encoded.inner_steps == model.inner_steps and encoded.sentences == knowledge
+    once = model.answer_many(encoded, questions)
+    each = model.answer_many([knowledge] * len(questions), questions)
+    assert [(a.label, a.text, a.facts) for a in once] == [(a.label, a.text, a.facts) for a in each]
+    assert model.answer(question=questions[1], knowledge=encoded) == once[1]
+    # the fast weights differ from the stored ones: the knowledge is in them
+    stored = dict(model.method.model.named_parameters())
+    assert any(not torch.equal(w, stored[name]) for name, w in encoded.weights.items())
+    with pytest.raises(ValueError, match="list of sentences"):
+        model.encode("bob is red .")
+
+
+def test_predict_runs_one_inner_loop_for_all_its_questions(golden_run, tmp_path, capsys, monkeypatch):
+    run_dir = golden_run / "full"
+    validation = load_splits(load_config(str(run_dir / "config.yaml")).data)["validation"]
+    facts, questions = tmp_path / "facts.txt", tmp_path / "questions.txt"
+    facts.write_text("\n".join(validation[0]["knowledge"]) + "\n")
+    questions.write_text("\n".join(validation[i]["question"] for i in range(5)) + "\n")
+    model = ReckoningModel.from_pretrained(run_dir)
+    engine = type(model.method.engine)
+    loops = []
+    adapt = engine.adapt
+    monkeypatch.setattr(engine, "adapt", lambda self, tasks, *a, **k: loops.append(len(tasks)) or adapt(self, tasks, *a, **k))
+    assert predict_main([str(run_dir), "--knowledge", str(facts), "--questions", str(questions)]) in (0, 3)
+    assert loops == [1] and len(capsys.readouterr().out.splitlines()) == 5
 
 
 def test_predict_says_when_the_generation_holds_no_label(golden_run, tmp_path, capsys, monkeypatch):

@@ -16,9 +16,11 @@ from torch import Tensor
 from reckoning_ray.core.bilevel.fused import FusedEngine
 from reckoning_ray.core.bilevel.lm import (
     BilevelError,
+    causal_lm_logits,
     generation_records,
     greedy_generate,
     max_positions,
+    row_mean_losses,
     trainable,
 )
 from reckoning_ray.core.bilevel.reference import ReferenceEngine
@@ -139,6 +141,24 @@ class ReckoningMethod:
                 answer_loss[i] = float(losses[j])
                 tokens[i] = generated[j]
         return generation_records(self.encoder, self.tokenizer, batch, tokens, answer_loss)
+
+    def answer_with(self, batch: TaskBatch, weights: dict[str, Tensor]) -> dict[str, list]:
+        """:meth:`evaluate` of every task of ``batch`` with ONE set of fast weights, given instead of
+        run: the knowledge encoded once (:meth:`fast_weights` of one task) answers many questions.
+
+        Exact only when every task of ``batch`` carries the knowledge ``weights`` were encoded from
+        (the prompt names its ``fact_i``); the answers are then those of :meth:`evaluate`, without
+        its inner loops. Same lists as :meth:`evaluate`."""
+        self.model.eval()
+        s = batch.sequence
+        with torch.no_grad():
+            losses = row_mean_losses(causal_lm_logits(self.model, weights, s.input_ids, s.attention_mask), s.labels)
+            generated = greedy_generate(
+                lambda ids, mask: causal_lm_logits(self.model, weights, ids, mask)[:, -1],
+                batch.prompt.input_ids, batch.prompt.attention_mask, int(self.eval_config.max_new_tokens),
+                int(self.tokenizer.eos_token_id), int(self.tokenizer.pad_token_id), max_positions(self.model),
+            )
+        return generation_records(self.encoder, self.tokenizer, batch, generated, losses.tolist())
 
     def fast_weights(self, batch: TaskBatch, inner_steps: Optional[int] = None) -> list[dict[str, Tensor]]:
         """Each task's fast weights after its inner loop (no graph), keyed like ``named_parameters()``."""

@@ -2,15 +2,18 @@
 (inner loop once, then Q forward passes whose prompts hold no knowledge) versus in-context reasoning
 (the knowledge in every prompt, Q forward passes), and the break-even Q.
 
-RECKONING's inner loop is the project's fused engine (``ReckoningMethod``, evaluation mode: gradients
-without a graph, ``inner.steps`` AdamW steps with the learned rates at their initial value); each
-question is then one forward pass of its prompt + answer with the fast weights. In-context
+RECKONING's inner loop is the user's API, ``ReckoningModel.encode`` (the project's fused engine in
+evaluation mode: gradients without a graph, ``inner.steps`` AdamW steps with the learned rates at
+their initial value); each question is then one forward pass of its prompt + answer with the fast
+weights it returns (``EncodedKnowledge.weights``). In-context
 reasoning is one forward pass per question of the knowledge + question + answer with the model's
 own weights. Both answer one question per forward pass (the paper's comparison), on the same model.
 
 Before timing, the script checks that encoding once gives the engine's own answers (the first
 questions' logits with the shared fast weights against an inner loop on each question's own
-knowledge) and that every in-context input holds every knowledge sentence; otherwise it exits with status 2.
+knowledge, and their generated answers through ``ReckoningModel.answer_many`` with the encoded
+knowledge against one inner loop per question) and that every in-context input holds every
+knowledge sentence; otherwise it exits with status 2.
 
 Break-even: the smallest Q with ``inner + Q * t_reckoning <= Q * t_in_context``, from the median
 inner-loop time and the median per-question times; "never" when a RECKONING question is not
@@ -36,6 +39,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from reckoning_ray.core.predict import ReckoningModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -129,10 +134,11 @@ def run_facts(num_facts: int, args: argparse.Namespace) -> dict[str, Any]:
     reck = encode(setup, records, method="reckoning", multi_task=False).to(args.device)
     icr = encode(setup, records, method="icr", multi_task=False).to(args.device)
     method = reckoning_method(setup, "fused").eval()
-    first = reck.select([0])  # the knowledge is the same for every question
+    model = ReckoningModel(method, family="proofwriter")
+    knowledge = records[0]["knowledge"]  # the same for every question
 
     def encode_knowledge() -> dict[str, torch.Tensor]:
-        return method.fast_weights(first, args.inner_steps)[0]
+        return model.encode(knowledge).weights
 
     def answer(params: Optional[dict[str, torch.Tensor]], seq: Any, q: int) -> torch.Tensor:
         # Only the real tokens: a question is never padded to the longest one of the set.
@@ -150,7 +156,7 @@ def run_facts(num_facts: int, args: argparse.Namespace) -> dict[str, Any]:
             for q in range(num_questions):
                 answer(None, icr.sequence, q)
 
-    require_same_answers(method, reck, icr, records, setup.tokenizer, answer, encode_knowledge, args)
+    require_same_answers(model, reck, icr, records, setup.tokenizer, answer, encode_knowledge, args)
     reckoning(1), in_context(1)  # warm-up
     totals: dict[int, tuple[float, float]] = {}
     for q in args.questions:
@@ -169,11 +175,11 @@ def run_facts(num_facts: int, args: argparse.Namespace) -> dict[str, Any]:
         "facts": num_facts, "totals": totals, "inner": inner, "per_q_reck": per_q_reck, "per_q_icr": per_q_icr,
         "break_even": break_even,
         "tokens_reck": int(reck.sequence.attention_mask[0].sum()), "tokens_icr": int(icr.sequence.attention_mask[0].sum()),
-        "knowledge_tokens": int(first.knowledge.attention_mask.sum()),
+        "knowledge_tokens": int(reck.select([0]).knowledge.attention_mask.sum()),
     }
 
 
-def require_same_answers(method: Any, reck: Any, icr: Any, records: Sequence[dict[str, Any]], tokenizer: Any,
+def require_same_answers(model: Any, reck: Any, icr: Any, records: Sequence[dict[str, Any]], tokenizer: Any,
                          answer: Callable, shared: Callable, args: argparse.Namespace) -> None:
     """Before timing: encode-once must answer what the engine answers, and in-context prompts must
     hold the knowledge; else print why and exit with status 2 (no time is printed).
@@ -181,18 +187,25 @@ def require_same_answers(method: Any, reck: Any, icr: Any, records: Sequence[dic
     For the first ``--check-questions`` questions, the logits of the question with the ONE shared
     set of fast weights must equal (relative ``--tolerance``) the logits after an inner loop on that
     question's own knowledge batch (``ReckoningMethod.fast_weights``): the reuse is exact only if
-    every question really carries the same knowledge. Each in-context input must hold every
-    knowledge sentence of its record.
+    every question really carries the same knowledge. Their generated answers through the API
+    (``answer_many`` with the encoded knowledge, then with one inner loop per question) must be the
+    same. Each in-context input must hold every knowledge sentence of its record.
     """
     problems = []
+    checked = min(args.check_questions, len(reck))
     with torch.no_grad():
         fast = shared()
-        for q in range(min(args.check_questions, len(reck))):
-            own = method.fast_weights(reck.select([q]), args.inner_steps)[0]
+        for q in range(checked):
+            own = model.method.fast_weights(reck.select([q]), args.inner_steps)[0]
             a, b = answer(fast, reck.sequence, q), answer(own, reck.sequence, q)
             error = float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
             if not error <= args.tolerance:
                 problems.append(f"question {q}: encode-once logits differ from its own inner loop's by {error:.2e}")
+    knowledge, questions = records[0]["knowledge"], [r["question"] for r in records[:checked]]
+    once = model.answer_many(model.encode(knowledge), questions)
+    each = model.answer_many([knowledge] * checked, questions)
+    if [a.text for a in once] != [a.text for a in each]:
+        problems.append("the answers generated with the knowledge encoded once differ from one inner loop per question")
     missing = []
     for q, record in enumerate(records):
         ids = icr.sequence.input_ids[q][icr.sequence.attention_mask[q].bool()]

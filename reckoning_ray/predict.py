@@ -11,8 +11,8 @@ when the model generated none (``--json``: one JSON object per question with the
 label, the generated text and the recalled facts). Exit status 0 when every question got a
 label, 3 when some did not, 2 for bad input.
 
-``CHECKPOINT`` is a checkpoint directory (``<run dir>/checkpoints/step-*``) or a run directory
-(its best checkpoint). The Python API is :class:`reckoning_ray.core.predict.ReckoningModel`,
+``CHECKPOINT`` is a checkpoint directory (``<run dir>/checkpoints/step-*``), a run directory
+(its best checkpoint) or a hub id (``ReckoningModel.push_to_hub``). The Python API is :class:`reckoning_ray.core.predict.ReckoningModel`,
 importable from here too::
 
     from reckoning_ray.predict import ReckoningModel
@@ -44,12 +44,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         description="Answer a question with a trained checkpoint: the knowledge is encoded into the weights "
                     "by the learned inner loop, then the answer is generated.",
         epilog="example:\n  python -m reckoning_ray.predict runs/embedded-20261201-120000 --knowledge facts.txt "
-               "--question \"Bob is big.\" --recall\n\nCHECKPOINT: a run directory (its best checkpoint) "
-               "or a <run dir>/checkpoints/step-* directory.\n\nexit status: 0 every question got a label, "
+               "--question \"Bob is big.\" --recall\n\nCHECKPOINT: a run directory (its best checkpoint), "
+               "a <run dir>/checkpoints/step-* directory, or a hub id (user/name) uploaded with "
+               "ReckoningModel.push_to_hub (HF_HUB_OFFLINE=1 reads the local cache only).\n\nexit status: 0 every question got a label, "
                f"{UNLABELLED} some got none (the line says so), 2 bad input.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint or run directory")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint or run directory, or a hub id")
     parser.add_argument("--knowledge", required=True, metavar="FILE",
                         help="knowledge sentences, one per line ('-': standard input)")
     parser.add_argument("--question", action="append", default=[],

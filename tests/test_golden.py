@@ -190,3 +190,115 @@ def test_predict_says_when_the_generation_holds_no_label(golden_run, tmp_path, c
                          "--json"])
     assert [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()] == ["yes", None]
     assert code == 3
+
+
+def _hub_cache(cache: Path, repo_id: str, files: Path) -> str:
+    """``files`` laid out in ``cache`` as huggingface_hub lays out a downloaded snapshot: content
+    blobs named by their sha256, a snapshot folder of links to them, ``refs/main`` naming it."""
+    import hashlib
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    for path in sorted(p for p in files.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / path.relative_to(files)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return commit
+
+
+def test_a_checkpoint_shared_the_hub_way_loads_offline_from_the_cache(golden_run, tmp_path):
+    import subprocess
+    import sys
+
+    run_dir = golden_run / "full"
+    model = ReckoningModel.from_pretrained(run_dir)
+    # save_pretrained writes what the hub gets: a checkpoint directory with its card, nothing of training
+    shared = tmp_path / "shared"
+    model.save_pretrained(shared)
+    names = {p.name for p in shared.iterdir()}
+    assert {"README.md", "config.json", "model.safetensors", "reckoning.json", "meta_parameters.safetensors",
+            "tokenizer.json"} <= names and "trainer_state.pt" not in names
+    assert (shared / "README.md").read_text() == (model_best(run_dir) / "README.md").read_text()
+    _hub_cache(tmp_path / "hub", "someone/reckoning-golden", shared)
+    facts = tmp_path / "facts.txt"
+    validation = load_splits(load_config(str(run_dir / "config.yaml")).data)["validation"]
+    facts.write_text("\n".join(validation[0]["knowledge"]) + "\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "home"))
+    command = [sys.executable, "-m", "reckoning_ray.predict", "someone/reckoning-golden", "--knowledge", str(facts),
+               "--question", validation[0]["question"], "--json"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, 3), done.stderr
+    expected = model.answer(validation[0]["knowledge"], validation[0]["question"])
+    assert json.loads(done.stdout)["text"] == expected.text  # the hub copy answers as the run's checkpoint
+    # an id the cache does not hold: one line that says so, exit 2
+    command[3] = "someone/not-there"
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "offline" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def model_best(run_dir: Path) -> Path:
+    from reckoning_ray.core.checkpoint import resolve
+
+    return resolve(run_dir, "best")
+
+
+def test_every_checkpoint_carries_a_card_that_matches_its_run(golden_run):
+    from huggingface_hub import ModelCard
+
+    run_dir = golden_run / "full"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    record = json.loads((run_dir / "checkpoints.json").read_text())
+    folders = sorted((run_dir / "checkpoints").iterdir())
+    assert folders and all((f / "README.md").is_file() for f in folders)
+    best = ModelCard.load(run_dir / "checkpoints" / record["best"] / "README.md")
+    assert best.data.library_name == "reckoning-ray" and best.data.base_model is None  # embedded: no hub model
+    [result] = best.data.eval_results
+    assert result.metric_value == summary["test"]["test/label_accuracy"] and result.dataset_split == "test"
+    text = best.text
+    hops = {k: v for k, v in summary["test"].items() if k.startswith("test/label_accuracy/hops_")}
+    assert hops and all(f"| label accuracy, {k.rsplit('_', 1)[1]} hops | {v:.4f} |" in text for k, v in hops.items())
+    assert f"| knowledge recall | {summary['test']['test/recall']:.4f} |" in text
+    step = int(record["best"].rsplit("-", 1)[1])
+    row = next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line)["step"] == step)
+    assert f"## Validation at step {step}" in text and f"| label accuracy | {row['val/label_accuracy']:.4f} |" in text
+    assert "the run's best on validation" in text and "`reckoning`" in text
+
+
+def test_push_to_hub_uploads_the_checkpoint_and_its_card(golden_run, tmp_path, monkeypatch):
+    # no network here: the two calls that reach the hub record what they were given
+    from huggingface_hub import HfApi
+
+    sent = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        sent["repo"] = repo_id
+
+        class Url(str):
+            pass
+
+        url = Url(f"https://hub.invalid/{repo_id}")
+        url.repo_id = repo_id
+        return url
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        sent["files"] = {str(p.relative_to(folder_path)): p.read_bytes() for p in Path(folder_path).rglob("*")
+                         if p.is_file()}
+        return "commit"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    run_dir = golden_run / "full"
+    model = ReckoningModel.from_pretrained(run_dir)
+    assert model.push_to_hub("someone/reckoning-golden") == "commit"
+    best = model_best(run_dir)
+    assert sent["repo"] == "someone/reckoning-golden"
+    assert set(sent["files"]) == {p.name for p in best.iterdir() if p.name != "trainer_state.pt"}
+    assert sent["files"]["README.md"] == (best / "README.md").read_bytes()
+    assert sent["files"]["model.safetensors"] == (best / "model.safetensors").read_bytes()

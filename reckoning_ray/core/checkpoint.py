@@ -28,6 +28,8 @@ A checkpoint directory is a trained model that needs nothing else::
                                              reckoning_random_facts): the sentences their random
                                              knowledge is drawn from (the training knowledge), so
                                              the checkpoint alone draws as the run did
+    README.md                                its model card (``reckoning_ray.core.card``): what it is,
+                                             its validation and, once evaluated, test metrics
     trainer_state.pt                         outer optimizer, scheduler, random state, progress and
                                              validation history (the latest checkpoint only: to
                                              resume training)
@@ -45,6 +47,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from reckoning_ray.core.card import write_card
 from reckoning_ray.core.errors import InputError
 
 if TYPE_CHECKING:
@@ -82,6 +85,7 @@ def save_pretrained(method: Any, directory: str | os.PathLike, task: Optional[di
     pool = _fact_pool_to_keep(method)
     if pool is not None:
         (directory / FACT_POOL).write_text(json.dumps(pool) + "\n")
+    write_card(directory)
     return directory
 
 
@@ -312,6 +316,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, method: Any, trainer_
     tmp_record = run_dir / (RECORD + ".tmp")
     tmp_record.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp_record, run_dir / RECORD)
+    write_card(final, run_dir)  # again, now that the record says whether it is the best
     keep = {record[k] for k in ("latest", "best", "stable") if record.get(k)}
     for old in (run_dir / CHECKPOINTS).iterdir():
         if old.name not in keep:

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
+from reckoning_ray.core.card import refresh_cards
 from reckoning_ray.core.checkpoint import CheckpointError, is_checkpoint, resolve
 from reckoning_ray.core.config import load_config
 
@@ -81,6 +82,7 @@ def save_test(run_dir: str | Path, metrics: dict[str, float], checkpoint: str) -
     summary = json.loads(path.read_text()) if path.exists() else {}
     summary["test"] = dict(metrics, checkpoint=checkpoint)
     path.write_text(json.dumps(summary, indent=2))
+    refresh_cards(run_dir)  # the checkpoints' model cards now carry the test numbers
     return dict(metrics, **{"test/checkpoint": checkpoint})
 
 

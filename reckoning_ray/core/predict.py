@@ -26,14 +26,33 @@ generation per question with the same fast weights::
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
+from huggingface_hub import ModelCard, ModelHubMixin, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from torch import Tensor
 
-from reckoning_ray.core.checkpoint import load_pretrained, read_settings, resolve
+from reckoning_ray.core.card import CARD, PAPER_URL
+from reckoning_ray.core.checkpoint import (
+    SETTINGS,
+    CheckpointError,
+    is_checkpoint,
+    load_pretrained,
+    read_settings,
+    resolve,
+    save_pretrained,
+)
+from reckoning_ray.core.hub import hub_offline, looks_like_hub_id
 from reckoning_ray.core.schema import FAMILIES
 
 
@@ -56,25 +75,84 @@ class EncodedKnowledge:
 Knowledge = Union[Sequence[str], EncodedKnowledge]
 
 
-class ReckoningModel:
-    """A trained method ready to answer: :meth:`from_pretrained`, then :meth:`answer`."""
+class ReckoningModel(ModelHubMixin, library_name="reckoning-ray", paper_url=PAPER_URL, pipeline_tag="text-generation",
+                     tags=["reckoning", "bilevel", "meta-learning", "knowledge-encoding"]):
+    """A trained method ready to answer: :meth:`from_pretrained`, then :meth:`answer`.
 
-    def __init__(self, method: Any, family: str = "proofwriter") -> None:
+    It follows the hub's conventions (``huggingface_hub.ModelHubMixin``): :meth:`from_pretrained`
+    takes a checkpoint directory, a run directory (its best checkpoint) or a hub id (downloaded
+    into, or read offline from, the Hugging Face cache); ``save_pretrained(directory)`` writes a
+    checkpoint directory with its model card (``README.md``); ``push_to_hub(repo_id)`` uploads one.
+    """
+
+    def __init__(self, method: Any, family: str = "proofwriter", card: Optional[str] = None) -> None:
         self.method = method.eval()
         self.family = family
+        self.card = card  # the model card of the checkpoint it was loaded from, kept by save_pretrained
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: Optional[str] = None,
-                        family: Optional[str] = None) -> "ReckoningModel":
-        """Load the checkpoint at ``path`` (a checkpoint or run directory). ``family``: the question
-        wording, "proofwriter" ("can we conclude ...?") or "clutrr"; default: the training data's."""
-        directory = resolve(path, "best")
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, device: Optional[str] = None,
+                        family: Optional[str] = None, revision: Optional[str] = None,
+                        cache_dir: Optional[str | Path] = None, force_download: bool = False,
+                        local_files_only: bool = False, token: Optional[str | bool] = None) -> "ReckoningModel":
+        """Load a checkpoint: a checkpoint directory, a run directory (its best checkpoint) or a
+        hub id such as ``user/reckoning-proofwriter`` (``revision``, ``cache_dir``, ``token`` and
+        ``local_files_only`` as in ``huggingface_hub``; ``HF_HUB_OFFLINE=1`` reads the cache only).
+        ``family``: the question wording, "proofwriter" ("can we conclude ...?") or "clutrr";
+        default: the training data's. ``device``: a torch device (default: cpu)."""
+        name = str(pretrained_model_name_or_path)
+        if Path(name).expanduser().exists() or not looks_like_hub_id(name):
+            return cls._load(resolve(name, "best"), device, family)
+        try:
+            return super().from_pretrained(name, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                                           local_files_only=local_files_only, token=token, device=device, family=family)
+        except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+                OfflineModeIsEnabled) as exc:
+            offline = " (offline: HF_HUB_OFFLINE is set, so only the local cache is read)" if hub_offline() else ""
+            raise CheckpointError(
+                f"{name!r} is neither a directory here nor a checkpoint the hub cache holds{offline}: "
+                f"{' '.join(str(exc).split())[:200]}; pass a checkpoint or run directory, or a hub id that "
+                "can be downloaded") from None
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: Optional[str], cache_dir: Optional[str | Path],
+                         force_download: bool, local_files_only: bool, token: Optional[str | bool],
+                         device: Optional[str] = None, family: Optional[str] = None,
+                         **ignored: Any) -> "ReckoningModel":
+        # ModelHubMixin.from_pretrained calls this for a hub id: the whole repository (model,
+        # tokenizer, settings, learned rates, card) is one checkpoint directory
+        directory = snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir,
+                                      force_download=force_download, local_files_only=local_files_only or hub_offline(),
+                                      token=token)
+        if not is_checkpoint(directory):
+            raise CheckpointError(f"hub repository {model_id!r} is not a RECKONING checkpoint: {SETTINGS} or "
+                                  "config.json is missing (upload one with ReckoningModel.push_to_hub)")
+        return cls._load(Path(directory), device, family)
+
+    @classmethod
+    def _load(cls, directory: Path, device: Optional[str], family: Optional[str]) -> "ReckoningModel":
         settings = read_settings(directory)
         family = family or settings.get("task", {}).get("family") or "proofwriter"
         if family not in FAMILIES:
             raise ValueError(f"family={family!r} is invalid: choose one of {FAMILIES}")
         method = load_pretrained(directory, device=torch.device(device) if device else None)
-        return cls(method, family)
+        card = (directory / CARD).read_text() if (directory / CARD).is_file() else None
+        return cls(method, family, card=card)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The checkpoint directory (``reckoning_ray.core.checkpoint.save_pretrained``), with the
+        card of the checkpoint it was loaded from (else one from its own settings)."""
+        save_pretrained(self.method, save_directory, task={"family": self.family})
+        if self.card is not None:
+            (Path(save_directory) / CARD).write_text(self.card)
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        """The card ``save_pretrained`` writes (used by ``ModelHubMixin`` when none was written)."""
+        if self.card is not None:
+            return ModelCard(self.card)
+        with tempfile.TemporaryDirectory() as tmp:
+            self._save_pretrained(Path(tmp))
+            return ModelCard((Path(tmp) / CARD).read_text())
 
     @property
     def inner_steps(self) -> Optional[int]:

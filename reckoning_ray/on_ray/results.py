@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from reckoning_ray.core.card import CARD
 from reckoning_ray.core.checkpoint import checkpoint_path
 from reckoning_ray.core.config import (
     load_config,
@@ -219,7 +220,7 @@ def record_trials(cfg: DictConfig, rows: list[dict[str, Any]], trials_dir: Path,
             if trial in tested:
                 record_test(run_dir, tested[trial], "best", writer=writer)
         if store is not None:
-            store.push_trial(trial, files=("summary.json",))
+            store.push_trial(trial, files=("summary.json", f"checkpoints/*/{CARD}"))
 
 
 def trial_history(result: Any, run_dir: Path) -> Any:

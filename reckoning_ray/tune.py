@@ -3,10 +3,11 @@
     python -m reckoning_ray.tune [preset | --config FILE] [space=<name or path>] [key=value ...] [--resume]
     python -m reckoning_ray.tune publish SWEEP_DIR [--dry-run]
     python -m reckoning_ray.tune soup SWEEP_DIR [--top K]
+    python -m reckoning_ray.tune report SWEEP_DIR
 
 The driver is :mod:`reckoning_ray.on_ray.sweep`; ``publish`` sends a finished sweep to W&B as a
 W&B sweep (:mod:`reckoning_ray.tracking.sweeps`); ``soup`` averages its trials' best checkpoints
-(:mod:`reckoning_ray.core.soup`).
+(:mod:`reckoning_ray.core.soup`); ``report`` draws it (:mod:`reckoning_ray.on_ray.report`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from reckoning_ray.cli import parse_args, run_command
 from reckoning_ray.core.errors import InputError
 from reckoning_ray.core.soup import make_soups
 from reckoning_ray.core.spaces import SPACES_DIR, load_space
+from reckoning_ray.on_ray.report import report
 from reckoning_ray.on_ray.sweep import run
 from reckoning_ray.tracking.sweeps import publish
 
@@ -41,6 +43,28 @@ def soup_main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         make_soups(args.sweep_dir, top=args.top)
+    except (InputError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def report_main(argv: list[str]) -> int:
+    """``python -m reckoning_ray.tune report SWEEP_DIR``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m reckoning_ray.tune report",
+        description="Draw a finished sweep from its files alone (offline): the validation curves of every trial "
+                    "with ASHA's rungs and how each trial ended, the swept keys against the metric, and the best "
+                    "trial's test accuracy per hop; PNG files and one self-contained HTML page. Every sweep "
+                    "also does this at its end.",
+        epilog="SWEEP_DIR is <tune.storage_path>/<tune.name> (a path, or the object store URI itself: fetched into "
+               "$RECKONING_RUNS_CACHE, and the report copied back beside the sweep). The files go to "
+               "SWEEP_DIR/report/: curves.png keys.png test_by_hops.png report.html.",
+    )
+    parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep's directory (holds sweep_summary.json)")
+    args = parser.parse_args(argv)
+    try:
+        report(args.sweep_dir)
     except (InputError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -91,6 +115,7 @@ files, all under <tune.storage_path>/<tune.name>/ (default runs/tune/<name>):
   sweep_config.yaml asha_state.json wandb_sweep.yaml   at the start, the rungs after every result
                                                       (curve_state.json: the curves, tune.scheduler=curve)
   sweep_summary.json best_config.yaml                 the table and the best trial's config, at the end
+  report/curves.png keys.png test_by_hops.png report.html   its pictures, at the end (`report` redraws them)
   trials/<trial id>/   config.yaml metrics.jsonl checkpoints.json checkpoints/step-*/ summary.json,
                        wandb/ wandb_run.json          after every validation
   Ray Tune's experiment state beside them, Ray Train's under ray_train/.
@@ -107,6 +132,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return publish_main(argv[1:])
     if argv[:1] == ["soup"]:
         return soup_main(argv[1:])
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
     # space=<name> is short for tune.space=<name>
     argv = [f"tune.{a}" if a.startswith("space=") else a for a in argv]
     names = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))) + f" (in {SPACES_DIR})"
@@ -114,7 +141,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         argv, "python -m reckoning_ray.tune",
         "Sweep RECKONING's inner-loop settings with Ray Tune + ASHA (the project's main job). "
         "`python -m reckoning_ray.tune publish SWEEP_DIR [--dry-run]` uploads a sweep to W&B; "
-        "`python -m reckoning_ray.tune soup SWEEP_DIR` averages its trials' best checkpoints (model soups).",
+        "`python -m reckoning_ray.tune soup SWEEP_DIR` averages its trials' best checkpoints (model soups); "
+        "`python -m reckoning_ray.tune report SWEEP_DIR` draws it (every sweep does at its end).",
         EPILOG.replace("{spaces}", names),
         extra=lambda p: p.add_argument("--resume", action="store_true",
                                        help="continue the interrupted sweep tune.storage_path/tune.name"),

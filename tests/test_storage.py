@@ -171,3 +171,20 @@ def test_a_store_that_cannot_be_written_stops_the_sweep_before_ray(tmp_path, buc
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "tune.storage_path: cannot write under s3://no-such-bucket/sweeps" in lines[0], lines
+
+
+def test_report_of_a_sweep_in_the_store_reads_the_bucket_and_writes_back_to_it(tmp_path, bucket, monkeypatch, capsys):
+    from sweep_files import write_sweep
+
+    from reckoning_ray.core.storage import CACHE_ENV
+    from reckoning_ray.on_ray.report import PICTURES
+    from reckoning_ray.tune import main as tune_main
+
+    written = write_sweep(tmp_path / "written")
+    Mirror(written, f"{bucket}/report-sweep").push()
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    assert tune_main(["report", f"{bucket}/report-sweep"]) == 0
+    out = capsys.readouterr().out
+    assert f"report copied to {bucket}/report-sweep/report/" in out
+    remote = Mirror(tmp_path / "elsewhere", f"{bucket}/report-sweep").remote_files()
+    assert {f"report/{name}" for name in PICTURES + ("report.html",)} <= set(remote)

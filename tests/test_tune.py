@@ -14,6 +14,8 @@ from reckoning_ray.core.config import load_config
 from reckoning_ray.core.errors import ConfigError
 from wandb_files import read_offline_run_merged
 from reckoning_ray.core.spaces import load_space
+from reckoning_ray.on_ray.report import PICTURES, sweep_data
+from huggingface_hub import ModelCard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,6 +140,11 @@ def test_sweep_with_asha_extensions_wandb_and_best_config(tmp_path):
     assert "trial" in done.stdout and "best config:" in done.stdout and "test acc" in done.stdout
     # the first trial at each rung is always kept: at least one went beyond its 2 planned rounds
     assert "extending it to 8 steps from the start of its cooldown" in done.stdout
+    # the sweep's last lines name its pictures, drawn with the rungs ASHA recorded
+    report = storage / "test-sweep" / "report"
+    assert f"report: {report / 'report.html'}" in done.stdout
+    assert all((report / name).stat().st_size > 10_000 for name in PICTURES)
+    assert sweep_data(storage / "test-sweep")["rungs"] == [1, 2, 4]
 
     # W&B: an offline run per trial whose history holds every validation and whose config is the trial's
     for r in rows:
@@ -174,6 +181,9 @@ def test_sweep_with_asha_extensions_wandb_and_best_config(tmp_path):
         assert 0.0 <= test["test/label_accuracy"] <= 1.0 and test["test/tasks"] > 0
         assert any(k.startswith("test/label_accuracy/hops_") for k in test)
         assert run["summary"]["test/label_accuracy"] == test["test/label_accuracy"]
+        # and its best checkpoint's model card says so
+        card = ModelCard.load(trial / "checkpoints" / record["best"] / "README.md")
+        assert card.data.eval_results[0].metric_value == test["test/label_accuracy"]
         assert run["config"]["inner.lr_init"] == pytest.approx(r["inner.lr_init"])
         assert run["config"]["outer.lr"] == pytest.approx(r["outer.lr"])
 

@@ -28,6 +28,7 @@ from reckoning_ray.core.storage import (
     sweep_store,
 )
 from reckoning_ray.on_ray.callbacks import TrackingCallback
+from reckoning_ray.on_ray.report import publish_report
 from reckoning_ray.on_ray.results import summarize
 from reckoning_ray.on_ray.schedulers import build_trial_scheduler
 from reckoning_ray.on_ray.trials import (
@@ -190,5 +191,6 @@ def run(cfg: DictConfig, resume: bool = False, space: Optional[dict[str, tuple[s
           + (f"; test label_accuracy {out['best_test']['test/label_accuracy']:.3f}" if out.get("best_test") else ""))
     print(f"best config: {out['best_config']}  (python -m reckoning_ray.train --config {out['best_config']})")
     print(f"best checkpoint: {out['best_checkpoint']}")
+    out["report"] = [str(f) for f in publish_report(local_dir(cfg), sweep_store(cfg), title=f"sweep {cfg.tune.name}")]
     print(f"sweep took {time.time() - t0:.0f}s")
     return out

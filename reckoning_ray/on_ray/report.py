@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from reckoning_ray.core.errors import InputError
+from reckoning_ray.core.storage import open_sweep
 
 REPORT = "report"
 PICTURES = ("curves.png", "keys.png", "test_by_hops.png")
@@ -255,8 +256,6 @@ def write_report(root: str | Path, title: Optional[str] = None) -> list[Path]:
 def report(sweep_dir: str, log: Any = print) -> list[Path]:
     """:func:`write_report` of a sweep at a path or an object store URI (fetched into this node's
     cache first); see :func:`publish_report`."""
-    from reckoning_ray.core.storage import open_sweep
-
     root, store = open_sweep(sweep_dir, log=log)
     return publish_report(root, store, title=f"sweep {Path(str(sweep_dir).rstrip('/')).name}", log=log)
 

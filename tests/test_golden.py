@@ -155,6 +155,11 @@ def test_knowledge_encoded_once_answers_as_an_inner_loop_per_question(golden_run
     assert any(not torch.equal(w, stored[name]) for name, w in encoded.weights.items())
     with pytest.raises(ValueError, match="list of sentences"):
         model.encode("bob is red .")
+    # a label is one the model was trained to answer with (the checkpoint keeps them); other text where
+    # the label belongs is no label
+    assert model.labels == ["no", "none", "yes"]
+    model.labels = ["a label it never generates"]
+    assert [a.label for a in model.answer_many(encoded, questions)] == [""] * len(questions)
 
 
 def test_predict_runs_one_inner_loop_for_all_its_questions(golden_run, tmp_path, capsys, monkeypatch):

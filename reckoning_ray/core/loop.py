@@ -32,6 +32,7 @@ from reckoning_ray.core.checkpoint import (
     save_checkpoint,
 )
 from reckoning_ray.core.config import metric_mode
+from reckoning_ray.core.data.encode import normalize_label
 from reckoning_ray.core.schema import EvalConfig, OuterConfig, TrainConfig
 from reckoning_ray.core.method import Method
 from reckoning_ray.core.metrics import hop_sums, summarize_sums
@@ -161,6 +162,10 @@ class Loop:
         self.schedule = schedule_of(self.scheduler)
         self.progress = Progress()
         self.history: list[dict] = []
+        # what a checkpoint keeps of the task (reckoning.json "task"): the question wording, and the
+        # labels a prediction may answer with (anything else it generates is no label)
+        self.task = {"family": train_records[0]["family"],
+                     "labels": sorted({normalize_label(r["answer"]) for r in train_records})}
         self.mode = metric_mode(train.metric)
         self._bar: Optional[ProgressBar] = None  # during fit() on rank 0 with hooks.progress
         self._step_tasks = 0  # tasks (all workers) of the last optimizer step
@@ -319,7 +324,7 @@ class Loop:
         trainer_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                          "rng": _rng_state(), "progress": p.__dict__.copy(), "history": self.history}
         save_checkpoint(self.run_dir, p.global_step, self.method, trainer_state, best, self.train.metric,
-                        p.best_metric, task={"family": self.train_records[0]["family"]}, stable=stable,
+                        p.best_metric, task=self.task, stable=stable,
                         planned_steps=self.total_steps)
 
     def _maybe_save_stable(self) -> None:

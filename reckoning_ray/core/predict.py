@@ -58,7 +58,9 @@ from reckoning_ray.core.schema import FAMILIES
 
 @dataclass
 class Answer:
-    label: str  # the answer word, normalised (e.g. "yes", "grandson")
+    # the answer word, normalised (e.g. "yes", "grandson"); "" when the generated text holds none of
+    # the labels the model was trained on (the checkpoint's reckoning.json "task": "labels")
+    label: str
     text: str  # the whole generated continuation
     facts: list[str] = field(default_factory=list)  # the facts it recalled (multi-task models)
 
@@ -85,10 +87,13 @@ class ReckoningModel(ModelHubMixin, library_name="reckoning-ray", paper_url=PAPE
     checkpoint directory with its model card (``README.md``); ``push_to_hub(repo_id)`` uploads one.
     """
 
-    def __init__(self, method: Any, family: str = "proofwriter", card: Optional[str] = None) -> None:
+    def __init__(self, method: Any, family: str = "proofwriter", card: Optional[str] = None,
+                 labels: Optional[list[str]] = None) -> None:
         self.method = method.eval()
         self.family = family
         self.card = card  # the model card of the checkpoint it was loaded from, kept by save_pretrained
+        # the labels it was trained to answer with (None: any text before "because" is taken as one)
+        self.labels = sorted(labels) if labels else None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, device: Optional[str] = None,
@@ -137,12 +142,13 @@ class ReckoningModel(ModelHubMixin, library_name="reckoning-ray", paper_url=PAPE
             raise ValueError(f"family={family!r} is invalid: choose one of {FAMILIES}")
         method = load_pretrained(directory, device=torch.device(device) if device else None)
         card = (directory / CARD).read_text() if (directory / CARD).is_file() else None
-        return cls(method, family, card=card)
+        return cls(method, family, card=card, labels=settings.get("task", {}).get("labels"))
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """The checkpoint directory (``reckoning_ray.core.checkpoint.save_pretrained``), with the
         card of the checkpoint it was loaded from (else one from its own settings)."""
-        save_pretrained(self.method, save_directory, task={"family": self.family})
+        save_pretrained(self.method, save_directory,
+                        task={"family": self.family, **({"labels": self.labels} if self.labels else {})})
         if self.card is not None:
             (Path(save_directory) / CARD).write_text(self.card)
 
@@ -250,6 +256,8 @@ class ReckoningModel(ModelHubMixin, library_name="reckoning-ray", paper_url=PAPE
         answers = []
         for text in out["prediction"]:
             label, facts = self.method.encoder.parse_generation(text)
+            if self.labels is not None and label not in self.labels:
+                label = ""  # e.g. "someone someone is red": text where the label belongs, but no label
             answers.append(Answer(label=label, text=text, facts=facts))
         return answers
 

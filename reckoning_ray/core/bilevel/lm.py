@@ -50,10 +50,16 @@ def additive_causal_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
 
     Passing the 4D mask makes transformers use it as it is (no mask construction with data-dependent
     branches inside the model, which ``vmap`` cannot run).
+
+    A padding query also attends to itself: a left-padded row's padding has no real key before it,
+    and a query that may attend to nothing gives NaN in attention implementations that mask with
+    -inf (Llama, Qwen2, GPT-NeoX, OPT), a NaN that reaches the gradients through the unused
+    positions. The real queries' keys are the same either way, so their values do not change.
     """
     length = attention_mask.shape[-1]
     causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
-    allowed = causal & attention_mask.bool().unsqueeze(-2)
+    itself = torch.eye(length, dtype=torch.bool, device=attention_mask.device)
+    allowed = (causal & attention_mask.bool().unsqueeze(-2)) | itself
     mask = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(-3)
 

@@ -4,11 +4,11 @@
 
 writes ``SWEEP_DIR/report/``:
 
-- ``curves.png``: the validation curve (``tune.metric`` per round) of every trial, each ending in
-  a mark that says how it ended (stopped by the scheduler, by patience, completed), ASHA's rungs
-  as dotted lines, the best trial drawn thick;
-- ``keys.png``: each swept key against the trial's best value of the metric (log axis for keys
-  that span more than a factor of 10), the best trial starred;
+- ``curves.png``: the validation curve (``tune.metric`` per round; a log axis for a loss) of every
+  trial, each ending in a mark that says how it ended (stopped by the scheduler, by patience,
+  completed), ASHA's rungs as dotted lines, the best trial drawn thick;
+- ``keys.png``: each swept key against the trial's best value of the metric (log axes for keys
+  that span more than a factor of 3 and for losses), the best trial starred;
 - ``test_by_hops.png``: the best trial's test label accuracy, overall and per hop count;
 - ``report.html``: one self-contained page (the pictures inlined) with the sweep's table.
 
@@ -138,6 +138,9 @@ def draw_curves(data: dict[str, Any], path: Path) -> None:
         handles.append(Line2D([], [], color="0.6", linestyle=":"))
         labels.append(f"ASHA rungs (rounds {', '.join(map(str, data['rungs']))})")
     ax.legend(handles, labels, fontsize=7, loc="best", ncol=2)
+    values = [v for points in data["curves"].values() for _, v in points]
+    if data["mode"] == "min" and values and min(values) > 0:
+        ax.set_yscale("log")  # losses: the good trials' differences are where the values are small
     ax.set_xlabel("validation round")
     ax.set_ylabel(metric + (" (lower is better)" if data["mode"] == "min" else " (higher is better)"))
     scheduler = data["tune"].get("scheduler", "asha")
@@ -154,6 +157,8 @@ def _numeric(values: list[Any]) -> bool:
 
 def draw_keys(data: dict[str, Any], path: Path) -> None:
     plt = _plt()
+    from matplotlib.ticker import NullFormatter
+
     summary, keys = data["summary"], data["keys"]
     rows = [r for r in summary.get("trials", []) if r.get("best") is not None]
     panels = max(len(keys), 1)
@@ -167,8 +172,10 @@ def draw_keys(data: dict[str, Any], path: Path) -> None:
         elif _numeric(values):
             xs = [float(v) for v in values]
             positive = [x for x in xs if x > 0]
-            if len(positive) == len(xs) and xs and max(xs) / min(xs) > 10:
-                ax.set_xscale("log")
+            if len(positive) == len(xs) and xs and max(xs) / min(xs) > 3:
+                ax.set_xscale("log")  # learning rates and the like, sampled on a log scale
+                ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels overlap
+            ax.tick_params(axis="x", labelrotation=30, labelsize=7)
         else:  # categories: one column each
             names = sorted({json.dumps(v) for v in values})
             xs = [names.index(json.dumps(v)) for v in values]
@@ -178,6 +185,8 @@ def draw_keys(data: dict[str, Any], path: Path) -> None:
         for x, y, r in zip(xs, ys, rows):
             if r["trial"] == summary.get("best_trial"):
                 ax.scatter([x], [y], marker="*", s=260, c="gold", edgecolors="black", zorder=3)
+        if data["mode"] == "min" and ys and min(ys) > 0:
+            ax.set_yscale("log")
         ax.set_xlabel(key)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"best {data['metric']}")

@@ -24,6 +24,7 @@ from reckoning_ray.core.config import load_config
 from reckoning_ray.core.data.encode import Encoder
 from reckoning_ray.core.data.sources import load_splits
 from reckoning_ray.core.modeling import build_tokenizer, save_model_and_tokenizer
+from reckoning_ray.core.predict import ReckoningModel
 from reckoning_ray.train import main as train_main
 
 SHAPE = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
@@ -133,8 +134,10 @@ def test_the_fused_engine_equals_the_reference_and_finite_differences(name, tmp_
         assert min(errors) <= 1e-3, (selected, expected, numeric)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt_neox"])
-def test_train_runs_a_user_model_of_another_architecture(name, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name,adapt", [("llama", []), ("gpt_neox", []),
+                                        ("llama", ["inner.params=[model.layers.1.*]", "outer.params=[inner,lm_head.*]"])],
+                         ids=["llama", "gpt_neox", "llama-last-block"])
+def test_train_runs_a_user_model_of_another_architecture(name, adapt, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     data = ["data.num_train=32", "data.num_validation=8", "data.num_test=8"]
     splits = load_splits(load_config("embedded", data).data)
@@ -142,9 +145,18 @@ def test_train_runs_a_user_model_of_another_architecture(name, tmp_path, monkeyp
     directory = save_tiny(name, list(Encoder(None, "reckoning", True, 64).corpus(records)), tmp_path / name)
     code = train_main(["embedded", f"model.name_or_path={directory}", "resources.num_workers=0", "train.max_steps=2",
                        "train.batch_size=8", "train.validations_per_epoch=2", "eval.max_tasks=8", *data,
-                       "tracking.mode=disabled", f"train.output_dir={tmp_path / 'runs'}", "train.run_name=run"])
+                       "tracking.mode=disabled", f"train.output_dir={tmp_path / 'runs'}", "train.run_name=run", *adapt])
     assert code == 0
     rows = [json.loads(line) for line in (tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(math.isfinite(r["train/loss"]) and math.isfinite(r["val/answer_loss"]) for r in rows)
     summary = json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())
     assert math.isfinite(summary["test"]["test/answer_loss"])
+    # the checkpoint alone rebuilds what the inner loop adapts, and answers
+    model = ReckoningModel.from_pretrained(tmp_path / "runs" / "run")
+    adapted = model.method.param_names()
+    if adapt:
+        assert adapted and all(n.startswith("model.layers.1.") for n in adapted)
+        assert model.method.inner_lrs.shape[1] == len(adapted)
+    else:
+        assert len(adapted) == len(list(model.method.model.parameters()))
+    assert model.answer(records[0]["knowledge"], records[0]["question"]).text is not None

@@ -387,6 +387,71 @@ def test_fused_engine_equals_the_reference_on_a_mixed_hop_batch(optimizer, optio
     assert_same_step_and_evaluation(reference, fused, batch, loss_scale=0.5)
 
 
+SUBSET = "inner.params=[transformer.h.0.mlp.*,transformer.ln_f.*]"
+ADAPTED = ["transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_fc.bias", "transformer.h.0.mlp.c_proj.weight",
+           "transformer.h.0.mlp.c_proj.bias", "transformer.ln_f.weight", "transformer.ln_f.bias"]
+
+
+@pytest.mark.parametrize("outer", ["outer.params=[all]", "outer.params=[inner,transformer.wte.*]"])
+@pytest.mark.parametrize("options", [[], ["inner.checkpoint=true"], ["inner.tasks_per_pass=1"], ["inner.first_order=true"],
+                                     ["inner.checkpoint=true", "inner.tasks_per_pass=1"]],
+                         ids=lambda v: "+".join(o.split(".")[1] for o in v) or "batched")
+def test_an_inner_loop_over_some_tensors_equals_the_reference(outer, options):
+    # inner.params: the inner loop adapts the first block's MLP and the final norm only; the other
+    # trained weights enter its gradients unadapted, and the meta-gradient reaches them through
+    # those gradients too (with inner.checkpoint, through the recomputed steps)
+    base = ["inner.optimizer=adamw", "inner.lr_init=0.05", SUBSET, outer]
+    order = [o for o in options if o.startswith("inner.first_order")]
+    reference, batch = build(make_cfg(*base, *order), engine="reference")
+    fused, _ = build(make_cfg(*base, *options), engine="fused")
+    for method in (reference, fused):
+        assert method.param_names() == ADAPTED and method.inner_lrs.shape == (3, len(ADAPTED))
+    trained = [n for n, p in fused.model.named_parameters() if p.requires_grad]
+    if outer == "outer.params=[all]":
+        assert len(trained) > len(ADAPTED) + 1
+    else:  # the adapted tensors and the embedding; everything else frozen
+        assert trained == ["transformer.wte.weight"] + ADAPTED[:4] + ADAPTED[4:]
+    assert_same_step_and_evaluation(reference, fused, batch, loss_scale=0.5)
+    frozen = [p for p in fused.model.parameters() if not p.requires_grad]
+    assert all(p.grad is None for p in frozen)
+
+
+def test_an_inner_loop_over_some_tensors_matches_finite_differences():
+    cfg = make_cfg("inner.optimizer=adamw", "inner.eps=1e-2", "inner.lr_init=0.05", "eval.max_new_tokens=1", SUBSET,
+                   "outer.params=[inner,transformer.wte.*]", "inner.checkpoint=true")
+    method, batch = build(cfg, records=make_records(3))
+    zero_grads(method)
+    method.forward_backward(batch)
+    analytic, params = grads(method), method.meta_parameters()
+    assert len(params) == 1 + len(ADAPTED) + 1  # the embedding, the adapted tensors, the learned rates
+    gen = torch.Generator().manual_seed(5)
+    for only_rates in (False, True):
+        direction = [torch.randn(p.shape, dtype=torch.float64, generator=gen) * (not only_rates or p is params[-1])
+                     for p in params]
+        norm = math.sqrt(sum(float((d * d).sum()) for d in direction))
+        direction = [d / norm for d in direction]
+        expected = sum(float((g * d).sum()) for g, d in zip(analytic, direction))
+        values = []
+        for h in (1e-6, -1e-6):
+            originals = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, o, d in zip(params, originals, direction):
+                    p.copy_(o + h * d)
+            values.append(summed_answer_loss(method, batch))
+            with torch.no_grad():
+                for p, o in zip(params, originals):
+                    p.copy_(o)
+        numeric = (values[0] - values[1]) / 2e-6
+        assert abs(numeric - expected) <= 1e-7 * max(1.0, abs(expected)), (only_rates, numeric, expected)
+
+
+def test_inner_params_that_match_nothing_name_the_key_and_the_names():
+    with pytest.raises(BilevelError, match=r"inner.params: pattern 'transformer.h.7.\*' matches no .*transformer"):
+        build(make_cfg("inner.params=[transformer.h.7.*]"))
+    with pytest.raises(BilevelError, match="outer.params: pattern 'nothing' matches no"):
+        build(make_cfg(SUBSET, "outer.params=[inner,nothing]"))
+
+
 def test_reference_engine_refuses_the_fused_memory_options():
     for option in ("inner.checkpoint=true", "inner.autocast=bf16"):
         with pytest.raises(BilevelError, match=f"{option}.*inner.engine=fused"):

@@ -110,6 +110,9 @@ def test_interrupted_sweep_resumes_from_the_bucket_alone(tmp_path: Path, monkeyp
         best_row = next(r for r in rows if r["trial"] == summary["best_trial"])
         assert best_config["inner"]["lr_init"] == best_row["inner.lr_init"]
         assert (got / "sweep_config.yaml").is_file() and (got / "asha_state.json").is_file()
+        # the pictures the sweep drew at its end were copied to the bucket beside its files
+        assert all((got / "report" / name).stat().st_size > 0
+                   for name in ("curves.png", "keys.png", "test_by_hops.png", "report.html"))
 
         from reckoning_ray.core.checkpoint import load_pretrained, read_record
 

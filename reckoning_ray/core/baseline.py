@@ -18,6 +18,8 @@ runs either.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Any, Optional
 
 import torch
@@ -156,8 +158,12 @@ def build_method_from_settings(settings: dict[str, Any], model: torch.nn.Module,
 
     def config(name: str) -> Any:
         # Through the schema, so choices come back as their Enum members and types are checked
-        # (not merged onto the defaults: a dict such as inner.steps_by_hops replaces the default's).
-        return OmegaConf.to_object(OmegaConf.structured(schemas[name](**settings[name])))
+        # (not merged onto the defaults: a dict such as inner.steps_by_hops replaces the default's);
+        # a nested group (inner.lora) is built as its own dataclass first.
+        hints = typing.get_type_hints(schemas[name])
+        values = {key: hints[key](**value) if dataclasses.is_dataclass(hints.get(key)) and isinstance(value, dict)
+                  else value for key, value in settings[name].items()}
+        return OmegaConf.to_object(OmegaConf.structured(schemas[name](**values)))
 
     encoder = Encoder(tokenizer, **settings["encoder"], fact_pool=fact_pool)
     return _build(str(settings["method"]), model, tokenizer, encoder, config, float(settings.get("dropout", 0.0)))

@@ -69,6 +69,9 @@ def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
         if choice:  # a Choice key: say it as validate() does
             allowed = tuple(v.strip() for v in choice.group(2).split(","))
             raise ConfigError(f"{origin}: {key}={choice.group(1)} is invalid: choose one of {allowed}") from None
+        if "is not a ListConfig" in reason:  # a list key given one value
+            raise ConfigError(f"{origin}: {key} is a list: write it in brackets, e.g. {key}=[value] or "
+                              f"{key}=[first,second]") from None
         raise ConfigError(f"{origin}: {key} is invalid: {reason}") from None
 
 
@@ -210,6 +213,17 @@ def _check_inner(i: Any) -> None:
     _check(i.eps > 0, "inner.eps", i.eps, "must be > 0")
     _check(i.tasks_per_pass >= 0, "inner.tasks_per_pass", i.tasks_per_pass,
            "must be >= 0 (0: all tasks of a step in one pass)")
+    params = [str(p) for p in i.params]
+    _check(len(params) > 0, "inner.params", params, "must name what the inner loop adapts: [all], [lora] or "
+           "parameter-name patterns")
+    for word in ("all", "lora"):
+        _check(word not in params or params == [word], "inner.params", params, f"'{word}' stands alone: "
+               f"inner.params=[{word}], or name patterns without it")
+    if params == ["lora"]:
+        _check(i.lora.r >= 1, "inner.lora.r", i.lora.r, "must be >= 1")
+        _check(i.lora.alpha > 0, "inner.lora.alpha", i.lora.alpha, "must be > 0")
+        _check(i.lora.dropout == 0, "inner.lora.dropout", i.lora.dropout, "only 0 is supported: the adapters "
+               "are merged into the weights for each call (model.dropout applies to the whole model)")
 
 
 def _check_outer(o: Any) -> None:

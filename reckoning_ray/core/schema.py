@@ -253,6 +253,20 @@ class DataConfig:
 
 
 @dataclass
+class LoraConfig:
+    """The low-rank adapters the inner loop adapts with inner.params=[lora] (reckoning_ray/core/bilevel/adapted.py)."""
+
+    r: int = doc(16, "Rank of each adapter (the authors' later code: 16).")
+    alpha: float = doc(32.0, "Scale numerator: the adapters add alpha / r * B A to each target weight.")
+    dropout: float = doc(0.0, "Dropout on the adapters' input: only 0 (the adapters are merged into the weights "
+                              "for each call).")
+    target_modules: List[str] = doc(
+        [], "Names of the linear layers to adapt (last part of the module name, e.g. [q_proj,v_proj]); empty: "
+            "the model type's default as peft has it (GPT-2: c_attn; Llama, Qwen2, OPT: q_proj, v_proj; GPT-NeoX: "
+            "query_key_value).")
+
+
+@dataclass
 class InnerConfig:
     """The inner loop: optimizer, steps, learned learning rates, memory options. The memory options
     (checkpoint, autocast, tasks_per_pass) are measured by bench/memory_modes.py."""
@@ -289,6 +303,14 @@ class InnerConfig:
         0,
         "Most tasks one batched pass holds at once (their inner graphs live together); a larger batch runs "
         "in several passes whose gradients add up. 0: all tasks of a step at once.")
+    params: List[str] = doc(
+        ["all"],
+        'What the inner loop adapts: ["all"] (every trainable weight, the paper\'s), or parameter-name '
+        "patterns (shell-style, matched against the model's named_parameters()), e.g. "
+        "inner.params=[transformer.h.11.*,transformer.ln_f.*] for GPT-2's last block and final norm, or "
+        "[lora]: low-rank adapters on inner.lora.target_modules (inner.lora). One learned rate per adapted "
+        "tensor and step; the others take no inner step.")
+    lora: LoraConfig = doc(LoraConfig(), "The adapters of inner.params=[lora]: rank, scale, target modules.")
     engine: Engine = doc(
         Engine.fused,
         '"fused" runs each inner step as one fused AdamW/SGD node and all tasks of a pass at once under '
@@ -339,6 +361,11 @@ class OuterConfig:
         0.2, "Fraction of the optimizer steps spent in the cooldown of outer.schedule=wsd, in (0, 1].")
     multi_task: bool = doc(
         True, 'Multi-task target "<label> because <relevant facts>" (paper) or the label only.')
+    params: List[str] = doc(
+        ["all"],
+        'What the outer loop trains: ["all"] (every weight and the learned rates, the paper\'s), or '
+        '["inner", extra patterns...]: the tensors the inner loop adapts (inner.params), the learned rates '
+        "and the weights the patterns name (e.g. [inner,transformer.wte.*]); every other weight is frozen.")
 
 
 @dataclass

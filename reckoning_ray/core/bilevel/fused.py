@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.func import vmap
 from torch.utils.checkpoint import get_device_states, set_device_states
 
+from reckoning_ray.core.bilevel.adapted import Weights
 from reckoning_ray.core.bilevel.fused_step import FusedStep, InnerUpdate
 from reckoning_ray.core.bilevel.lm import causal_lm_logits, token_mean_loss, trainable
 from reckoning_ray.core.schema import InnerConfig
@@ -62,8 +63,12 @@ class FusedEngine:
     """The fused engine for :class:`~reckoning_ray.core.bilevel.method.ReckoningMethod`: passes of
     tasks, their inner loops, and the model calls with their fast weights."""
 
-    def __init__(self, model: torch.nn.Module, inner: InnerConfig) -> None:
+    def __init__(self, model: torch.nn.Module, inner: InnerConfig, adapted: Any = None) -> None:
         self.model, self.inner = model, inner
+        # what the inner loop adapts (default: every trainable weight); the weights it leaves enter
+        # the model calls as the module's own parameters, unbatched
+        self.adapted = adapted if adapted is not None else Weights(model)
+        self.names = list(self.adapted.names)
         self.update = InnerUpdate(inner.optimizer == "adamw", float(inner.beta1), float(inner.beta2),
                                    float(inner.eps), float(inner.weight_decay))
         before = set_attention_for_second_order(model, not inner.first_order)
@@ -91,7 +96,7 @@ class FusedEngine:
         """Fast weights of ``tasks`` (all with ``steps`` inner steps) and the summed knowledge loss
         before each step. ``lrs``: the effective rates ``[max steps, tensors]``; ``graph=False``
         (evaluation): gradients, no graph."""
-        names, base = trainable(self.model)
+        names, base = self.names, self.adapted.initial()
         k = tasks.knowledge
         if len(tasks) == 1:
             def knowledge_loss(weights: list[Tensor]) -> Tensor:
@@ -117,9 +122,13 @@ class FusedEngine:
         second_order = graph and not self.inner.first_order
         n = len(weights)
         if self.inner.checkpoint and second_order and torch.is_grad_enabled():
-            # In train mode (dropout) the recomputation must redraw the forward pass's masks.
+            # In train mode (dropout) the recomputation must redraw the forward pass's masks. The
+            # trained weights the inner loop does not adapt go in too: the inner gradients depend on
+            # them, and the recomputed steps' share of their gradient comes back through the node.
+            adapted = set(self.adapted.model_names)
+            others = [p for name, p in zip(*trainable(self.model)) if name not in adapted]
             *fast, losses = _RecomputedInnerLoop.apply(knowledge_loss, self.update, steps, n, self.model.training,
-                                                       *weights, lrs)
+                                                       *weights, lrs, *others)
             return list(fast), [float(x) for x in losses]
         if not graph:
             lrs = lrs.detach()
@@ -142,6 +151,7 @@ class FusedEngine:
         The explicit cast is needed because under ``vmap`` autocast alone leaves GPT-2's
         ``addmm`` layers in float32. The loss is computed in the weights' dtype.
         """
+        params = self.adapted.weights(params)
         dtype = next(iter(params.values())).dtype
         if self.inner.autocast == "bf16":
             params = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in params.items()}
@@ -159,13 +169,15 @@ class FusedEngine:
 
     def last_logits(self, fast: FastWeights, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Logits ``[T, V]`` after the last position of each task's row ``[T, L]`` (generation)."""
+        weights = self.adapted.weights
         if fast.stacked:
-            logits = self._vmap(lambda p, ids, mask: causal_lm_logits(self.model, p, ids, mask))
+            logits = self._vmap(lambda p, ids, mask: causal_lm_logits(self.model, weights(p), ids, mask))
             return logits(fast.params, input_ids[:, None], attention_mask[:, None])[:, 0, -1]
-        return causal_lm_logits(self.model, fast.params, input_ids, attention_mask)[:, -1]
+        return causal_lm_logits(self.model, weights(fast.params), input_ids, attention_mask)[:, -1]
 
     def task_weights(self, fast: FastWeights, j: int) -> dict[str, Tensor]:
-        return {name: w[j] for name, w in fast.params.items()} if fast.stacked else fast.params
+        """Task ``j``'s weights as the model is called with them (e.g. LoRA's merged into the base)."""
+        return self.adapted.weights({name: w[j] for name, w in fast.params.items()} if fast.stacked else fast.params)
 
     def _vmap(self, fn: Callable) -> Callable:
         """``vmap`` over tasks. In train mode (dropout) each task draws its own masks
@@ -218,9 +230,10 @@ def _rng_restored(saved: tuple[Tensor, str, list[int], list[Tensor]]):
 class _RecomputedInnerLoop(torch.autograd.Function):
     """The whole second-order inner loop, keeping only the inner gradients (``inner.checkpoint``).
 
-    ``apply(loss_fn, update, steps, n, random, *weights, lrs)`` -> ``(*fast weights, losses)`` with
-    ``lrs`` the ``[max steps, n]`` learned rates and ``losses`` the knowledge loss before each step
-    (no gradient). The forward pass runs the loop without a graph and keeps the inner gradients of
+    ``apply(loss_fn, update, steps, n, random, *weights, lrs, *others)`` -> ``(*fast weights, losses)``
+    with ``lrs`` the ``[max steps, n]`` learned rates, ``losses`` the knowledge loss before each step
+    (no gradient) and ``others`` the trained tensors ``loss_fn`` reads besides ``weights`` (the
+    weights ``inner.params`` leaves out): their gradient through the inner gradients is returned too. The forward pass runs the loop without a graph and keeps the inner gradients of
     steps 1 .. N-1 (detached). The backward pass walks the steps in reverse: it rebuilds the
     weights and optimizer state before step k by replaying the optimizer arithmetic from the
     initial weights and the kept gradients (no model passes), recomputes step k's inner gradient
@@ -244,6 +257,7 @@ class _RecomputedInnerLoop(torch.autograd.Function):
     def forward(ctx: Any, loss_fn: Callable, update: InnerUpdate, steps: int, n: int, random: bool,
                 *inputs: Tensor) -> tuple[Tensor, ...]:
         weights, lrs = list(inputs[:n]), inputs[n]
+        ctx.others = list(inputs[n + 1:])
         state: list[Tensor] = []
         kept: list[Optional[list[Tensor]]] = []  # the inner gradients of steps 1 .. N-1
         ctx.rng = []  # with ``random``: the random-number state before each step's forward pass
@@ -257,7 +271,7 @@ class _RecomputedInnerLoop(torch.autograd.Function):
                 kept.append([g.detach() for g in grads])
             weights, state = update.apply(k + 1, weights, grads, state, lrs[k])
         ctx.loss_fn, ctx.update, ctx.steps, ctx.n, ctx.kept = loss_fn, update, steps, n, kept
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(*inputs[: n + 1])
         ctx.set_materialize_grads(False)
         out = torch.stack(losses)
         ctx.mark_non_differentiable(out)
@@ -269,7 +283,9 @@ class _RecomputedInnerLoop(torch.autograd.Function):
         ctx.kept = None
         saved = ctx.saved_tensors
         initial, lrs = saved[:n], saved[n]
-        d_lrs = torch.zeros_like(lrs) if ctx.needs_input_grad[-1] else None
+        d_lrs = torch.zeros_like(lrs) if ctx.needs_input_grad[5 + n] else None
+        others, ctx.others = ctx.others, None
+        d_others: list[Optional[Tensor]] = [None] * len(others)
         d_w: list[Optional[Tensor]] = list(grad_outputs[:n])
         d_s: list[Optional[Tensor]] = []
         for k in reversed(range(steps)):
@@ -293,8 +309,12 @@ class _RecomputedInnerLoop(torch.autograd.Function):
             if d_lrs is not None and d_lr is not None:
                 d_lrs[k] = d_lr
             pairs = [(g, dg) for g, dg in zip(grads, d_g) if dg is not None and g.requires_grad]
-            hvp = list(torch.autograd.grad([g for g, _ in pairs], probes, [dg for _, dg in pairs], allow_unused=True)
-                       if pairs else [None] * n)
+            hvp = list(torch.autograd.grad([g for g, _ in pairs], probes + others, [dg for _, dg in pairs],
+                                           allow_unused=True) if pairs else [None] * (n + len(others)))
+            for i, d in enumerate(hvp[n:]):
+                if d is not None:
+                    d_others[i] = d if d_others[i] is None else d_others[i] + d
+            hvp = hvp[:n]
             del grads, pairs, d_g, probes
             for i, (a, b) in enumerate(zip(d_direct, hvp)):
                 d_direct[i] = a if b is None else (b if a is None else a + b)
@@ -303,4 +323,5 @@ class _RecomputedInnerLoop(torch.autograd.Function):
             d_w = d_direct
         ctx.rng = None
         wants = ctx.needs_input_grad[5 : 5 + n]
-        return (None, None, None, None, None, *[d if want else None for d, want in zip(d_w, wants)], d_lrs)
+        return (None, None, None, None, None, *[d if want else None for d, want in zip(d_w, wants)], d_lrs,
+                *d_others)

@@ -8,6 +8,7 @@ model's weights themselves).
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -33,6 +34,24 @@ def trainable(model: torch.nn.Module) -> tuple[list[str], list[Tensor]]:
     """Names and tensors of the trainable parameters, in ``named_parameters()`` order (tied once)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [n for n, _ in named], [p for _, p in named]
+
+
+def select_params(model: torch.nn.Module, patterns: Sequence[str], key: str = "inner.params") -> list[str]:
+    """Names of the trainable parameters (``named_parameters()`` order, tied once) that match
+    ``patterns``: ``["all"]`` is every one; otherwise shell-style patterns (``fnmatch``) of names.
+    BilevelError naming ``key`` when a pattern matches nothing."""
+    names = trainable(model)[0]
+    patterns = [str(p) for p in patterns]
+    if not patterns or patterns == ["all"]:
+        return names
+    if "all" in patterns:
+        raise BilevelError(f"{key}={patterns}: 'all' stands alone; give either [all] or name patterns")
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise BilevelError(f"{key}: pattern {pattern!r} matches no trainable parameter of the model; its "
+                               f"parameters are named like {names[:3] + names[-2:]} (shell-style patterns, e.g. "
+                               f"'{names[-1].rsplit('.', 1)[0]}.*')")
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

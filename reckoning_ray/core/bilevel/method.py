@@ -13,6 +13,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor
 
+from reckoning_ray.core.bilevel.adapted import build_adapted
 from reckoning_ray.core.bilevel.fused import FusedEngine
 from reckoning_ray.core.bilevel.lm import (
     BilevelError,
@@ -21,6 +22,7 @@ from reckoning_ray.core.bilevel.lm import (
     greedy_generate,
     max_positions,
     row_mean_losses,
+    select_params,
     trainable,
 )
 from reckoning_ray.core.bilevel.reference import ReferenceEngine
@@ -43,8 +45,10 @@ class ReckoningMethod:
             module in train mode for the training passes, inner and outer.
 
     Attributes:
-        inner_lrs: ``[max inner steps, number of parameter tensors]`` learned inner learning rates
-            (their logarithm with ``inner.lr_space=log``), trained by the outer optimizer.
+        inner_lrs: ``[max inner steps, number of adapted tensors]`` learned inner learning rates
+            (their logarithm with ``inner.lr_space=log``), trained by the outer optimizer; the
+            adapted tensors are ``inner.params``' (all by default), the outer optimizer trains
+            ``outer.params``' weights (all by default).
     """
 
     name = "reckoning"
@@ -55,10 +59,15 @@ class ReckoningMethod:
             raise BilevelError(f"inner.engine={inner.engine!r} is invalid: choose one of {ENGINES}")
         self.model, self.tokenizer, self.encoder = model, tokenizer, encoder
         self.inner, self.outer, self.eval_config = inner, outer, eval
-        names = self.param_names()
-        if not names:
+        if not trainable(model)[0]:
             raise BilevelError("the model has no trainable parameters (all requires_grad=False)")
-        self.engine = ReferenceEngine(model, inner) if inner.engine == "reference" else FusedEngine(model, inner)
+        # what the inner loop adapts (inner.params); what the outer loop trains (outer.params) besides
+        # them and the learned rates: every other weight is frozen
+        self.adapted = build_adapted(model, inner)
+        self._freeze_all_but(self.adapted.model_names)
+        names = self.adapted.names
+        self.engine = (ReferenceEngine(model, inner, self.adapted) if inner.engine == "reference"
+                       else FusedEngine(model, inner, self.adapted))
         self.attention = self.engine.attention
         # dropout > 0: dropout in every training pass, inner and outer, as in the authors' code;
         # 0: the module stays in eval mode throughout (package docstring).
@@ -233,22 +242,36 @@ class ReckoningMethod:
     # -- meta-parameters and state ----------------------------------------------------------------
 
     def param_names(self) -> list[str]:
-        """Names of the trainable parameter tensors, in ``named_parameters()`` order (tied once)."""
-        return trainable(self.model)[0]
+        """Names of the parameter tensors the inner loop adapts (``inner.params``), in
+        ``named_parameters()`` order (tied once): one learned rate each per step."""
+        return list(self.engine.names)
+
+    def _freeze_all_but(self, adapted: list[str]) -> None:
+        """``outer.params``: ``["all"]`` trains every weight; otherwise the adapted ones (LoRA's
+        adapters, which are not the model's) and those the patterns name (``"inner"``: none more),
+        and the rest stop requiring gradients."""
+        patterns = [str(p) for p in getattr(self.outer, "params", ["all"])]
+        if patterns == ["all"]:
+            return
+        extras = [p for p in patterns if p != "inner"]
+        keep = set(adapted) | set(select_params(self.model, extras, "outer.params") if extras else [])
+        for name, param in self.model.named_parameters():
+            if name not in keep:
+                param.requires_grad_(False)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Groups for ``torch.optim.AdamW``: the weights (outer.lr, outer.weight_decay) and the
         learned inner rates (outer.inner_lr_lr, no weight decay)."""
         return [
-            {"params": trainable(self.model)[1], "lr": float(self.outer.lr),
+            {"params": trainable(self.model)[1] + self.adapted.parameters(), "lr": float(self.outer.lr),
              "weight_decay": float(self.outer.weight_decay), "name": "weights"},
             {"params": [self.inner_lrs], "lr": float(self.outer.inner_lr_lr), "weight_decay": 0.0,
              "name": "inner_lrs"},
         ]
 
     def meta_parameters(self) -> list[Tensor]:
-        """Every tensor the outer optimizer updates (weights, then the learned rates)."""
-        return trainable(self.model)[1] + [self.inner_lrs]
+        """Every tensor the outer optimizer updates (weights, LoRA's adapters, then the learned rates)."""
+        return trainable(self.model)[1] + self.adapted.parameters() + [self.inner_lrs]
 
     def stats(self) -> dict[str, float]:
         """min / median / max of the effective inner learning rates and how many are negative."""
@@ -263,11 +286,17 @@ class ReckoningMethod:
         }
 
     def extra_state(self) -> dict[str, Tensor]:
-        return {"inner_lrs": self.inner_lrs.detach().clone()}
+        """Meta-parameters besides the model's weights: the learned rates (and LoRA's adapters)."""
+        return {"inner_lrs": self.inner_lrs.detach().clone(), **self.adapted.state()}
 
     def load_extra_state(self, state: dict[str, Tensor]) -> None:
+        if tuple(state["inner_lrs"].shape) != tuple(self.inner_lrs.shape):
+            raise BilevelError(f"the checkpoint's learned rates are {tuple(state['inner_lrs'].shape)} (steps x adapted "
+                               f"tensors), this method's {tuple(self.inner_lrs.shape)}: it was trained with other "
+                               "inner.steps / inner.params settings")
         with torch.no_grad():
             self.inner_lrs.copy_(state["inner_lrs"])
+        self.adapted.load_state(state)
 
     def settings(self) -> dict[str, Any]:
         return method_settings(self.name, self.encoder, self.dropout, inner=self.inner, outer=self.outer,
@@ -276,6 +305,8 @@ class ReckoningMethod:
     def to(self, device: torch.device | str) -> "ReckoningMethod":
         self.model.to(device)
         self.inner_lrs.data = self.inner_lrs.data.to(device)
+        for tensor in self.adapted.parameters():
+            tensor.data = tensor.data.to(device)
         return self
 
 

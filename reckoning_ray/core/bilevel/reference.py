@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from reckoning_ray.core.bilevel.adapted import Weights
 from reckoning_ray.core.bilevel.lm import (
     BilevelError,
     causal_lm_logits,
     causal_lm_loss,
-    trainable,
 )
 from reckoning_ray.core.schema import InnerConfig
 from reckoning_ray.core.data.encode import TaskBatch
@@ -114,34 +114,37 @@ class ReferenceEngine:
     """:func:`inner_loop` for :class:`~reckoning_ray.core.bilevel.method.ReckoningMethod`, one task per
     pass. Fast weights are one task's ``{name: tensor}``; rows come as ``[1, ...]``."""
 
-    def __init__(self, model: torch.nn.Module, inner: InnerConfig) -> None:
+    def __init__(self, model: torch.nn.Module, inner: InnerConfig, adapted: Any = None) -> None:
         for key, value, off in (("checkpoint", inner.checkpoint, False), ("autocast", inner.autocast, "none")):
             if value != off:
                 raise BilevelError(f"inner.{key}={str(value).lower()} is a memory option of the fused engine; the "
                                    f"reference engine runs the plain loop: set inner.{key}={str(off).lower()} or "
                                    "inner.engine=fused")
         self.model, self.inner = model, inner
+        self.adapted = adapted if adapted is not None else Weights(model)  # what the inner loop adapts
+        self.names = list(self.adapted.names)
         self.attention = set_attention_for_second_order(model, not inner.first_order)
 
     def passes(self, steps: list[int]) -> list[tuple[int, list[int]]]:
         return [(n, [t]) for t, n in enumerate(steps)]
 
     def adapt(self, task: TaskBatch, steps: int, lrs: Tensor, graph: bool) -> tuple[dict[str, Tensor], list[float]]:
-        names, weights = trainable(self.model)
+        names, weights = self.names, self.adapted.initial()
         k = task.knowledge
 
         def knowledge_loss(w: list[Tensor]) -> Tensor:
-            return causal_lm_loss(self.model, dict(zip(names, w)), k.input_ids[0], k.attention_mask[0], k.labels[0])
+            return causal_lm_loss(self.model, self.adapted.weights(dict(zip(names, w))), k.input_ids[0],
+                                  k.attention_mask[0], k.labels[0])
 
         with torch.enable_grad():
             fast, losses = inner_loop(knowledge_loss, weights, lrs if graph else lrs.detach(), self.inner, steps, graph)
         return dict(zip(names, fast)), losses
 
     def task_losses(self, fast: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        return causal_lm_loss(self.model, fast, input_ids[0], attention_mask[0], labels[0])[None]
+        return causal_lm_loss(self.model, self.adapted.weights(fast), input_ids[0], attention_mask[0], labels[0])[None]
 
     def last_logits(self, fast: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return causal_lm_logits(self.model, fast, input_ids, attention_mask)[:, -1]
+        return causal_lm_logits(self.model, self.adapted.weights(fast), input_ids, attention_mask)[:, -1]
 
     def task_weights(self, fast: dict[str, Tensor], j: int) -> dict[str, Tensor]:
-        return fast
+        return self.adapted.weights(fast)

@@ -1,0 +1,149 @@
+"""inner.params=[lora]: the inner loop adapts low-rank adapters (reckoning_ray/core/bilevel/adapted.py).
+The functional adapters equal peft's LoRA layers; the fused engine equals the reference with every
+memory option; the meta-gradient matches finite differences; a run trains, and its checkpoint
+answers, with the adapters it learned."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from test_architectures import save_tiny
+from test_bilevel import assert_same_step_and_evaluation, build, grads, make_cfg, make_records, summed_answer_loss, zero_grads
+
+from reckoning_ray.core.bilevel.adapted import LoRA
+from reckoning_ray.core.bilevel.lm import BilevelError, causal_lm_logits
+from reckoning_ray.core.config import load_config
+from reckoning_ray.core.data.encode import Encoder
+from reckoning_ray.core.errors import ConfigError
+from reckoning_ray.core.predict import ReckoningModel
+from reckoning_ray.train import main as train_main
+
+LORA = ["inner.params=[lora]", "inner.lora.r=2", "inner.lora.alpha=4", "outer.params=[inner]"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomize(method, seed: int = 7) -> None:
+    """B away from zero, so that the adapters change the model and every gradient is checked."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in method.adapted.tensors.items():
+            tensor.copy_(torch.randn(tensor.shape, dtype=tensor.dtype, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_the_adapters_are_peft_lora_layers(architecture, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    records = make_records()
+    corpus = list(Encoder(None, "reckoning", True, 64).corpus(records))
+    cfg = make_cfg(f"model.name_or_path={save_tiny(architecture, corpus, tmp_path / architecture)}", *LORA)
+    method, batch = build(cfg, records)
+    randomize(method)
+    adapted = method.adapted
+    targets = sorted({name.rsplit(".", 1)[-1] for name, *_ in ((m[0].removesuffix(".weight"),) for m in adapted.modules)})
+    peft_model = get_peft_model(copy.deepcopy(method.model), LoraConfig(
+        r=2, lora_alpha=4, lora_dropout=0.0, target_modules=targets, fan_in_fan_out=architecture == "gpt2"))
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+                base = name.removeprefix("base_model.model.")
+                module.lora_A["default"].weight.copy_(adapted.tensors[f"{base}.lora_A"])
+                module.lora_B["default"].weight.copy_(adapted.tensors[f"{base}.lora_B"])
+    s = batch.sequence
+    ours = causal_lm_logits(method.model, adapted.weights(dict(zip(adapted.names, adapted.initial()))),
+                            s.input_ids, s.attention_mask)
+    theirs = causal_lm_logits(peft_model, None, s.input_ids, s.attention_mask)
+    base = causal_lm_logits(method.model, None, s.input_ids, s.attention_mask)
+    real = s.attention_mask.bool()
+    assert torch.allclose(ours[real], theirs[real], rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(ours[real], base[real])  # the adapters do change the model
+    assert targets == (["c_attn"] if architecture == "gpt2" else ["q_proj", "v_proj"])  # peft's defaults
+
+
+@pytest.mark.parametrize("options", [[], ["inner.checkpoint=true"], ["inner.tasks_per_pass=1"], ["inner.first_order=true"],
+                                     ["inner.checkpoint=true", "inner.tasks_per_pass=1"]],
+                         ids=lambda v: "+".join(o.split(".")[1] for o in v) or "batched")
+def test_lora_inner_loop_equals_the_reference(options):
+    base = ["inner.optimizer=adamw", "inner.lr_init=0.05", *LORA, "outer.params=[inner,transformer.wte.*]"]
+    order = [o for o in options if o.startswith("inner.first_order")]
+    reference, batch = build(make_cfg(*base, *order), engine="reference")
+    fused, _ = build(make_cfg(*base, *options), engine="fused")
+    for method in (reference, fused):
+        randomize(method)
+        names = method.param_names()
+        assert names and all(n.endswith((".lora_A", ".lora_B")) for n in names)
+        assert method.inner_lrs.shape == (3, len(names))
+        # the outer loop trains the adapters' initial values, the embedding and the rates; the rest is frozen
+        assert [n for n, p in method.model.named_parameters() if p.requires_grad] == ["transformer.wte.weight"]
+        assert len(method.meta_parameters()) == 1 + len(names) + 1
+    assert_same_step_and_evaluation(reference, fused, batch, loss_scale=0.5)
+
+
+def test_lora_meta_gradient_matches_finite_differences():
+    cfg = make_cfg("inner.optimizer=adamw", "inner.eps=1e-2", "inner.lr_init=0.05", "eval.max_new_tokens=1", *LORA,
+                   "outer.params=[inner,transformer.wte.*]", "inner.checkpoint=true")
+    method, batch = build(cfg, records=make_records(3))
+    randomize(method)
+    zero_grads(method)
+    method.forward_backward(batch)
+    analytic, params = grads(method), method.meta_parameters()
+    gen = torch.Generator().manual_seed(11)
+    for only_rates in (False, True):
+        direction = [torch.randn(p.shape, dtype=torch.float64, generator=gen) * (not only_rates or p is params[-1])
+                     for p in params]
+        norm = math.sqrt(sum(float((d * d).sum()) for d in direction))
+        direction = [d / norm for d in direction]
+        expected = sum(float((g * d).sum()) for g, d in zip(analytic, direction))
+        values = []
+        for h in (1e-6, -1e-6):
+            originals = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, o, d in zip(params, originals, direction):
+                    p.copy_(o + h * d)
+            values.append(summed_answer_loss(method, batch))
+            with torch.no_grad():
+                for p, o in zip(params, originals):
+                    p.copy_(o)
+        numeric = (values[0] - values[1]) / 2e-6
+        assert abs(numeric - expected) <= 1e-7 * max(1.0, abs(expected)), (only_rates, numeric, expected)
+
+
+def test_lora_settings_are_checked_before_any_work():
+    with pytest.raises(ConfigError, match="inner.lora.dropout"):
+        load_config("embedded", ["inner.params=[lora]", "inner.lora.dropout=0.1"])
+    with pytest.raises(ConfigError, match="'lora' stands alone"):
+        load_config("embedded", ["inner.params=[lora,transformer.h.0.*]"])
+    with pytest.raises(BilevelError, match="target_modules.*matches no linear layer"):
+        build(make_cfg(*LORA, "inner.lora.target_modules=[nothing_here]"))
+    assert LoRA is not None
+
+
+def test_a_lora_run_trains_and_its_checkpoint_answers_with_its_adapters(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    run = tmp_path / "runs" / "lora"
+    code = train_main(["embedded", *LORA, "outer.params=[inner,transformer.wte.*]", "resources.num_workers=0",
+                       "train.max_steps=3", "train.validations_per_epoch=8", "data.num_train=64",
+                       "data.num_validation=16", "data.num_test=16", "eval.max_tasks=16", "train.batch_size=16",
+                       "tracking.mode=disabled", f"train.output_dir={tmp_path / 'runs'}", "train.run_name=lora"])
+    assert code == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(math.isfinite(r["train/loss"]) for r in rows)
+    model = ReckoningModel.from_pretrained(run)
+    adapted = model.method.adapted
+    # the adapters it learned came back from the checkpoint (B left zero otherwise)
+    assert any(float(t.abs().sum()) > 0 for n, t in adapted.tensors.items() if n.endswith("lora_B"))
+    assert model.method.inner_lrs.shape[1] == len(adapted.names)
+    encoded = model.encode(["bob is red .", "if someone is red then they are big ."])
+    assert set(encoded.weights) == {m[0] for m in adapted.modules}  # the merged target weights
+    assert model.answer(question="bob is big .", knowledge=encoded).text is not None

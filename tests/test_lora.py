@@ -147,3 +147,41 @@ def test_a_lora_run_trains_and_its_checkpoint_answers_with_its_adapters(tmp_path
     encoded = model.encode(["bob is red .", "if someone is red then they are big ."])
     assert set(encoded.weights) == {m[0] for m in adapted.modules}  # the merged target weights
     assert model.answer(question="bob is big .", knowledge=encoded).text is not None
+
+
+@pytest.mark.parametrize("preset,config", [
+    ("paper-xl-lora", dict(n_layer=48, n_embd=8, n_head=2, n_positions=64)),
+    ("llama-lora", dict(hidden_size=8, intermediate_size=16, num_hidden_layers=16, num_attention_heads=2,
+                        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True)),
+])
+def test_the_lora_presets_name_what_their_models_have(preset, config, tmp_path):
+    # a tiny model of the preset's architecture and depth stands in for GPT-2-XL / Llama-3.2-1B
+    from conftest import SHARED_DATA
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from reckoning_ray.core.bilevel.method import ReckoningMethod
+    from reckoning_ray.core.config import group
+    from reckoning_ray.core.modeling import build_tokenizer, load_model_and_tokenizer, save_model_and_tokenizer
+
+    tokenizer = build_tokenizer(["bob is red ."], model_max_length=64)
+    kind = GPT2Config if preset.startswith("paper") else LlamaConfig
+    model = AutoModelForCausalLM.from_config(kind(vocab_size=len(tokenizer), **config))
+    save_model_and_tokenizer(model, tokenizer, tmp_path / "model")
+    cfg = load_config(preset, [f"model.name_or_path={tmp_path / 'model'}", "model.dtype=float32",
+                               f"data.path={SHARED_DATA / 'proofwriter-owa-natlang-dev.jsonl'}"])
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    encoder = Encoder(tokenizer, "reckoning", True, 64)
+    method = ReckoningMethod(model, tokenizer, encoder, group(cfg, "inner"), group(cfg, "outer"), group(cfg, "eval"))
+    trained = {n.split(".")[:3 if ".h." in n or ".layers." in n else 2][-1] for n, p in model.named_parameters()
+               if p.requires_grad}
+    adapted = method.param_names()
+    if preset == "paper-xl-lora":
+        assert {n.rsplit(".", 2)[-2] for n in adapted} == {"c_attn"} and len(adapted) == 2 * 48
+        assert trained == {"wte", "47", "ln_f"}
+    else:
+        assert {n.rsplit(".", 2)[-2] for n in adapted} == {"q_proj", "v_proj"} and len(adapted) == 2 * 2 * 16
+        assert trained == {"embed_tokens", "15", "norm"}
+        as_shipped = load_config(preset, [f"data.path={SHARED_DATA / 'proofwriter-owa-natlang-dev.jsonl'}"])
+        assert as_shipped.model.dtype == "bfloat16" and as_shipped.model.name_or_path == "meta-llama/Llama-3.2-1B"
+        assert (cfg.inner.steps, cfg.inner.lr_init, cfg.train.batch_size) == (4, 5e-5, 1)
+    assert (cfg.inner.lora.r, cfg.inner.lora.alpha) == (16, 32.0)

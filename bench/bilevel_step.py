@@ -116,6 +116,8 @@ def make_impl(name: str, setup: Any, lrs: torch.Tensor) -> Any:
     learned rates ``[steps, tensors]``), its learned rates set to ``lrs``."""
     if name in ENGINE_IMPLS:
         method = reckoning_method(setup, engine=name)
+        if tuple(lrs.shape) != tuple(method.inner_lrs.shape):  # inner.params adapts other tensors (LoRA)
+            lrs = seeded_lrs(float(lrs.mean()), method.inner_lrs.shape, method.inner_lrs.dtype)
         with torch.no_grad():
             method.inner_lrs.copy_(lrs)
         return method
@@ -128,9 +130,13 @@ def initial_lrs(setup: Any, lr: float, seed: int = 0) -> torch.Tensor:
     """Learned rates ``[steps, tensors]``: ``lr`` times a seeded factor in [0.5, 1.5) per entry, so
     that a rate applied to the wrong tensor or step changes the gradient."""
     n_tensors = sum(1 for p in setup.model.parameters() if p.requires_grad)
+    return seeded_lrs(lr, (int(setup.cfg.inner.steps), n_tensors), next(setup.model.parameters()).dtype, seed)
+
+
+def seeded_lrs(lr: float, shape: Sequence[int], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """:func:`initial_lrs` of any shape (the tensors LoRA adapts are not the model's)."""
     g = torch.Generator().manual_seed(seed)
-    factors = 0.5 + torch.rand(int(setup.cfg.inner.steps), n_tensors, generator=g, dtype=torch.float64)
-    return (lr * factors).to(next(setup.model.parameters()).dtype)
+    return (lr * (0.5 + torch.rand(*shape, generator=g, dtype=torch.float64))).to(dtype)
 
 
 def reset_attention(setup: Any) -> None:

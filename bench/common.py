@@ -42,12 +42,17 @@ from reckoning_ray.core.data.encode import (
 )
 
 # Model shapes (n_layer, n_embd, n_head). "tiny" is the embedded preset's model
-# (reckoning_ray/conf/embedded.yaml); "gpt2" is GPT-2 base's shape with its 50,257-token
-# vocabulary (random init: speed and memory do not depend on the weights' values).
+# (reckoning_ray/conf/embedded.yaml); "gpt2" and "gpt2-*" are GPT-2 base's, medium's, large's and
+# XL's shapes with the 50,257-token vocabulary (random init: speed and memory do not depend on the
+# weights' values).
 MODEL_SHAPES: dict[str, tuple[int, int, int]] = {
     "tiny": (1, 64, 2),
     "small": (6, 384, 6),
     "gpt2": (12, 768, 12),
+    # GPT-2 medium, large and XL: the shapes of the models the LoRA inner loops are for
+    "gpt2-medium": (24, 1024, 16),
+    "gpt2-large": (36, 1280, 20),
+    "gpt2-xl": (48, 1600, 25),
 }
 GPT2_VOCAB = 50257
 
@@ -197,7 +202,7 @@ def build_setup(
         *overrides,
     ])
     tokenizer = build_tokenizer(corpus_of(records), model_max_length=n_positions)
-    vocab = GPT2_VOCAB if size == "gpt2" else len(tokenizer)
+    vocab = GPT2_VOCAB if size.startswith("gpt2") else len(tokenizer)
     config = GPT2Config(
         vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -12,10 +12,15 @@ Modes (``reckoning_ray.core.bilevel.ReckoningMethod``, fused engine, config keys
     checkpoint+bf16     both
     first-order         inner.first_order=true: no second-order terms
     higher              the reference library, task by task (bench/references.py)
+    lora-r8, lora-r16   inner.params=[lora] on c_attn with rank 8 / 16, outer.params=[inner]: the
+                        inner loop adapts the adapters, the base weights are frozen (another
+                        parametrization, not the default's gradient); +checkpoint: with
+                        inner.checkpoint=true
 
 What must hold before any ratio is printed: the modes that claim the SAME meta-gradient as the
 default (checkpoint, tasks per pass, higher) are first compared with the reference engine
-(inner.engine=reference) in float64 on the tiny model (relative L2 per tensor <= --tolerance);
+(inner.engine=reference) in float64 on the tiny model (relative L2 per tensor <= --tolerance),
+and each LoRA mode with the reference engine running the same adapters;
 if one differs, the script prints the errors and exits with status 2. bf16 and first-order
 compute a different gradient by design: their relative error against the default's float32
 meta-gradient of the measured model is printed, and bf16 is marked "within tolerance" only below
@@ -36,6 +41,8 @@ Examples::
     python bench/memory_modes.py --models gpt2 --device cuda --tasks 1,2,8 --inner-steps 4
     python bench/memory_modes.py --models gpt2 --device cpu --tasks 1,8 --repeats 0 --threads 2 \
         --modes checkpoint+per-task,higher                      # GPT-2 base shape on a CPU, ~30 min
+    python bench/memory_modes.py --models gpt2-medium,gpt2-large,gpt2-xl --tasks 1 --repeats 0 \
+        --modes checkpoint,lora-r8,lora-r16,lora-r16+checkpoint  # all weights vs LoRA at scale
 """
 
 from __future__ import annotations
@@ -87,6 +94,7 @@ from common import (  # noqa: E402
 #   "same": must equal the default's (checked in float64 before anything is printed)
 #   "bf16": bfloat16 forward passes, compared against --bf16-tolerance
 #   "other": a different gradient by definition (first order); its distance is reported
+LORA_KEYS = ["inner.params=[lora]", "inner.lora.alpha=32", "inner.lora.target_modules=[c_attn]", "outer.params=[inner]"]
 MODES: dict[str, tuple[str, list[str], str]] = {
     "second-order": ("fused", [], "same"),
     "checkpoint": ("fused", ["inner.checkpoint=true"], "same"),
@@ -96,6 +104,13 @@ MODES: dict[str, tuple[str, list[str], str]] = {
     "checkpoint+bf16": ("fused", ["inner.checkpoint=true", "inner.autocast=bf16"], "bf16"),
     "first-order": ("fused", ["inner.first_order=true"], "other"),
     "higher": ("higher", [], "same"),
+    # the inner loop adapts LoRA adapters on c_attn (inner.params=[lora]); the outer loop trains them
+    # and their rates only (outer.params=[inner]): another parametrization, checked against the
+    # reference engine with the same adapters
+    "lora-r8": ("fused", [*LORA_KEYS, "inner.lora.r=8"], "lora"),
+    "lora-r16": ("fused", [*LORA_KEYS, "inner.lora.r=16"], "lora"),
+    "lora-r8+checkpoint": ("fused", [*LORA_KEYS, "inner.lora.r=8", "inner.checkpoint=true"], "lora"),
+    "lora-r16+checkpoint": ("fused", [*LORA_KEYS, "inner.lora.r=16", "inner.checkpoint=true"], "lora"),
 }
 REFERENCE = "second-order"
 GIB = 2**30
@@ -138,14 +153,26 @@ def _value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
+def reference_factory(mode: str):
+    """The reference engine with ``mode``'s adapters (what a LoRA mode is checked against)."""
+    _, overrides, _ = MODES[mode]
+    plain = [o for o in overrides if not o.startswith("inner.checkpoint")]
+    MODES["reference+" + mode] = ("reference", plain, "lora")
+    return mode_factory("reference+" + mode)
+
+
 def run_checks(args: argparse.Namespace) -> list[list[Any]]:
-    """Float64 check of every "same" mode against the reference engine; exits on disagreement."""
+    """Float64 check of every "same" mode against the reference engine, and of every LoRA mode
+    against the reference engine with the same adapters; exits on disagreement."""
     same = [m for m in args.modes if MODES[m][2] == "same"]
     factories = {m: mode_factory(m) for m in same}
     rows: list[list[Any]] = []
     try:
         for steps in sorted(set(args.inner_steps)):
             rows += check_gradients(args.optimizer, "second", steps, same, args.tolerance, factories)
+            for mode in [m for m in args.modes if MODES[m][2] == "lora"]:
+                rows += check_gradients(args.optimizer, "second", steps, [mode], args.tolerance,
+                                        {mode: mode_factory(mode), bilevel_step.REFERENCE: reference_factory(mode)})
     except Disagreement as exc:
         message, partial = exc.args
         print(format_table(["optimizer", "order", "steps", "mode", "weights rel. err", "lrs rel. err"],
@@ -269,8 +296,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="tasks per outer step, comma-separated. Default: 8 for tiny, 2 for the others")
     p.add_argument("--inner-steps", type=positive_ints, default=[4], help="inner steps, comma-separated. Default: 4")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="inner optimizer. Default: adamw")
-    p.add_argument("--modes", type=comma_list(str, list(MODES)), default=list(MODES),
-                   help=f"modes, comma-separated, of {list(MODES)}. Default: all")
+    p.add_argument("--modes", type=comma_list(str, list(MODES)), default=[m for m in MODES if MODES[m][2] != "lora"],
+                   help=f"modes, comma-separated, of {list(MODES)}. Default: all but the LoRA ones")
     p.add_argument("--facts", type=int, default=8, help="knowledge sentences per task. Default: 8")
     p.add_argument("--max-length", type=int, default=64, help="model.max_length (tokens). Default: 64")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -332,8 +359,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print_header("memory options of the bilevel step: peak memory and time per outer step")
     started = time.perf_counter()
     check_rows = run_checks(args)
-    print(f"## gradient agreement of the modes that claim the default's meta-gradient (float64, tiny model, "
-          f"2 tasks, against the reference engine; tolerance {args.tolerance:g})")
+    print(f"## gradient agreement of the modes that claim the default's meta-gradient, and of the LoRA modes "
+          f"(float64, tiny model, 2 tasks, against the reference engine, with the same adapters for LoRA; "
+          f"tolerance {args.tolerance:g})")
     print(format_table(["optimizer", "order", "steps", "mode", "weights rel. err", "lrs rel. err"], check_rows))
     print(flush=True)
 
@@ -366,8 +394,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             continue
                         kind = MODES[mode][2]
                         err = "-"
-                        verdict = {"same": "same gradient (checked)", "other": "other gradient"}.get(kind, "")
-                        if base_grads is not None and mode != REFERENCE:
+                        verdict = {"same": "same gradient (checked)", "other": "other gradient",
+                                   "lora": "adapters (checked)"}.get(kind, "")
+                        if base_grads is not None and mode != REFERENCE and kind != "lora":
                             grads = torch.load(Path(tmp) / f"{list(MODES).index(mode)}.pt")
                             e = max(relative_error(g, b) for g, b in zip(grads, base_grads))
                             err = f"{e:.1e}"

@@ -59,11 +59,11 @@ class ReckoningMethod:
             raise BilevelError(f"inner.engine={inner.engine!r} is invalid: choose one of {ENGINES}")
         self.model, self.tokenizer, self.encoder = model, tokenizer, encoder
         self.inner, self.outer, self.eval_config = inner, outer, eval
-        if not trainable(model)[0]:
-            raise BilevelError("the model has no trainable parameters (all requires_grad=False)")
         # what the inner loop adapts (inner.params); what the outer loop trains (outer.params) besides
         # them and the learned rates: every other weight is frozen
         self.adapted = build_adapted(model, inner)
+        if not self.adapted.names:
+            raise BilevelError("the model has no trainable parameters (all requires_grad=False)")
         self._freeze_all_but(self.adapted.model_names)
         names = self.adapted.names
         self.engine = (ReferenceEngine(model, inner, self.adapted) if inner.engine == "reference"

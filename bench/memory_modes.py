@@ -367,7 +367,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     cuda = args.device.startswith("cuda")
     unit = "GPU max_memory_allocated" if cuda else "resident set"
-    clock = "wall time" if cuda else f"process CPU time, {args.threads} thread(s)"
+    # the worker times with perf_counter on a GPU or with several threads, else process CPU time
+    clock = "wall time" if cuda else (f"wall time, {args.threads} threads" if args.threads > 1
+                                      else "process CPU time, 1 thread")
     header = ["model", "steps", "tasks", "mode", "peak MiB", "x default", "x higher", "s/step", "time x default",
               "grad rel. err (fp32)", "verdict"]
     with tempfile.TemporaryDirectory() as tmp:

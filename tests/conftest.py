@@ -281,3 +281,17 @@ def fake_a100_cluster():
             print(f"fake cluster up in {time.time() - started:.1f}s at {cluster.address}")
             yield cluster
     # Teardown killed every process of the cluster (fake_cluster's finally).
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as a training worker of the embedded preset runs
+    (resources.cpus_per_worker=1): for these small models, synchronising threads costs more than
+    the arithmetic, and stalls badly on a busy machine. Modules of small-model tests use it for
+    every test (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,7 +17,16 @@ import math
 
 import pytest
 import torch
-from test_bilevel import assert_same_step_and_evaluation, build, grads, make_cfg, make_records, summed_answer_loss, zero_grads
+from test_bilevel import (
+    assert_same_step_and_evaluation,
+    build,
+    central_difference,
+    grads,
+    make_cfg,
+    make_records,
+    unit_direction,
+    zero_grads,
+)
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig, Qwen2Config
 
 from reckoning_ray.core.config import load_config
@@ -40,12 +49,7 @@ ARCHITECTURES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def save_tiny(name: str, corpus, directory) -> str:
@@ -110,28 +114,12 @@ def test_the_fused_engine_equals_the_reference_and_finite_differences(name, tmp_
     analytic, params = grads(method), method.meta_parameters()
     gen = torch.Generator().manual_seed(3)
     for selected in ("everything", "inner_lrs"):
-        direction = [torch.randn(p.shape, dtype=torch.float64, generator=gen) * (selected == "everything" or p is params[-1])
-                     for p in params]
-        norm = math.sqrt(sum(float((d * d).sum()) for d in direction))
-        direction = [d / norm for d in direction]
+        direction = unit_direction(params, gen, params[-1] if selected == "inner_lrs" else None)
         expected = sum(float((g * d).sum()) for g, d in zip(analytic, direction))
-        def central(h: float) -> float:
-            values = []
-            for step in (h, -h):
-                originals = [p.detach().clone() for p in params]
-                with torch.no_grad():
-                    for p, o, d in zip(params, originals, direction):
-                        p.copy_(o + step * d)
-                values.append(summed_answer_loss(method, batch))
-                with torch.no_grad():
-                    for p, o in zip(params, originals):
-                        p.copy_(o)
-            return (values[0] - values[1]) / (2 * h)
-
-        numeric = [central(h) for h in STEPS]
-        errors = [abs(n - expected) / max(1.0, abs(expected)) for n in numeric]
+        errors = [abs(central_difference(method, batch, direction, h) - expected) / max(1.0, abs(expected))
+                  for h in STEPS]
         print(f"{name} {selected}: finite differences off by {min(errors):.1e} (relative) at best")
-        assert min(errors) <= 1e-3, (selected, expected, numeric)
+        assert min(errors) <= 1e-3, (selected, expected, errors)
 
 
 @pytest.mark.parametrize("name,adapt", [("llama", []), ("gpt_neox", []),

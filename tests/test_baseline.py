@@ -33,13 +33,7 @@ RECORDS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as a training worker of the embedded preset runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def build(method: str = "icr", *overrides: str, records=RECORDS, **encoder_args):

@@ -30,15 +30,7 @@ from reckoning_ray.core.modeling import load_model_and_tokenizer
 NAMES = ["bob", "anne", "carl", "dave", "erin"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as a training worker of the embedded preset runs
-    (resources.cpus_per_worker=1): for these small models, synchronising threads costs more than
-    the arithmetic, and stalls badly on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 ADJECTIVES = ["red", "big", "kind", "cold", "blue"]
 
@@ -105,6 +97,31 @@ def zero_grads(method) -> None:
 
 def summed_answer_loss(method, batch) -> float:
     return float(sum(method.evaluate(batch)["answer_loss"]))
+
+
+def unit_direction(params: list[torch.Tensor], generator: torch.Generator, only=None) -> list[torch.Tensor]:
+    """A random unit direction over ``params`` (over ``only`` alone when given)."""
+    direction = [torch.randn(p.shape, dtype=torch.float64, generator=generator) * (only is None or p is only)
+                 for p in params]
+    norm = math.sqrt(sum(float((d * d).sum()) for d in direction))
+    return [d / norm for d in direction]
+
+
+def central_difference(method, batch, direction: list[torch.Tensor], h: float) -> float:
+    """``(L(p + h d) - L(p - h d)) / 2h`` of the summed answer loss along ``direction`` over the
+    method's meta-parameters, which are put back afterwards."""
+    params = method.meta_parameters()
+    values = []
+    for step in (h, -h):
+        originals = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, o, d in zip(params, originals, direction):
+                p.copy_(o + step * d)
+        values.append(summed_answer_loss(method, batch))
+        with torch.no_grad():
+            for p, o in zip(params, originals):
+                p.copy_(o)
+    return (values[0] - values[1]) / (2 * h)
 
 
 # ------------------------------------------------------------------------------ inner optimizers
@@ -426,22 +443,9 @@ def test_an_inner_loop_over_some_tensors_matches_finite_differences():
     assert len(params) == 1 + len(ADAPTED) + 1  # the embedding, the adapted tensors, the learned rates
     gen = torch.Generator().manual_seed(5)
     for only_rates in (False, True):
-        direction = [torch.randn(p.shape, dtype=torch.float64, generator=gen) * (not only_rates or p is params[-1])
-                     for p in params]
-        norm = math.sqrt(sum(float((d * d).sum()) for d in direction))
-        direction = [d / norm for d in direction]
+        direction = unit_direction(params, gen, params[-1] if only_rates else None)
         expected = sum(float((g * d).sum()) for g, d in zip(analytic, direction))
-        values = []
-        for h in (1e-6, -1e-6):
-            originals = [p.detach().clone() for p in params]
-            with torch.no_grad():
-                for p, o, d in zip(params, originals, direction):
-                    p.copy_(o + h * d)
-            values.append(summed_answer_loss(method, batch))
-            with torch.no_grad():
-                for p, o in zip(params, originals):
-                    p.copy_(o)
-        numeric = (values[0] - values[1]) / 2e-6
+        numeric = central_difference(method, batch, direction, 1e-6)
         assert abs(numeric - expected) <= 1e-7 * max(1.0, abs(expected)), (only_rates, numeric, expected)
 
 

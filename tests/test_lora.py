@@ -12,7 +12,16 @@ import math
 import pytest
 import torch
 from test_architectures import save_tiny
-from test_bilevel import assert_same_step_and_evaluation, build, grads, make_cfg, make_records, summed_answer_loss, zero_grads
+from test_bilevel import (
+    assert_same_step_and_evaluation,
+    build,
+    central_difference,
+    grads,
+    make_cfg,
+    make_records,
+    unit_direction,
+    zero_grads,
+)
 
 from reckoning_ray.core.bilevel.adapted import LoRA
 from reckoning_ray.core.bilevel.lm import BilevelError, causal_lm_logits
@@ -25,12 +34,7 @@ from reckoning_ray.train import main as train_main
 LORA = ["inner.params=[lora]", "inner.lora.r=2", "inner.lora.alpha=4", "outer.params=[inner]"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def randomize(method, seed: int = 7) -> None:
@@ -100,22 +104,9 @@ def test_lora_meta_gradient_matches_finite_differences():
     analytic, params = grads(method), method.meta_parameters()
     gen = torch.Generator().manual_seed(11)
     for only_rates in (False, True):
-        direction = [torch.randn(p.shape, dtype=torch.float64, generator=gen) * (not only_rates or p is params[-1])
-                     for p in params]
-        norm = math.sqrt(sum(float((d * d).sum()) for d in direction))
-        direction = [d / norm for d in direction]
+        direction = unit_direction(params, gen, params[-1] if only_rates else None)
         expected = sum(float((g * d).sum()) for g, d in zip(analytic, direction))
-        values = []
-        for h in (1e-6, -1e-6):
-            originals = [p.detach().clone() for p in params]
-            with torch.no_grad():
-                for p, o, d in zip(params, originals, direction):
-                    p.copy_(o + h * d)
-            values.append(summed_answer_loss(method, batch))
-            with torch.no_grad():
-                for p, o in zip(params, originals):
-                    p.copy_(o)
-        numeric = (values[0] - values[1]) / 2e-6
+        numeric = central_difference(method, batch, direction, 1e-6)
         assert abs(numeric - expected) <= 1e-7 * max(1.0, abs(expected)), (only_rates, numeric, expected)
 
 

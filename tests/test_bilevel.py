@@ -107,6 +107,20 @@ def unit_direction(params: list[torch.Tensor], generator: torch.Generator, only=
     return [d / norm for d in direction]
 
 
+def assert_finite_differences_agree(method, batch, seed: int, h: float = 1e-6, tolerance: float = 1e-7) -> None:
+    """One outer step's meta-gradient against central differences of the summed answer loss,
+    along a random direction over every meta-parameter and one over the learned rates alone."""
+    zero_grads(method)
+    method.forward_backward(batch)
+    analytic, params = grads(method), method.meta_parameters()
+    gen = torch.Generator().manual_seed(seed)
+    for only_rates in (False, True):
+        direction = unit_direction(params, gen, params[-1] if only_rates else None)
+        expected = sum(float((g * d).sum()) for g, d in zip(analytic, direction))
+        numeric = central_difference(method, batch, direction, h)
+        assert abs(numeric - expected) <= tolerance * max(1.0, abs(expected)), (only_rates, numeric, expected)
+
+
 def central_difference(method, batch, direction: list[torch.Tensor], h: float) -> float:
     """``(L(p + h d) - L(p - h d)) / 2h`` of the summed answer loss along ``direction`` over the
     method's meta-parameters, which are put back afterwards."""
@@ -437,16 +451,8 @@ def test_an_inner_loop_over_some_tensors_matches_finite_differences():
     cfg = make_cfg("inner.optimizer=adamw", "inner.eps=1e-2", "inner.lr_init=0.05", "eval.max_new_tokens=1", SUBSET,
                    "outer.params=[inner,transformer.wte.*]", "inner.checkpoint=true")
     method, batch = build(cfg, records=make_records(3))
-    zero_grads(method)
-    method.forward_backward(batch)
-    analytic, params = grads(method), method.meta_parameters()
-    assert len(params) == 1 + len(ADAPTED) + 1  # the embedding, the adapted tensors, the learned rates
-    gen = torch.Generator().manual_seed(5)
-    for only_rates in (False, True):
-        direction = unit_direction(params, gen, params[-1] if only_rates else None)
-        expected = sum(float((g * d).sum()) for g, d in zip(analytic, direction))
-        numeric = central_difference(method, batch, direction, 1e-6)
-        assert abs(numeric - expected) <= 1e-7 * max(1.0, abs(expected)), (only_rates, numeric, expected)
+    assert len(method.meta_parameters()) == 1 + len(ADAPTED) + 1  # the embedding, the adapted tensors, the rates
+    assert_finite_differences_agree(method, batch, seed=5)
 
 
 def test_inner_params_that_match_nothing_name_the_key_and_the_names():

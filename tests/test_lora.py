@@ -12,16 +12,7 @@ import math
 import pytest
 import torch
 from test_architectures import save_tiny
-from test_bilevel import (
-    assert_same_step_and_evaluation,
-    build,
-    central_difference,
-    grads,
-    make_cfg,
-    make_records,
-    unit_direction,
-    zero_grads,
-)
+from test_bilevel import assert_finite_differences_agree, assert_same_step_and_evaluation, build, make_cfg, make_records
 
 from reckoning_ray.core.bilevel.adapted import LoRA
 from reckoning_ray.core.bilevel.lm import BilevelError, causal_lm_logits
@@ -99,15 +90,7 @@ def test_lora_meta_gradient_matches_finite_differences():
                    "outer.params=[inner,transformer.wte.*]", "inner.checkpoint=true")
     method, batch = build(cfg, records=make_records(3))
     randomize(method)
-    zero_grads(method)
-    method.forward_backward(batch)
-    analytic, params = grads(method), method.meta_parameters()
-    gen = torch.Generator().manual_seed(11)
-    for only_rates in (False, True):
-        direction = unit_direction(params, gen, params[-1] if only_rates else None)
-        expected = sum(float((g * d).sum()) for g, d in zip(analytic, direction))
-        numeric = central_difference(method, batch, direction, 1e-6)
-        assert abs(numeric - expected) <= 1e-7 * max(1.0, abs(expected)), (only_rates, numeric, expected)
+    assert_finite_differences_agree(method, batch, seed=11)
 
 
 def test_lora_settings_are_checked_before_any_work():

@@ -8,6 +8,7 @@
 # first one's tables always come back.
 #   1. bilevel_step: tasks/s of the fused engine against `higher` (float64 agreement checked first)
 #   2. memory_modes: peak memory and s/step per memory mode against `higher`
+#   3. memory_modes at scale: GPT-2 medium, large and XL shapes, every weight against LoRA (rank 16)
 # MODEL=tiny DEVICE=cpu bash bench/gpu.sh /tmp/gpu-smoke runs the same commands on the tiny shape
 # on a CPU in about two minutes, to check the script before a GPU is at hand.
 set -uo pipefail
@@ -29,3 +30,8 @@ timeout "$limit" "$py" bench/bilevel_step.py --models "$model" --device "$device
 timeout "$limit" "$py" bench/memory_modes.py --models "$model" --device "$device" --tasks 1,2,8 --inner-steps 4 \
     --modes second-order,checkpoint,checkpoint+per-task,higher --repeats 1 \
     2>&1 | tee "$out/memory_modes.txt"
+# 3. memory_modes at scale: every weight against LoRA inner loops on GPT-2 base to XL shapes (one
+#    step each; the XL cells need about 10 GB with LoRA and inner.checkpoint, far more without)
+timeout "$limit" "$py" bench/memory_modes.py --models "$model",gpt2-medium,gpt2-large,gpt2-xl --device "$device" \
+    --tasks 1 --inner-steps 4 --modes checkpoint,lora-r16,lora-r16+checkpoint --repeats 0 \
+    2>&1 | tee "$out/memory_modes_scale.txt"

@@ -333,7 +333,8 @@ def cell_summary(result: Optional[dict[str, Any]]) -> str:
         return "failed"
     if result.get("oom"):
         return "OOM"
-    return f"peak {fmt_mib(result['step_peak'])} MiB, {result['seconds']:.3g} s/step"
+    return (f"peak {fmt_mib(result['step_peak'])} MiB above the step's start ({fmt_mib(result['peak'])} MiB in all), "
+            f"{result['seconds']:.3g} s/step")
 
 
 def tasks_per_budget(rows: dict[int, dict[str, Any]], budget: float) -> str:

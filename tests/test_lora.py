@@ -20,6 +20,7 @@ from reckoning_ray.core.config import load_config
 from reckoning_ray.core.data.encode import Encoder
 from reckoning_ray.core.errors import ConfigError
 from reckoning_ray.core.predict import ReckoningModel
+from reckoning_ray.predict import main as predict_main
 from reckoning_ray.train import main as train_main
 
 LORA = ["inner.params=[lora]", "inner.lora.r=2", "inner.lora.alpha=4", "outer.params=[inner]"]
@@ -93,6 +94,24 @@ def test_lora_meta_gradient_matches_finite_differences():
     assert_finite_differences_agree(method, batch, seed=11)
 
 
+@pytest.mark.parametrize("params", [LORA, ["inner.params=[transformer.h.0.mlp.*,transformer.ln_f.*]"]], ids=["lora", "subset"])
+def test_bf16_autocast_stays_within_its_tolerance_with_lora_and_a_subset(params):
+    # the documented tolerance (inner.autocast): bf16 forward passes stay close to float32 with an SGD
+    # inner loop (second-order AdamW does not, with or without adapters; BENCHMARKS.md)
+    options = ["model.dtype=float32", "inner.optimizer=sgd", "inner.lr_init=0.5", *params]
+    reference, batch = build(make_cfg(*options))
+    method, _ = build(make_cfg(*options, "inner.autocast=bf16"))
+    for m in (reference, method):
+        if m.adapted.parameters():
+            randomize(m)
+    g = []
+    for m in (reference, method):
+        m.forward_backward(batch)
+        g.append(torch.cat([p.grad.flatten() for p in m.meta_parameters()]))
+    error = float((g[0] - g[1]).norm() / g[0].norm())
+    assert 1e-5 < error < 0.05, error  # bf16 did run, and the meta-gradient stays close
+
+
 def test_lora_settings_are_checked_before_any_work():
     with pytest.raises(ConfigError, match="inner.lora.dropout"):
         load_config("embedded", ["inner.params=[lora]", "inner.lora.dropout=0.1"])
@@ -121,6 +140,10 @@ def test_a_lora_run_trains_and_its_checkpoint_answers_with_its_adapters(tmp_path
     encoded = model.encode(["bob is red .", "if someone is red then they are big ."])
     assert set(encoded.weights) == {m[0] for m in adapted.modules}  # the merged target weights
     assert model.answer(question="bob is big .", knowledge=encoded).text is not None
+    # and through the command line
+    facts = tmp_path / "facts.txt"
+    facts.write_text("bob is red .\nif someone is red then they are big .\n")
+    assert predict_main([str(run), "--knowledge", str(facts), "--question", "bob is big .", "--json"]) in (0, 3)
 
 
 @pytest.mark.parametrize("preset,config", [

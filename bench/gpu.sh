@@ -17,6 +17,8 @@ model="${MODEL:-gpt2}"
 device="${DEVICE:-cuda}"
 limit="${BENCH_TIMEOUT:-280}"
 py="${PYTHON:-python3}"
+# the shapes of benchmark 3 (the CPU smoke run with MODEL=tiny runs it on its own shape)
+if [ "$model" = gpt2 ]; then scale="${SCALE_MODELS:-gpt2-medium,gpt2-large,gpt2-xl}"; else scale="${SCALE_MODELS:-$model}"; fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 cd "$(dirname "$0")/.."
@@ -32,6 +34,6 @@ timeout "$limit" "$py" bench/memory_modes.py --models "$model" --device "$device
     2>&1 | tee "$out/memory_modes.txt"
 # 3. memory_modes at scale: every weight against LoRA inner loops on GPT-2 base to XL shapes (one
 #    step each; the XL cells need about 10 GB with LoRA and inner.checkpoint, far more without)
-timeout "$limit" "$py" bench/memory_modes.py --models "$model",gpt2-medium,gpt2-large,gpt2-xl --device "$device" \
+timeout "$limit" "$py" bench/memory_modes.py --models "$scale" --device "$device" \
     --tasks 1 --inner-steps 4 --modes checkpoint,lora-r16,lora-r16+checkpoint --repeats 0 \
     2>&1 | tee "$out/memory_modes_scale.txt"

@@ -38,11 +38,11 @@ def test_every_benchmark_answers_help(capsys):
 
 def gpu_script_commands() -> list[tuple[str, list[str]]]:
     """(benchmark, arguments) of every ``bench/<name>.py`` call in bench/gpu.sh, with the
-    script's defaults (MODEL=gpt2, DEVICE=cuda) substituted."""
+    script's defaults (MODEL=gpt2, DEVICE=cuda, the scale shapes) substituted."""
     import shlex
 
     text = (BENCH / "gpu.sh").read_text().replace("\\\n", " ")
-    values = {"$model": "gpt2", "$device": "cuda"}
+    values = {"$model": "gpt2", "$device": "cuda", "$scale": "gpt2-medium,gpt2-large,gpt2-xl"}
     calls = []
     for line in text.splitlines():
         words = shlex.split(line.split("2>&1")[0], comments=True)
@@ -59,7 +59,7 @@ def test_gpu_script_calls_only_flags_and_implementations_that_exist():
     assert {name for name, _ in calls} == {"bilevel_step", "memory_modes"}
     for name, argv in calls:
         args = load_bench(name).parse_args(argv)
-        assert args.device == "cuda" and "gpt2" in args.models
+        assert args.device == "cuda" and all(m.startswith("gpt2") for m in args.models)
         if name == "bilevel_step":
             cases = load_bench(name).cases(args)
             assert {c.tasks for c in cases} == {1, 2, 8} and {c.inner_steps for c in cases} == {4}

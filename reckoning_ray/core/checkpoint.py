@@ -66,12 +66,14 @@ class CheckpointError(InputError, FileNotFoundError):
     """A path that is not a checkpoint or a run directory with one; the message says what is there."""
 
 
-def save_pretrained(method: Any, directory: str | os.PathLike, task: Optional[dict[str, Any]] = None) -> Path:
+def save_pretrained(method: Any, directory: str | os.PathLike, task: Optional[dict[str, Any]] = None,
+                    card: bool = True) -> Path:
     """Write ``method`` (model, tokenizer, settings, meta-parameters) to ``directory``: a model
     :func:`load_pretrained` and :class:`reckoning_ray.core.predict.ReckoningModel` load alone.
 
     ``task``: what the model was trained on, kept in ``reckoning.json`` (``{"family": ...}``: the
-    question wording prediction uses by default)."""
+    question wording prediction uses by default). ``card``: write its model card (a run's
+    checkpoint gets it from :func:`save_checkpoint`, once the record says whether it is the best)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -85,7 +87,8 @@ def save_pretrained(method: Any, directory: str | os.PathLike, task: Optional[di
     pool = _fact_pool_to_keep(method)
     if pool is not None:
         (directory / FACT_POOL).write_text(json.dumps(pool) + "\n")
-    write_card(directory)
+    if card:
+        write_card(directory)
     return directory
 
 
@@ -288,7 +291,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, method: Any, trainer_
     tmp = final.with_name(name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_pretrained(method, tmp, task)
+        save_pretrained(method, tmp, task, card=False)
         # serialized in memory, then written by Python: a full disk is then an OSError with its errno
         # (torch's own file writer reports it as a RuntimeError without one)
         buffer = io.BytesIO()
@@ -316,7 +319,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, method: Any, trainer_
     tmp_record = run_dir / (RECORD + ".tmp")
     tmp_record.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp_record, run_dir / RECORD)
-    write_card(final, run_dir)  # again, now that the record says whether it is the best
+    write_card(final, run_dir)  # now that the record says whether it is the best
     keep = {record[k] for k in ("latest", "best", "stable") if record.get(k)}
     for old in (run_dir / CHECKPOINTS).iterdir():
         if old.name not in keep:

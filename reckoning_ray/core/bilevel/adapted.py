@@ -1,8 +1,9 @@
 """What the inner loop adapts (``inner.params``) and how the model sees it.
 
-An :class:`Adapted` names the tensors the inner loop takes its steps on (one learned rate each per
-step), gives their initial values (meta-parameters the outer loop trains) and turns a set of their
-values into the weights the model is called with (``torch.func.functional_call``):
+An adapted set (:class:`Weights` or :class:`LoRA`) names the tensors the inner loop takes its steps
+on (one learned rate each per step), gives their initial values (meta-parameters the outer loop
+trains) and turns a set of their values into the weights the model is called with
+(``torch.func.functional_call``):
 
 - :class:`Weights` (``inner.params=[all]`` or name patterns): the model's own parameters, or
   some of them; the call gets them as they are.
@@ -19,7 +20,7 @@ values into the weights the model is called with (``torch.func.functional_call``
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -47,10 +48,11 @@ class Weights:
         self.model = model
         self.names = select_params(model, list(patterns), "inner.params")
         self.model_names = list(self.names)  # the model's parameters the inner loop changes
+        params = dict(model.named_parameters())
+        self._params = [params[n] for n in self.names]  # the same Parameter objects through .to()
 
     def initial(self) -> list[Tensor]:
-        params = dict(self.model.named_parameters())
-        return [params[n] for n in self.names]
+        return list(self._params)
 
     def weights(self, adapted: dict[str, Tensor]) -> dict[str, Tensor]:
         return adapted
@@ -110,17 +112,20 @@ class LoRA:
                 torch.zeros(fan_out, self.r, dtype=ref.dtype, device=ref.device))
         self.names = list(self.tensors)
         self.model_names: list[str] = []  # the model's own parameters stay as they are
+        # the base weights, looked up once: weights() runs in every forward pass of the inner loop
+        # (the Parameter objects stay the same through .to() and load_state_dict)
+        params = dict(model.named_parameters())
+        self.base = {weight_name: params[weight_name] for weight_name, *_ in self.modules}
 
     def initial(self) -> list[Tensor]:
         return [self.tensors[n] for n in self.names]
 
     def weights(self, adapted: dict[str, Tensor]) -> dict[str, Tensor]:
-        params = dict(self.model.named_parameters())
         out = {}
         for weight_name, transposed, _, _ in self.modules:
             base = weight_name.removesuffix(".weight")
             delta = adapted[f"{base}.lora_B"] @ adapted[f"{base}.lora_A"]  # [out, in]
-            out[weight_name] = params[weight_name] + self.scale * (delta.transpose(-1, -2) if transposed else delta)
+            out[weight_name] = self.base[weight_name] + self.scale * (delta.transpose(-1, -2) if transposed else delta)
         return out
 
     def parameters(self) -> list[Tensor]:
@@ -138,13 +143,8 @@ class LoRA:
             for n, t in self.tensors.items():
                 t.copy_(state[LORA_STATE + n])
 
-    def to(self, device: Any) -> None:
-        for t in self.tensors.values():
-            t.data = t.data.to(device)
-
-
 def build_adapted(model: torch.nn.Module, inner: Any, seed: int = 0) -> "Weights | LoRA":
-    """The :class:`Adapted` of ``inner.params`` (``[lora]``: :class:`LoRA` with ``inner.lora``)."""
+    """What ``inner.params`` adapts: :class:`Weights`, or :class:`LoRA` (``[lora]``, with ``inner.lora``)."""
     params = [str(p) for p in inner.params]
     if LORA in params:
         if params != [LORA]:
@@ -154,5 +154,3 @@ def build_adapted(model: torch.nn.Module, inner: Any, seed: int = 0) -> "Weights
         return LoRA(model, int(lora.r), float(lora.alpha), list(lora.target_modules), float(lora.dropout), seed)
     return Weights(model, params)
 
-
-Adapted = Optional["Weights | LoRA"]

@@ -250,7 +250,7 @@ class ReckoningMethod:
         """``outer.params``: ``["all"]`` trains every weight; otherwise the adapted ones (LoRA's
         adapters, which are not the model's) and those the patterns name (``"inner"``: none more),
         and the rest stop requiring gradients."""
-        patterns = [str(p) for p in getattr(self.outer, "params", ["all"])]
+        patterns = [str(p) for p in self.outer.params]
         if patterns == ["all"]:
             return
         extras = [p for p in patterns if p != "inner"]

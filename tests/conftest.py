@@ -38,29 +38,46 @@ ONE_FACT = [
 ]
 
 
+# The Ray tests run in two lanes, two xdist groups: the tests of a lane run one after the other on
+# one worker, and the two lanes run side by side (each command's local Ray instance is its own:
+# reckoning_ray.on_ray.trainer.init_ray; a fake cluster has its own ports and temp dir). A module
+# stays in one lane (module-scoped fixtures start Ray once), and the users of the suite-wide fake
+# cluster share the "cluster" lane. The split evens out the lanes' measured minutes: the ASHA sweep,
+# the Ray Train runs and the installed wheel's sweep in one; the object-store sweep, the paper on
+# the fake cluster and the other cluster tests in the other.
+CLUSTER_LANE = ("test_object_store.py", "test_cluster.py", "test_cluster_sweep.py")
+
+
+def ray_lane(item) -> str:
+    return "ray-cluster" if item.path.name in CLUSTER_LANE else "ray-local"
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``ray`` form one xdist group: they run one after the other on one worker, in
-    file order, while the other workers take the rest (``-n auto --dist loadgroup``). They are
-    collected first, so that their long chain starts at once, and the users of the suite-wide fake
-    cluster come last in it (the cluster lives until the session ends)."""
+    """Tests marked ``ray`` form two xdist groups, the lanes (``ray_lane``); they are collected
+    first, so that each lane's long chain starts at once on a worker of its own, and the users of
+    the suite-wide fake cluster come last in their lane (the cluster lives until the session ends).
+    The other tests follow, the slow ones first: whichever worker ends its lane first takes them."""
     ray = [item for item in items if item.get_closest_marker("ray")]
     ray.sort(key=lambda item: "fake_a100_cluster" in getattr(item, "fixturenames", ()))  # stable
     for item in ray:
-        item.add_marker(pytest.mark.xdist_group("ray"))
-    items[:] = ray + [item for item in items if not item.get_closest_marker("ray")]
+        item.add_marker(pytest.mark.xdist_group(ray_lane(item)))
+    rest = [item for item in items if not item.get_closest_marker("ray")]
+    rest.sort(key=lambda item: not item.get_closest_marker("slow"))  # stable
+    items[:] = ray + rest
 
 
 def pytest_collection_finish(session):
-    """Refuse to run the Ray tests side by side: under ``--dist loadgroup`` xdist marks each grouped
-    test's id with ``@ray``; a pytest / xdist pair that does not (xdist 3.8 with pytest 9) would
-    spread them over the workers."""
+    """Refuse to spread the Ray tests over the workers: under ``--dist loadgroup`` xdist marks each
+    grouped test's id with its lane (``@ray-...``); a pytest / xdist pair that does not (xdist 3.8
+    with pytest 9) would spread them over the workers."""
     if getattr(session.config.option, "loadgroup", False):  # set on xdist workers only
-        spread = [item.nodeid for item in session.items
-                  if item.get_closest_marker("ray") and not item.nodeid.endswith("@ray")]
+        spread = [item for item in session.items
+                  if item.get_closest_marker("ray") and not item.nodeid.endswith("@" + ray_lane(item))]
         if spread:
-            raise pytest.UsageError(f"pytest-xdist did not group the Ray tests ({spread[0]} has no @ray): "
-                                    "install the pytest the test extra allows (pytest>=8,<9), or run with -n 0")
+            raise pytest.UsageError(f"pytest-xdist did not group the Ray tests ({spread[0].nodeid} has no "
+                                    f"@{ray_lane(spread[0])}): install the pytest the test extra allows "
+                                    "(pytest>=8,<9), or run with -n 0")
 
 
 class CodeOnUnpickle:

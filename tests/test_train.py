@@ -29,7 +29,9 @@ BASE = [
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, configure_logging=False)
+    from reckoning_ray.on_ray.trainer import init_ray
+
+    init_ray(num_cpus=2)
     yield
     ray.shutdown()
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,8 +67,9 @@ def test_placement_reports_impossible_requests_at_once(capsys):
     import ray
 
     from reckoning_ray.on_ray.sweep import placement
+    from reckoning_ray.on_ray.trainer import init_ray
 
-    ray.init(num_cpus=2, configure_logging=False)
+    init_ray(num_cpus=2)
     try:
         cfg = load_config(None, ["resources.cpus_per_worker=4"])
         with pytest.raises(ConfigError, match=r"resources.cpus_per_worker=4.0 is more than any node"):
@@ -119,13 +121,26 @@ def test_sweep_with_asha_extensions_wandb_and_best_config(tmp_path):
     env.pop("WANDB_MODE", None)
     env.pop("RAY_ADDRESS", None)
     trials = storage / "test-sweep" / "trials"
+    # a second command that starts its own local Ray within a second of the sweep's: each keeps to
+    # its own instance (Ray Train's placement-group cleaner, left to find "the" local instance,
+    # finds two and dies)
+    beside = subprocess.Popen(
+        [sys.executable, "-m", "reckoning_ray.train", "embedded", *ONE_FACT, "train.max_steps=2",
+         "data.num_train=16", "data.num_validation=8", "data.num_test=8", "train.batch_size=8",
+         f"train.output_dir={tmp_path / 'beside'}", "tracking.mode=disabled"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    time.sleep(0.5)
     done = subprocess.run(tune_sweep_command(storage, space), capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=600)
+    beside_output = beside.communicate(timeout=300)[0]
+    assert beside.returncode == 0, beside_output[-4000:]
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     # a quiet terminal: none of Ray's internal debug or native error lines
     output = done.stdout + done.stderr
     assert "RAW:" not in output and "core_worker.cc" not in output, \
         [line for line in output.splitlines() if "RAW:" in line or "core_worker.cc" in line]
+    for text in (output, beside_output):
+        assert "multiple active Ray instances" not in text and "Traceback" not in text, text[-4000:]
     summary = json.loads((storage / "test-sweep" / "sweep_summary.json").read_text())
     rows = summary["trials"]
     # every grid point exactly once, each with a result

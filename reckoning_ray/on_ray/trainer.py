@@ -338,8 +338,34 @@ def fit(cfg: DictConfig, run_dir: Path, **trainer_args: Any) -> None:
                   f"resources.max_failures={cfg.resources.max_failures} from the latest checkpoint", flush=True)
 
 
-def init_ray() -> None:
-    """Join the cluster at RAY_ADDRESS, or start a local one."""
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: all bound at once before any is released (one socket at a
+    time, the system may hand out the same port twice)."""
+    import contextlib
+    import socket
+
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
+# Where Ray's own processes find the cluster's HTTP API (the state API). Ray reads it before
+# RAY_ADDRESS; without either it looks for running Ray instances and fails with "Found multiple
+# active Ray instances" when another command on the machine has started one.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def init_ray(**local: Any) -> None:
+    """Join the cluster at RAY_ADDRESS, or start a local one (``local``: more ``ray.init``
+    arguments for it, e.g. ``num_cpus``).
+
+    A local instance is this command's own, even beside another command's on the same machine:
+    its dashboard gets a free port, and its processes are told that address
+    (``RAY_API_SERVER_ADDRESS``). Ray Train's placement-group cleaner asks the state API whether
+    a run's controller is alive; left to find the cluster by itself, it finds two and its monitor
+    thread dies ("Found multiple active Ray instances"), leaving placement groups behind."""
     import ray
 
     if ray.is_initialized():
@@ -357,8 +383,23 @@ def init_ray() -> None:
         # that can be preempted, so its runs go without one. Runs on a cluster keep it. The
         # local instance's processes inherit this process's environment.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(address=address, runtime_env=env, log_to_driver=True,
-             configure_logging=True, logging_level="WARNING")
+        port = free_ports(1)[0]
+        api = f"http://127.0.0.1:{port}"
+        env["env_vars"][API_SERVER_ENV] = api  # this job's workers and actors
+        local = {"dashboard_host": "127.0.0.1", "dashboard_port": port, **local}
+    elif local:
+        raise ValueError(f"init_ray: {sorted(local)} apply to a local Ray instance, not to the one at {address}")
+    before = os.environ.get(API_SERVER_ENV)
+    if address is None:
+        os.environ[API_SERVER_ENV] = api  # the local instance's own processes, started by ray.init
+    try:
+        ray.init(address=address, runtime_env=env, log_to_driver=True,
+                 configure_logging=True, logging_level="WARNING", **local)
+    finally:  # a later command of this process (a test's) may join another cluster
+        if before is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = before
 
 
 def extend(cfg: DictConfig, run_dir: Path, steps: int, train_tasks: int) -> None:

@@ -14,7 +14,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import yaml
 
+from reckoning_ray.on_ray.trainer import API_SERVER_ENV, free_ports
 from reckoning_ray.ops.checks import ClusterConfigError, load_cluster_yaml
 
 # The fake multi-node provider names its head node type this way (Ray 2.60, FAKE_HEAD_NODE_TYPE).
@@ -114,16 +114,6 @@ class FakeCluster:
     log_path: Path
 
 
-def _free_ports(n: int) -> List[int]:
-    """``n`` distinct free ports: all bound at once before any is released (one socket at a
-    time, the system may hand out the same port twice)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-
-
 def _session_processes(sid: int, marker: str) -> List[int]:
     """Live (non-zombie) pids in session ``sid`` or whose command line contains ``marker``."""
     pids: List[int] = []
@@ -197,7 +187,7 @@ def fake_cluster(cluster_yaml: str | Path, cpus_per_node: int = 1, max_workers_p
 
     temp_dir = Path(tempfile.mkdtemp(prefix="rr-ray-"))
     ip = ray.util.get_node_ip_address()
-    gcs_port, dashboard_port, client_port, agent_port = _free_ports(4)
+    gcs_port, dashboard_port, client_port, agent_port = free_ports(4)
     address = f"{ip}:{gcs_port}"
     config = fake_cluster_config(cluster_yaml, gcs_address=address, cpus_per_node=cpus_per_node,
                                  max_workers_per_type=max_workers_per_type, object_store_mb=object_store_mb)
@@ -214,6 +204,9 @@ def fake_cluster(cluster_yaml: str | Path, cpus_per_node: int = 1, max_workers_p
         # The autoscaler's loop period in seconds (default 5): nodes appear sooner.
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # Ray's own processes (Ray Train's placement-group cleaner) reach this cluster's state API
+        # here, not through a search for "the" local instance that finds every one on the machine
+        API_SERVER_ENV: f"http://127.0.0.1:{dashboard_port}",
         "PATH": str(Path(sys.executable).parent) + os.pathsep + child_env.get("PATH", ""),
     })
     child_env.pop("RAY_ADDRESS", None)

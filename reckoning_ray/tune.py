@@ -4,10 +4,12 @@
     python -m reckoning_ray.tune publish SWEEP_DIR [--dry-run]
     python -m reckoning_ray.tune soup SWEEP_DIR [--top K]
     python -m reckoning_ray.tune report SWEEP_DIR
+    python -m reckoning_ray.tune sync SWEEP_DIR
 
 The driver is :mod:`reckoning_ray.on_ray.sweep`; ``publish`` sends a finished sweep to W&B as a
 W&B sweep (:mod:`reckoning_ray.tracking.sweeps`); ``soup`` averages its trials' best checkpoints
-(:mod:`reckoning_ray.core.soup`); ``report`` draws it (:mod:`reckoning_ray.on_ray.report`).
+(:mod:`reckoning_ray.core.soup`); ``report`` draws it (:mod:`reckoning_ray.on_ray.report`); ``sync`` uploads what this node's runs left
+for an object store that did not answer (:mod:`reckoning_ray.core.uploads`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from reckoning_ray.cli import parse_args, run_command
 from reckoning_ray.core.errors import InputError
 from reckoning_ray.core.soup import make_soups
 from reckoning_ray.core.spaces import SPACES_DIR, load_space
+from reckoning_ray.core.storage import JOURNALS, StorageError, is_uri, local_path
+from reckoning_ray.core.uploads import sync_journals
 from reckoning_ray.on_ray.report import report
 from reckoning_ray.on_ray.sweep import run
 from reckoning_ray.tracking.sweeps import publish
@@ -68,6 +72,34 @@ def report_main(argv: list[str]) -> int:
     except (InputError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def sync_main(argv: list[str]) -> int:
+    """``python -m reckoning_ray.tune sync SWEEP_DIR``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m reckoning_ray.tune sync",
+        description="Upload what this node's runs of a sweep could not upload while its object store did not "
+                    "answer: every directory of the sweep in this node's cache with a backlog journal "
+                    f"({JOURNALS}) is pushed as its run would have pushed it (files, then the records that name "
+                    "them). Run it on each node that said it finished from its local files; --resume does it too.",
+        epilog="SWEEP_DIR is the sweep's object store URI (<tune.storage_path>/<tune.name>, s3://... or gs://...); "
+               "this node's copy is $RECKONING_RUNS_CACHE/<tune.name> (default ~/reckoning-ray-runs).",
+    )
+    parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep's object store URI")
+    args = parser.parse_args(argv)
+    if not is_uri(args.sweep_dir):
+        print(f"error: SWEEP_DIR={args.sweep_dir} is a path: a sweep on a path is written there directly and has "
+              "nothing to sync; pass the sweep's object store URI (s3://bucket/prefix/<tune.name>)", file=sys.stderr)
+        return 2
+    local = local_path(args.sweep_dir)
+    try:
+        directories, files = sync_journals(local)
+    except StorageError as exc:
+        print(f"error: {exc} (the backlog journals stay; run this again when the store answers)", file=sys.stderr)
+        return 2
+    print(f"{args.sweep_dir}: {files} file(s) of {directories} director(y/ies) uploaded from {local}"
+          if directories else f"{args.sweep_dir}: nothing waits to upload in {local}")
     return 0
 
 
@@ -123,6 +155,8 @@ With an object store (tune.storage_path=s3://bucket/prefix, gs://...) each node 
 cache ($RECKONING_RUNS_CACHE, default ~/reckoning-ray-runs) and copies every file to the bucket as
 it is written; --resume and publish read the bucket. Credentials and endpoints come from the
 environment (AWS_* variables, an instance profile; AWS_ENDPOINT_URL for MinIO and the like).
+A store that stops answering holds nothing up: uploads wait in the background (retried with
+backoff) and a run's end waits tune.storage_wait_s for them, then names what is left for `sync`.
 """
 
 
@@ -134,6 +168,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return soup_main(argv[1:])
     if argv[:1] == ["report"]:
         return report_main(argv[1:])
+    if argv[:1] == ["sync"]:
+        return sync_main(argv[1:])
     # space=<name> is short for tune.space=<name>
     argv = [f"tune.{a}" if a.startswith("space=") else a for a in argv]
     names = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))) + f" (in {SPACES_DIR})"
@@ -142,7 +178,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "Sweep RECKONING's inner-loop settings with Ray Tune + ASHA (the project's main job). "
         "`python -m reckoning_ray.tune publish SWEEP_DIR [--dry-run]` uploads a sweep to W&B; "
         "`python -m reckoning_ray.tune soup SWEEP_DIR` averages its trials' best checkpoints (model soups); "
-        "`python -m reckoning_ray.tune report SWEEP_DIR` draws it (every sweep does at its end).",
+        "`python -m reckoning_ray.tune report SWEEP_DIR` draws it (every sweep does at its end); "
+        "`python -m reckoning_ray.tune sync SWEEP_DIR` uploads what a node kept while the object store was away.",
         EPILOG.replace("{spaces}", names),
         extra=lambda p: p.add_argument("--resume", action="store_true",
                                        help="continue the interrupted sweep tune.storage_path/tune.name"),

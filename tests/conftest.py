@@ -45,7 +45,7 @@ ONE_FACT = [
 # cluster share the "cluster" lane. The split evens out the lanes' measured minutes: the ASHA sweep,
 # the Ray Train runs and the installed wheel's sweep in one; the object-store sweep, the paper on
 # the fake cluster and the other cluster tests in the other.
-CLUSTER_LANE = ("test_object_store.py", "test_cluster.py", "test_cluster_sweep.py")
+CLUSTER_LANE = ("test_object_store.py", "test_node_loss.py", "test_cluster.py", "test_cluster_sweep.py")
 
 
 def ray_lane(item) -> str:

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -51,6 +52,85 @@ def s3_server(log_dir: Path) -> Iterator[Dict[str, str]]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+class StoreProxy:
+    """A TCP proxy in front of the server that can go away and come back, as a store behind a
+    network outage does: ``down()`` closes its port (new connections are refused) and cuts the open
+    ones; ``up()`` listens on the same port again. The server keeps its buckets meanwhile."""
+
+    def __init__(self, env: Dict[str, str]) -> None:
+        host, port = env["AWS_ENDPOINT_URL"].rsplit("//", 1)[1].rsplit(":", 1)
+        self.target = (host, int(port))
+        self.port = _free_port()
+        self.env = dict(env, AWS_ENDPOINT_URL=f"http://127.0.0.1:{self.port}")
+        self._lock = threading.Lock()
+        self._open: set = set()
+        self._listener = None
+        self.up()
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+            except OSError:
+                pass
+            listener.close()
+        with self._lock:
+            cut, self._open = list(self._open), set()
+        for sock in cut:
+            self._close(sock)
+
+    @property
+    def is_up(self) -> bool:
+        return self._listener is not None
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open |= {client, upstream}
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            self._close(sock)
+            with self._lock:
+                self._open.discard(sock)
+
+    @staticmethod
+    def _close(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
 
 
 def create_bucket(env: Dict[str, str], bucket: str) -> None:

@@ -1,8 +1,9 @@
 """Every result of a sweep lives in its object store: a sweep on a fake multi-node cluster with
 ``tune.storage_path=s3://...`` on a real S3-compatible server (``tests/s3_server.py``), interrupted,
 its cluster torn down (Ray's temporary directory goes with it) and every node's local run files
-deleted, then resumed by a fresh driver on a new cluster. What is checked is read from the bucket
-alone, with pyarrow, after every local copy is gone: the sweep's table, its best config, every
+deleted, then resumed by a fresh driver on a new cluster; while the resumed sweep trains, the store
+goes away for 25 s and comes back (a proxy in front of the server closes its port). What is
+checked is read from the bucket alone, with pyarrow, after every local copy is gone: the sweep's table, its best config, every
 trial's metrics, checkpoints (loadable models) and W&B runs; and ``publish`` and ``soup`` read
 the sweep from the bucket too (the soups are written back to it)."""
 
@@ -21,7 +22,7 @@ import pytest
 import yaml
 
 from conftest import ONE_FACT, sweep_command
-from s3_server import create_bucket, download, s3_server
+from s3_server import StoreProxy, create_bucket, download, s3_server
 from wandb_files import read_offline_run_merged
 from reckoning_ray.ops import fake_cluster as fc
 from reckoning_ray.core.storage import CACHE_ENV
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 A100_YAML = REPO / "cluster" / "a100.yaml"
 SWEEP = "bucket-sweep"
 STORAGE = "s3://results/sweeps"
+OUTAGE_S = 25
 
 
 def _command(space: Path) -> list[str]:
@@ -56,8 +58,10 @@ def test_interrupted_sweep_resumes_from_the_bucket_alone(tmp_path: Path, monkeyp
     space = tmp_path / "space.yaml"
     space.write_text("inner.lr_init: {grid: [0.3, 0.001]}\n")
     node_cache = tmp_path / "node-cache"  # the local run files of every node of the cluster
-    with s3_server(tmp_path) as s3env:
-        create_bucket(s3env, "results")
+    with s3_server(tmp_path) as direct:
+        create_bucket(direct, "results")
+        proxy = StoreProxy(direct)  # the store as every process of the sweep reaches it
+        s3env = proxy.env
         cluster_env = {**s3env, CACHE_ENV: str(node_cache), "RAY_AUTH_MODE": "disabled"}
 
         def driver_env(cluster: fc.FakeCluster, cache: Path) -> dict:
@@ -90,12 +94,35 @@ def test_interrupted_sweep_resumes_from_the_bucket_alone(tmp_path: Path, monkeyp
         assert len(first) == 1, stored
         assert any(p.endswith("/sweep_config.yaml") for p in stored), stored
 
-        # 2. a fresh driver on a new cluster resumes it from the bucket
+        # 2. a fresh driver on a new cluster resumes it from the bucket; once the other trial has
+        # stored a round, the store goes away for OUTAGE_S seconds (every process's S3 connections
+        # go through the proxy): longer than resources.max_failures=2 restarts would last if a failed
+        # upload stopped a worker, as it did before uploads waited in the background
         with fc.fake_cluster(A100_YAML, cpus_per_node=1, max_workers_per_type=1, env=cluster_env) as cluster:
-            resumed = subprocess.run(_command(space) + ["--resume"], capture_output=True, text=True, cwd=tmp_path,
-                                     env=driver_env(cluster, tmp_path / "driver-cache-2"), timeout=400)
-        assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
-        assert "best config:" in resumed.stdout and "test acc" in resumed.stdout
+            log2 = open(tmp_path / "second.log", "w")
+            proc = subprocess.Popen(_command(space) + ["--resume"], stdout=log2, stderr=subprocess.STDOUT,
+                                    cwd=tmp_path, env=driver_env(cluster, tmp_path / "driver-cache-2"))
+            deadline, outage = time.time() + 300, None
+            while time.time() < deadline and proc.poll() is None and outage is None:
+                stored = _bucket_files(direct, f"results/sweeps/{SWEEP}/trials")
+                if any(p.endswith("/metrics.jsonl") and p.split("/")[4] not in first for p in stored):
+                    proxy.down()
+                    outage = time.time()
+                    time.sleep(OUTAGE_S)
+                    proxy.up()
+                time.sleep(0.5)
+            try:
+                proc.wait(timeout=400)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        resumed = (tmp_path / "second.log").read_text()
+        assert outage is not None, resumed[-4000:]
+        assert proc.returncode == 0, resumed[-6000:]
+        assert "best config:" in resumed and "test acc" in resumed
+        # the workers and the driver said the store was away, trained on, and said when it was back
+        assert "unreachable" in resumed and "answers again" in resumed, resumed[-6000:]
+        assert "restart 1 of" not in resumed  # no training restarted for the store's sake
         for cache in (node_cache, tmp_path / "driver-cache-2"):
             shutil.rmtree(cache, ignore_errors=True)
 

@@ -10,8 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from s3_server import create_bucket, s3_server
-from reckoning_ray.core.storage import Mirror, RunMirror, StorageError, SweepStore, cache_root, pull_checkpoint
+from s3_server import StoreProxy, create_bucket, s3_server
+from reckoning_ray.core.storage import (
+    CACHE_ENV,
+    JOURNAL,
+    Mirror,
+    RunMirror,
+    StorageError,
+    cache_root,
+    pull_checkpoint,
+    read_journal,
+)
+from reckoning_ray.core.sweep_store import SweepStore
+from reckoning_ray.core.uploads import Uploader
 
 
 def _run_dir(path: Path, latest: int, best: int) -> Path:
@@ -94,6 +105,105 @@ def test_run_mirror_on_s3_keeps_the_record_and_its_checkpoints_only(tmp_path, bu
     assert (run / "metrics.jsonl").read_text() == (other.local / "metrics.jsonl").read_text()
 
 
+class RecordingMirror(RunMirror):
+    """A run mirror that remembers the order of its uploads."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.order: list[str] = []
+
+    def _upload(self, rel, data=None):
+        done = super()._upload(rel, data)
+        self.order.append(rel)
+        return done
+
+
+def _stored_as_local(mirror: Mirror) -> None:
+    """The store holds exactly the run directory's files (but the W&B writer's), byte for byte."""
+    local = {rel for rel in mirror.local_files() if not rel.startswith("wandb")}
+    assert sorted(mirror.remote_files()) == sorted(local)
+    for rel in local:
+        with mirror.fs.open_input_stream(f"{mirror.root}/{rel}") as f:
+            assert f.read() == (mirror.local / rel).read_bytes(), rel
+
+
+def test_uploads_wait_out_a_store_that_goes_away_and_keep_their_order(tmp_path, bucket, monkeypatch):
+    """The store goes away between two validations: the push returns at once, a journal lists the
+    backlog (the record last), training goes on; when the store is back the backlog goes, files
+    before the record that names them, and the store ends as the run directory."""
+    proxy = StoreProxy({"AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.env["AWS_ENDPOINT_URL"])
+    run = _run_dir(tmp_path / "node" / "t1", latest=2, best=2)
+    mirror = RecordingMirror(run, f"{bucket}/outage/trials/t1")
+    logged: list[str] = []
+    uploads = Uploader(mirror, log=logged.append, first_delay_s=0.1, max_delay_s=0.4, **RunMirror.PUSH)
+    assert uploads.flush(while_answering=True)  # the store answers: stored before the caller goes on
+    _stored_as_local(mirror)
+
+    proxy.down()
+    _run_dir(run, latest=4, best=2)
+    assert not uploads.flush(while_answering=True)  # returns once the store fails; the push goes on
+    journal = read_journal(run)
+    assert journal["remote"] == mirror.remote and journal["files"] == [
+        "checkpoints/step-000004/model.safetensors", "checkpoints/step-000004/trainer_state.pt", "metrics.jsonl",
+        "checkpoints.json"]  # the record after the checkpoint it names
+    assert mirror.remote in logged[0] and "unreachable" in logged[0] and str(run / JOURNAL) in logged[0]
+    _run_dir(run, latest=6, best=6)  # training goes on meanwhile
+    assert not uploads.flush(while_answering=True)
+    assert read_journal(run)["files"][-1] == "checkpoints.json"
+
+    mirror.order.clear()
+    proxy.up()
+    assert uploads.flush(timeout_s=120)
+    assert not (run / JOURNAL).exists() and "answers again" in logged[-1]
+    record = mirror.order.index("checkpoints.json")
+    assert all(mirror.order.index(rel) < record for rel in mirror.order if rel.startswith("checkpoints/step-000006"))
+    _stored_as_local(mirror)  # step-2 and step-4 are gone from the store too
+    assert uploads.close(wait_s=10) == []
+
+
+def test_a_run_that_ends_while_the_store_is_away_leaves_its_backlog_to_sync(tmp_path, bucket, monkeypatch, capsys):
+    """The store is away when the run ends: after tune.storage_wait_s the run finishes from its
+    local files, naming what is left; a restart on the node trains on from its own checkpoint;
+    `tune sync` uploads the backlog when the store is back."""
+    from reckoning_ray.tune import main as tune_main
+
+    proxy = StoreProxy({"AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.env["AWS_ENDPOINT_URL"])
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    sweep = f"{bucket}/away"
+    run = _run_dir(cache_root() / "away" / "trials" / "t1", latest=2, best=2)
+    mirror = RunMirror(run, f"{sweep}/trials/t1")
+    logged: list[str] = []
+    uploads = Uploader(mirror, log=logged.append, first_delay_s=0.1, max_delay_s=0.4, **RunMirror.PUSH)
+    assert uploads.flush(while_answering=True)
+    proxy.down()
+    _run_dir(run, latest=4, best=4)
+    (run / "summary.json").write_text("{}")
+    left = uploads.close(wait_s=1)
+    assert left == read_journal(run)["files"] and left[-2:] == ["checkpoints.json", "summary.json"]
+    assert "finished from its local files" in logged[-1] and "reckoning_ray.tune sync" in logged[-1]
+
+    # a restart on this node: the store does not answer, the node's own newest checkpoint is there
+    restarted: list[str] = []
+    again = RunMirror(run, mirror.remote)
+    assert not again.sync_down(log=restarted.append)
+    assert "training on from this node's own checkpoint (step 4)" in restarted[0]
+    assert again.changed(exclude=RunMirror.PUSH["exclude"]) == sorted(left)  # the backlog goes with its first push
+    with pytest.raises(StorageError, match="cannot read"):  # a node without a checkpoint cannot start
+        RunMirror(tmp_path / "other-node" / "t1", mirror.remote).sync_down(log=restarted.append)
+    assert tune_main(["sync", sweep]) == 2  # still away: one line, the journal stays
+    assert "run this again when the store answers" in capsys.readouterr().err and read_journal(run)
+
+    proxy.up()
+    assert tune_main(["sync", sweep]) == 0
+    assert f"{len(left)} file(s) of 1" in capsys.readouterr().out
+    assert read_journal(run) is None
+    _stored_as_local(RunMirror(run, mirror.remote))
+    assert tune_main(["sync", sweep]) == 0 and "nothing waits to upload" in capsys.readouterr().out
+    assert tune_main(["sync", str(tmp_path)]) == 2
+
+
 def test_pull_takes_missing_and_newer_files_and_checkpoints_once(tmp_path):
     remote = f"file://{tmp_path / 'store'}"
     writer = Mirror(tmp_path / "worker", remote)
@@ -127,8 +237,8 @@ def test_sweep_store_splits_files_by_writer(tmp_path):
         (store.local / name).write_text(name)
     (store.local / "trials" / "t" / "wandb_run.json").write_text("{}")
     (store.local / "trials" / "t" / "metrics.jsonl").write_text("from the driver's stale copy\n")
-    assert store.push_sweep() == 2  # the sweep's own files, nothing else
-    assert store.push_trial("t") == 1  # the W&B writer's record, never the workers' metrics
+    assert store.push_sweep()  # the sweep's own files, nothing else
+    assert store.push_trial("t")  # the W&B writer's record, never the workers' metrics
     assert sorted(store.sweep.remote_files()) == ["asha_state.json", "sweep_config.yaml", "trials/t/wandb_run.json"]
     (store.local / "asha_state.json").unlink()  # a fresh sweep of the same name
     store.push_sweep()

@@ -213,6 +213,23 @@ def test_run_writer_logs_each_validation_once(tmp_path):
     assert merged["summary"]["trial/status"] == "completed"
 
 
+def test_validations_the_host_never_heard_go_before_a_later_one(tmp_path):
+    """A worker lost right after writing validations 1 and 2 (before its host heard of them): the
+    restarted run reports 3 first. The writer logs 1 and 2 from metrics.jsonl before it, since W&B
+    would refuse their earlier steps after step 12."""
+    cfg = _cfg()
+    names = run_names(cfg)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rows = [{"step": s, "round": i + 1, "val/label_accuracy": i / 10} for i, s in enumerate((4, 8, 12, 16))]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    with RunWriter(cfg.tracking, run_dir, names, config={}) as writer:
+        assert writer.log(rows[2]) and writer.logged_steps == [4, 8, 12]
+        assert writer.log(rows[3]) and not writer.log(rows[1])
+    merged = read_offline_run_merged(run_dir, names.run_id)
+    assert [(row["_step"], row["round"]) for row in merged["history"]] == [(4, 1), (8, 2), (12, 3), (16, 4)]
+
+
 def _record_init_calls(monkeypatch) -> list:
     calls: list = []
     real_init = wandb.init

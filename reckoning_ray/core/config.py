@@ -296,6 +296,7 @@ def _check_tune(t: Any) -> None:
     _check(0.5 <= t.curve_confidence < 1, "tune.curve_confidence", t.curve_confidence, "must be in [0.5, 1)")
     _check(t.curve_min_rounds >= 4, "tune.curve_min_rounds", t.curve_min_rounds,
            "must be >= 4 (a curve of 3 parameters and its uncertainty need 4 points)")
+    _check(t.storage_wait_s >= 0, "tune.storage_wait_s", t.storage_wait_s, "must be >= 0 (seconds)")
 
 
 GROUP_CHECKS = {"model": _check_model, "data": _check_data, "inner": _check_inner, "outer": _check_outer,

@@ -489,6 +489,12 @@ class TuneConfig:
         "Where Tune writes results, under <storage_path>/<tune.name>: a local directory or a URI "
         "(s3://bucket/path; multi-node clusters need shared storage). Empty uses the environment "
         "variable RECKONING_STORAGE_PATH (set by cluster/a100.yaml), else runs/tune.")
+    storage_wait_s: float = doc(
+        600.0,
+        "With an object store (tune.storage_path=s3://...): uploads run in the background and are retried "
+        "with backoff while the store is unreachable, so training never waits for it; a run's end waits up to "
+        "this many seconds for the backlog to go, then finishes from its local files and names what is left "
+        "(python -m reckoning_ray.tune sync <sweep dir>, or the next --resume, uploads it).")
 
 
 @dataclass

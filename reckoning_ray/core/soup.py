@@ -41,7 +41,8 @@ from reckoning_ray.core.checkpoint import (
 from reckoning_ray.core.config import flatten, load_config
 from reckoning_ray.core.errors import ConfigError
 from reckoning_ray.core.evaluate import Evaluator
-from reckoning_ray.core.storage import open_sweep, pull_checkpoint
+from reckoning_ray.core.storage import pull_checkpoint
+from reckoning_ray.core.sweep_store import open_sweep
 
 SOUPS_DIR = "soups"
 

@@ -14,7 +14,11 @@ by the process that wrote them:
   come in, and the sweep's own files (``sweep_config.yaml``, ``asha_state.json``, ``wandb_sweep.*``,
   ``best_config.yaml``, ``sweep_summary.json``); ``--resume`` and ``publish`` pull them first.
 
-A node that is lost loses at most the files of the validation round in flight. Files go through
+A node that is lost loses at most the files of the validation round in flight. A store that stops
+answering stops nothing: the workers' and the driver's pushes wait in the background
+(:mod:`reckoning_ray.core.uploads`), and a restart that cannot reach the store trains on from the
+node's own newest checkpoint (:meth:`RunMirror.sync_down`). The driver's side of a sweep directory
+is :mod:`reckoning_ray.core.sweep_store`. Files go through
 ``pyarrow.fs`` (what Ray's own storage uses): credentials and endpoints come from the usual
 environment (``AWS_*`` variables, an instance profile; ``AWS_ENDPOINT_URL`` for an S3-compatible
 server such as MinIO), never from the config.
@@ -31,9 +35,12 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 CACHE_ENV = "RECKONING_RUNS_CACHE"
+# the files of a directory that wait for an unreachable store (reckoning_ray.core.uploads); never uploaded.
+# A directory has one per writer: the run's own (JOURNAL), and the sweep driver's (".storage-backlog-<what>.json").
+JOURNAL = ".storage-backlog.json"
+JOURNALS = ".storage-backlog*.json"
 DEFAULT_CACHE = "~/reckoning-ray-runs"
 _CHUNK = 8 << 20  # bytes per write of an upload (pyarrow uploads large files in parts)
-from omegaconf import DictConfig
 
 from reckoning_ray.core.checkpoint import CHECKPOINTS, RECORD, checkpoint_path
 
@@ -61,6 +68,17 @@ def local_path(root: str) -> Path:
 
 class StorageError(OSError):
     """The storage path cannot be read or written; the message names it and the likely fix."""
+
+
+def read_journal(local: str | os.PathLike, name: str = JOURNAL) -> Optional[dict[str, Any]]:
+    """The backlog journal ``name`` of the directory ``local`` (default: the run's own): the files
+    not yet uploaded to its store (:mod:`reckoning_ray.core.uploads`); None when it has none."""
+    import json
+
+    try:
+        return json.loads((Path(local) / name).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _matches(rel: str, patterns: Iterable[str]) -> bool:
@@ -100,9 +118,31 @@ class Mirror:
         if not self.local.is_dir():
             return out
         for path in self.local.rglob("*"):
-            if path.is_file() and not path.name.endswith(".tmp") and ".tmp/" not in path.as_posix():
-                out[path.relative_to(self.local).as_posix()] = path.stat()
+            if path.is_file() and not path.name.endswith(".tmp") and ".tmp/" not in path.as_posix() \
+                    and not fnmatch.fnmatchcase(path.name, JOURNALS):
+                try:
+                    out[path.relative_to(self.local).as_posix()] = path.stat()
+                except FileNotFoundError:  # removed meanwhile (an older checkpoint)
+                    pass
         return out
+
+    def changed(self, include: Optional[Iterable[str]] = None, exclude: Iterable[str] = (),
+                last: Iterable[str] = ()) -> list[str]:
+        """The selected local files that changed since this mirror last pushed or pulled them, in
+        upload order (``last`` at the end)."""
+        include, exclude, last = (None if include is None else list(include)), list(exclude), list(last)
+        changed = [rel for rel, st in self.local_files().items()
+                   if (include is None or _matches(rel, include)) and not _matches(rel, exclude)
+                   and self._known.get(rel) != (st.st_size, st.st_mtime_ns)]
+        return sorted(changed, key=lambda rel: (rel in last, rel))
+
+    def assume_uploaded(self, but: Iterable[str] = ()) -> None:
+        """Take every local file but ``but`` as stored already (a directory whose backlog
+        journal names what is not)."""
+        but = set(but)
+        for rel, st in self.local_files().items():
+            if rel not in but:
+                self._known[rel] = (st.st_size, st.st_mtime_ns)
 
     def remote_files(self, under: str = "") -> dict[str, tuple[int, int]]:
         """``{relative path: (size, mtime_ns)}`` of the remote files (under ``under``)."""
@@ -151,14 +191,28 @@ class Mirror:
             return f.read().decode()
 
     # -- copying -----------------------------------------------------------------------------------
-    def _upload(self, rel: str) -> None:
+    def _upload(self, rel: str, data: Optional[bytes] = None) -> bool:
+        """Upload the local file ``rel`` (or ``data`` as it); False when the file is gone (an
+        older checkpoint removed since the listing)."""
         from pyarrow import fs
 
         target = f"{self.root}/{rel}"
-        if isinstance(self.fs, fs.LocalFileSystem):  # object stores have no directories (and get no markers)
-            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        with open(self.local / rel, "rb") as src, self.fs.open_output_stream(target) as dst:
-            shutil.copyfileobj(src, dst, _CHUNK)
+        try:
+            src = open(self.local / rel, "rb") if data is None else None
+        except FileNotFoundError:
+            return False
+        try:
+            if isinstance(self.fs, fs.LocalFileSystem):  # object stores have no directories (and get no markers)
+                self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            with self.fs.open_output_stream(target) as dst:
+                if data is None:
+                    shutil.copyfileobj(src, dst, _CHUNK)
+                else:
+                    dst.write(data)
+        finally:
+            if src is not None:
+                src.close()
+        return True
 
     def _download(self, rel: str, mtime_ns: int) -> None:
         from pyarrow import fs
@@ -180,14 +234,27 @@ class Mirror:
         (a record naming other files, so that the remote record never names a missing file)."""
         include, exclude, delete, last = (None if include is None else list(include)), list(exclude), \
             list(delete), list(last)
+        # The records are read before the listing: each names files that are in the listing
+        # (a checkpoint is complete before the record names it), whatever is written meanwhile.
+        records: dict[str, tuple[bytes, os.stat_result]] = {}
+        for rel in last:
+            try:
+                st = (self.local / rel).stat()
+                records[rel] = ((self.local / rel).read_bytes(), st)
+            except FileNotFoundError:
+                pass
         files = {rel: st for rel, st in self.local_files().items()
                  if (include is None or _matches(rel, include)) and not _matches(rel, exclude)}
+        files = self.selected(files, {rel: data for rel, (data, _) in records.items()})
+        for rel, (_, st) in records.items():
+            if rel in files:
+                files[rel] = st
         changed = [rel for rel, st in files.items() if self._known.get(rel) != (st.st_size, st.st_mtime_ns)]
         changed.sort(key=lambda rel: (rel in last, rel))
         try:
             for rel in changed:
-                self._upload(rel)
-                self._known[rel] = (files[rel].st_size, files[rel].st_mtime_ns)
+                if self._upload(rel, records[rel][0] if rel in records else None):
+                    self._known[rel] = (files[rel].st_size, files[rel].st_mtime_ns)
             if delete:
                 remote = set(self.remote_files())
                 gone = {rel for rel in remote if _matches(rel, delete) and rel not in files and not _matches(rel, exclude)}
@@ -203,15 +270,20 @@ class Mirror:
             raise StorageError(f"storage {self.remote}: cannot write: {exc}") from None
         return len(changed)
 
+    def selected(self, files: dict[str, os.stat_result], records: dict[str, bytes]) -> dict[str, os.stat_result]:
+        """The files a push takes, given the ``last`` files' contents as read before the listing."""
+        return files
+
     def pull(self, include: Optional[Iterable[str]] = None, exclude: Iterable[str] = (),
-             overwrite: bool = False, only_missing: bool = False) -> int:
+             overwrite: bool = False, only_missing: bool = False, last: Iterable[str] = ()) -> int:
         """Download the selected remote files that are missing locally or newer than the local
         copy (by modification time; every selected one with ``overwrite``, only the missing ones
-        with ``only_missing``: files never rewritten, such as a checkpoint's); returns how many."""
-        include, exclude = (None if include is None else list(include)), list(exclude)
+        with ``only_missing``: files never rewritten, such as a checkpoint's); returns how many.
+        ``last``: files downloaded after all others (a record, after the files it names)."""
+        include, exclude, last = (None if include is None else list(include)), list(exclude), list(last)
         count = 0
         try:
-            for rel, (_, mtime_ns) in sorted(self.remote_files().items()):
+            for rel, (_, mtime_ns) in sorted(self.remote_files().items(), key=lambda kv: (kv[0] in last, kv[0])):
                 if (include is not None and not _matches(rel, include)) or _matches(rel, exclude):
                     continue
                 path = self.local / rel
@@ -242,27 +314,57 @@ def _latest_step(record_text: Optional[str]) -> int:
 class RunMirror(Mirror):
     """A training run directory mirrored by its rank-0 worker."""
 
-    def sync_down(self) -> bool:
+    def sync_down(self, log: Any = print) -> bool:
         """Make the local run directory the storage's when the storage holds a later checkpoint
-        (or the local one has none); returns whether it pulled."""
+        (or the local one has none); returns whether it pulled. A storage that does not answer
+        leaves the node's own newest checkpoint to train on, when it has one (its files not yet
+        uploaded, listed in the backlog journal, go with the run's first push)."""
 
         local_record = self.local / RECORD
-        remote_step = _latest_step(self.read_text(RECORD))
+        backlog = set((read_journal(self.local) or {}).get("files") or ())
         local_step = _latest_step(local_record.read_text() if local_record.is_file() else None)
+        try:
+            remote_step = _latest_step(self.read_text(RECORD))
+            remote = self.remote_files() if remote_step >= 0 else {}
+        except OSError as exc:
+            if local_step < 0:
+                raise StorageError(f"storage {self.remote}: cannot read: {exc}") from None
+            log(f"[storage] {self.remote} unreachable ({' '.join(str(exc).split())[:200]}); training on from this "
+                f"node's own checkpoint (step {local_step}); what it lacks is uploaded when the store answers")
+            self.assume_uploaded(but=backlog)
+            return False
         if remote_step < 0 or remote_step <= local_step:
             # the local directory is current: what the storage holds already need not go again
-            remote = self.remote_files() if remote_step >= 0 else {}
             for rel, st in self.local_files().items():
-                if rel in remote and remote[rel][0] == st.st_size:
+                if rel in remote and remote[rel][0] == st.st_size and rel not in backlog:
                     self._known[rel] = (st.st_size, st.st_mtime_ns)
             return False
-        shutil.rmtree(self.local / "checkpoints", ignore_errors=True)
-        self.pull(exclude=RUN_OWNED_BY_WRITER, overwrite=True)
+        (self.local / JOURNAL).unlink(missing_ok=True)  # the storage is ahead: this node's backlog is stale
+        self.pull(exclude=RUN_OWNED_BY_WRITER, overwrite=True, last=self.PUSH["last"])
+        stored = {rel.split("/")[1] for rel in remote if rel.startswith(CHECKPOINTS + "/")}
+        if (self.local / CHECKPOINTS).is_dir():  # this node's checkpoints the storage no longer keeps
+            for path in (self.local / CHECKPOINTS).iterdir():
+                if path.name not in stored:
+                    shutil.rmtree(path, ignore_errors=True)
         return True
 
-    def sync_up(self) -> int:
+    # how the rank-0 worker pushes the run directory (reckoning_ray.core.uploads.Uploader takes them)
+    PUSH = {"exclude": RUN_OWNED_BY_WRITER, "delete": (CHECKPOINTS,), "last": (RECORD, "summary.json")}
 
-        return self.push(exclude=RUN_OWNED_BY_WRITER, delete=(CHECKPOINTS,), last=(RECORD, "summary.json"))
+    def sync_up(self) -> int:
+        return self.push(**self.PUSH)
+
+    def selected(self, files: dict[str, os.stat_result], records: dict[str, bytes]) -> dict[str, os.stat_result]:
+        """The checkpoints the record names, and nothing of the others: a checkpoint written after
+        the record was read goes with the next push, with the record that names it (a push that
+        runs while the loop writes, as a backlog does, never leaves a checkpoint no record names)."""
+        import json
+
+        if RECORD not in records:
+            return files
+        named = {v for v in json.loads(records[RECORD]).values() if isinstance(v, str) and v.startswith("step-")}
+        return {rel: st for rel, st in files.items()
+                if not rel.startswith(CHECKPOINTS + "/") or rel.split("/")[1] in named}
 
 
 def pull_checkpoint(run_dir: str | os.PathLike, remote: str, which: str = "best") -> Optional[Path]:
@@ -277,83 +379,5 @@ def pull_checkpoint(run_dir: str | os.PathLike, remote: str, which: str = "best"
     return path
 
 
-# -- a sweep directory ---------------------------------------------------------------------------
-
-# The sweep's own files, written by its driver (Ray Tune keeps its experiment state beside them).
-SWEEP_FILES = ("sweep_config.yaml", "asha_state.json", "curve_state.json", "wandb_sweep.yaml", "wandb_sweep.json",
-               "best_config.yaml", "sweep_summary.json")
-# Files a fresh sweep of the same name starts without (an earlier sweep's rungs and results).
-SWEEP_RESULTS = ("asha_state.json", "curve_state.json", "best_config.yaml", "sweep_summary.json")
-TRIAL_CHECKPOINTS = "trials/*/checkpoints"
-
-
-class SweepStore:
-    """The driver's side of a sweep directory kept in an object store: ``local`` (this machine's
-    cache) and ``remote`` (``<storage URI>/<tune.name>``), laid out alike::
-
-        sweep_config.yaml asha_state.json wandb_sweep.* best_config.yaml sweep_summary.json
-        trials/<trial id>/   a trial's run directory (pushed by its rank-0 worker, W&B files by the driver)
-    """
-
-    def __init__(self, local: str | os.PathLike, remote: str) -> None:
-        self.sweep = Mirror(local, remote)
-        self.local, self.remote = self.sweep.local, self.sweep.remote
-        self._trials: dict[str, Mirror] = {}
-
-    def trial(self, trial_id: str) -> Mirror:
-        if trial_id not in self._trials:
-            self._trials[trial_id] = Mirror(self.local / "trials" / trial_id, join(self.remote, "trials", trial_id))
-        return self._trials[trial_id]
-
-    def push_sweep(self) -> int:
-        """The sweep's own files; an earlier sweep's results gone here are deleted there too."""
-        return self.sweep.push(include=SWEEP_FILES, delete=SWEEP_RESULTS)
-
-    def push_trial(self, trial_id: str, files: Iterable[str] = ()) -> int:
-        """A trial's files written here: its W&B run (and ``files``, e.g. ``summary.json`` once tested)."""
-        return self.trial(trial_id).push(include=(*RUN_OWNED_BY_WRITER, *files))
-
-    def pull_trial(self, trial_id: str) -> int:
-        """A trial's metrics as its workers last stored them."""
-        return self.trial(trial_id).pull(include=("metrics.jsonl",))
-
-    def pull(self) -> int:
-        """Everything of the sweep but the checkpoints (a resumed sweep, a summary, publish)."""
-        return self.sweep.pull(include=(*SWEEP_FILES, "soups", "trials"), exclude=(TRIAL_CHECKPOINTS,))
-
-
-def open_sweep(sweep_dir: str | os.PathLike, log: Any = print) -> "tuple[Path, Optional[SweepStore]]":
-    """A finished sweep's directory on this machine, for commands that read it (``publish``,
-    ``soup``): a path as it is; an object store URI fetched (all but the checkpoints) into this
-    node's cache, with the :class:`SweepStore` to write results back through."""
-    if not is_uri(str(sweep_dir)):
-        return Path(sweep_dir).expanduser().resolve(), None
-    store = SweepStore(local_path(str(sweep_dir)), str(sweep_dir))
-    log(f"fetching {store.remote} (all but the checkpoints) into {store.local}")
-    store.pull()
-    return store.local.resolve(), store
-
-
-__all__ = ["CACHE_ENV", "Mirror", "RunMirror", "StorageError", "SweepStore", "cache_root", "is_uri", "join",
-           "local_path", "open_sweep", "pull_checkpoint"]
-
-def sweep_dir(cfg: DictConfig) -> str:
-    """Where Tune writes the sweep: a local absolute path or a storage URI (s3://, gs://, ...)."""
-    storage = os.environ.get("RECKONING_STORAGE_PATH") if cfg.tune.storage_path == "" else cfg.tune.storage_path
-    storage = storage or "runs/tune"
-    if is_uri(storage):
-        return storage.rstrip("/") + "/" + cfg.tune.name
-    return str(Path(storage).expanduser().resolve() / cfg.tune.name)
-
-
-def local_dir(cfg: DictConfig) -> Path:
-    """The sweep directory on this machine: ``sweep_dir`` itself for a path, else this node's
-    cache of it (``$RECKONING_RUNS_CACHE/<tune.name>``, default ``~/reckoning-ray-runs``),
-    mirrored to the storage URI as it is written (:mod:`reckoning_ray.core.storage`)."""
-    return local_path(sweep_dir(cfg))
-
-
-def sweep_store(cfg: DictConfig) -> Optional[SweepStore]:
-    """The mirror of the sweep directory in its object store (None for a path)."""
-    root = sweep_dir(cfg)
-    return SweepStore(local_dir(cfg), root) if is_uri(root) else None
+__all__ = ["CACHE_ENV", "JOURNAL", "JOURNALS", "Mirror", "RunMirror", "StorageError", "cache_root", "is_uri", "join",
+           "local_path", "pull_checkpoint", "read_journal"]

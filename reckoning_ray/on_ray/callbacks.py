@@ -16,7 +16,8 @@ from ray.train import UserCallback
 from ray.tune import Callback
 
 from reckoning_ray.core.config import flatten, metric_mode
-from reckoning_ray.core.storage import SweepStore, is_uri, local_path
+from reckoning_ray.core.storage import is_uri, local_path
+from reckoning_ray.core.sweep_store import SweepStore
 from reckoning_ray.on_ray.trials import trial_config
 from reckoning_ray.tracking.sweeps import sweep_id_for
 from reckoning_ray.tracking.writer import RunNames, RunWriter, run_names
@@ -107,6 +108,8 @@ class TrackingCallback(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         writer = self.writers.get(trial.trial_id)
         if writer is not None:
+            if self.store is not None and writer.active:  # validations Tune never heard of go first (RunWriter.log)
+                self.store.pull_trial(trial.trial_id)
             writer.log(result)
         if self.store is not None:
             self.store.push_trial(trial.trial_id)
@@ -132,6 +135,8 @@ class TrackingCallback(Callback):
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         for trial in trials:
             self._finish(trial, 0)
+        if self._store is not None:  # W&B files still waiting for an object store that went away
+            self._store.close(float(self.base["tune"]["storage_wait_s"]))
 
 
 # -- the driver ------------------------------------------------------------------------------------

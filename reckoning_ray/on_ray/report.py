@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from reckoning_ray.core.errors import InputError
-from reckoning_ray.core.storage import open_sweep
+from reckoning_ray.core.sweep_store import REPORT, open_sweep
 
-REPORT = "report"
 PICTURES = ("curves.png", "keys.png", "test_by_hops.png")
 ROW_FIELDS = {"trial", "best", "rounds", "status", "label_accuracy", "test"}
 # how each way of ending is marked at the end of a curve
@@ -271,10 +270,12 @@ def report(sweep_dir: str, log: Any = print) -> list[Path]:
 
 def publish_report(root: Path, store: Any = None, title: Optional[str] = None, log: Any = print) -> list[Path]:
     """:func:`write_report` into ``root/report/``, copied to the sweep's object store (``store``,
-    a :class:`reckoning_ray.core.storage.SweepStore`) when it has one; logs where the files are."""
+    a :class:`reckoning_ray.core.sweep_store.SweepStore`) when it has one; logs where the files are."""
     files = write_report(root, title=title)
     if store is not None:
-        store.sweep.push(include=(REPORT,))
-        log(f"report copied to {store.remote}/{REPORT}/")
+        if store.push_report():
+            log(f"report copied to {store.remote}/{REPORT}/")
+        else:
+            log(f"report: {store.remote} does not answer; the report is copied there when it does")
     log(f"report: {files[-1]} (pictures: {', '.join(f.name for f in files[:-1])} beside it)")
     return files

@@ -18,13 +18,8 @@ from reckoning_ray.core.config import (
     load_config,
 )
 from reckoning_ray.core.evaluate import evaluate_checkpoint
-from reckoning_ray.core.storage import (
-    SweepStore,
-    join,
-    local_dir,
-    pull_checkpoint,
-    sweep_store,
-)
+from reckoning_ray.core.storage import StorageError, join, pull_checkpoint
+from reckoning_ray.core.sweep_store import SweepStore, local_dir, sweep_store
 from reckoning_ray.on_ray.trials import cell_name, trial_config
 from reckoning_ray.tracking.sweeps import sweep_id_for
 from reckoning_ray.tracking.writer import RunWriter, record_test, run_names
@@ -57,18 +52,24 @@ def trial_outcome(last: Optional[dict], error: bool, max_rounds: int, stopper: s
     return f"{stopper} stop", rounds
 
 
-def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]]) -> dict[str, Any]:
+def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]],
+              store: Optional[SweepStore] = None) -> dict[str, Any]:
     """Table of trials, best_config.yaml and the best checkpoint's path.
 
     Each trial's best value comes from its whole validation history (``trial_history``); its
     status and rounds from Tune's record (``trial_outcome``). Both go into the trial's W&B run
     summary (``trial/status``, ``trial/rounds``) with its test metrics (``record_trials``).
+    ``store``: the sweep's object store (default: the config's).
     """
     root = local_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
-    store = sweep_store(cfg)
+    store = store if store is not None else sweep_store(cfg)
     if store is not None:
-        store.pull()  # the trials' metrics and records, as their workers stored them
+        try:  # the trials' metrics and records, as their workers stored them
+            store.pull(wait_s=float(cfg.tune.storage_wait_s))
+        except StorageError as exc:
+            print(f"[storage] {exc}; still unreachable after tune.storage_wait_s={cfg.tune.storage_wait_s:g}s: the "
+                  "sweep's results come from the files on this machine", flush=True)
     metric, mode = cfg.tune.metric, cfg.tune.mode
     rows = [trial_row(cfg, result, root / "trials") for result in results]
     scored = [r for r in rows if r["best"] is not None]

@@ -18,15 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from reckoning_ray.core.config import load_config, save_config
 from reckoning_ray.core.errors import ConfigError
 from reckoning_ray.core.spaces import load_space
-from reckoning_ray.core.storage import (
-    SWEEP_RESULTS,
-    StorageError,
-    is_uri,
-    join,
-    local_dir,
-    sweep_dir,
-    sweep_store,
-)
+from reckoning_ray.core.storage import StorageError, is_uri, join
+from reckoning_ray.core.sweep_store import SWEEP_RESULTS, local_dir, sweep_dir, sweep_store
 from reckoning_ray.on_ray.callbacks import TrackingCallback
 from reckoning_ray.on_ray.report import publish_report
 from reckoning_ray.on_ray.results import summarize
@@ -185,12 +178,14 @@ def run(cfg: DictConfig, resume: bool = False, space: Optional[dict[str, tuple[s
     tuner = build_tuner(cfg, space, resume=resume)
     results = tuner.fit()
     del board
-    out = summarize(cfg, results, space)
+    out = summarize(cfg, results, space, store)
     print("\n" + out["table"])
     print(f"\nbest trial {out['best_trial']}: {cfg.tune.metric} = {out['best_value']:.4f}"
           + (f"; test label_accuracy {out['best_test']['test/label_accuracy']:.3f}" if out.get("best_test") else ""))
     print(f"best config: {out['best_config']}  (python -m reckoning_ray.train --config {out['best_config']})")
     print(f"best checkpoint: {out['best_checkpoint']}")
-    out["report"] = [str(f) for f in publish_report(local_dir(cfg), sweep_store(cfg), title=f"sweep {cfg.tune.name}")]
+    out["report"] = [str(f) for f in publish_report(local_dir(cfg), store, title=f"sweep {cfg.tune.name}")]
+    if store is not None:  # the driver's uploads still waiting for the store, if any
+        store.close(float(cfg.tune.storage_wait_s))
     print(f"sweep took {time.time() - t0:.0f}s")
     return out

@@ -27,6 +27,7 @@ from reckoning_ray.core.evaluate import evaluate_best
 from reckoning_ray.core.plan import planned_validations, steps_per_epoch
 from reckoning_ray.core.runs import build_loop, summary_values
 from reckoning_ray.core.storage import RunMirror
+from reckoning_ray.core.uploads import Uploader
 from reckoning_ray.tracking.writer import RunWriter, run_names
 
 
@@ -92,10 +93,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run_dir = Path(config["run_dir"])
     planned: list[int] = []
     mirror = node_run_dir(run_dir, config["storage"], ctx) if config.get("storage") else None
+    uploads = Uploader(mirror, log=lambda m: print(m, flush=True), **RunMirror.PUSH) \
+        if mirror is not None and rank == 0 else None
 
     def report(metrics: dict[str, Any]) -> None:
-        if mirror is not None and rank == 0:
-            mirror.sync_up()  # this validation's metrics and checkpoint, before anyone hears of them
+        if uploads is not None:
+            # this validation's metrics and checkpoint, stored before anyone hears of them while the
+            # store answers; while it does not, uploaded in the background when it does again
+            uploads.flush(while_answering=True)
         # An extended wsd run repeats the rounds after its cooldown's start; Tune and W&B heard of
         # them already and take increasing rounds only (metrics.jsonl has the repeated ones).
         if int(metrics.get("round") or 0) <= loop.rounds_heard:
@@ -120,8 +125,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         values = summary_values(summary)
         if rank == 0:
             values.update(evaluate_best(run_dir, device))
-    if mirror is not None and rank == 0:
-        mirror.sync_up()  # summary.json (with the test metrics)
+    if uploads is not None:  # summary.json (with the test metrics), and any backlog
+        uploads.close(float(cfg.tune.storage_wait_s))
     if config.get("test", True):
         ray.train.report({"final": 1, "summary": values if rank == 0 else {}})
 
@@ -153,7 +158,7 @@ def node_run_dir(run_dir: Path, storage: str, ctx: Any) -> RunMirror:
     import torch.distributed as dist
 
     mirror = RunMirror(run_dir, storage)
-    if ctx.get_local_rank() == 0 and mirror.sync_down():
+    if ctx.get_local_rank() == 0 and mirror.sync_down(log=lambda m: print(m, flush=True)):
         print(f"[storage] {run_dir.name}: continuing from the run directory in {mirror.remote}", flush=True)
     if ctx.get_world_size() > 1:
         dist.barrier()  # every node has the run directory before any rank reads it

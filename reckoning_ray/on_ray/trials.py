@@ -25,7 +25,8 @@ from reckoning_ray.core.plan import (
     planned_validations,
     steps_for_validations,
 )
-from reckoning_ray.core.storage import Mirror, join, local_dir
+from reckoning_ray.core.storage import Mirror, StorageError, join
+from reckoning_ray.core.sweep_store import local_dir
 
 
 def to_tune_space(space: dict[str, tuple[str, list]]) -> dict[str, Any]:
@@ -119,7 +120,10 @@ def _trial_files(run_dir: Path, remote: Optional[str]) -> tuple[dict[str, Any], 
     is one (the workers may run on other nodes)."""
 
     if remote:
-        Mirror(run_dir, remote).pull(include=(RECORD, "summary.json"), overwrite=True)
+        try:
+            Mirror(run_dir, remote).pull(include=(RECORD, "summary.json"), overwrite=True)
+        except StorageError as exc:  # the worker on this node wrote them; elsewhere they may be older
+            print(f"[storage] {exc}; reading the trial's record on this node", flush=True)
     summary = run_dir / "summary.json"
     return read_record(run_dir), (json.loads(summary.read_text()) if summary.is_file() else {})
 

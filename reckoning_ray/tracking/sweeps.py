@@ -43,7 +43,7 @@ import yaml
 
 from reckoning_ray.core.config import load_config
 from reckoning_ray.core.spaces import load_space
-from reckoning_ray.core.storage import open_sweep
+from reckoning_ray.core.sweep_store import open_sweep
 from reckoning_ray.tracking.writer import RunWriter, run_dirs
 
 log = logging.getLogger(__name__)

@@ -434,10 +434,39 @@ class RunWriter:
 
     def log(self, metrics: Mapping[str, Any]) -> bool:
         """Log one validation's metrics at ``metrics["step"]``; False when that step is logged
-        already (or is older than the last logged one: W&B steps only go forward)."""
+        already (or is older than the last logged one: W&B steps only go forward).
+
+        The validations ``metrics.jsonl`` holds between the last logged step and this one go
+        first: a worker lost right after writing a validation, before its host heard of it,
+        leaves one there that only the file has (a later step would shut it out of W&B)."""
         step = int(metrics.get("step", -1))
         steps = self.record["steps"]
         if not self.tracker.active or step < 0 or (steps and step <= max(steps)):
+            return False
+        for row in self._rows_before(step):
+            self._log_step(row)
+        return self._log_step(metrics)
+
+    def _rows_before(self, step: int) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl after the last logged step and before ``step``."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        last = max(self.record["steps"], default=-1)
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line) if line.strip() else {}
+            except ValueError:
+                break  # a line cut by a killed writer ends what can be read
+            if last < int(row.get("step", -1)) < step:
+                rows.append(row)
+        return sorted(rows, key=lambda r: int(r["step"]))
+
+    def _log_step(self, metrics: Mapping[str, Any]) -> bool:
+        step = int(metrics["step"])
+        steps = self.record["steps"]
+        if steps and step <= max(steps):
             return False
         self.tracker.log({k: v for k, v in metrics.items() if "/" in k or k in self.KEYS}, step=step)
         if self.tracker.active:  # the log went through

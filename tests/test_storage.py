@@ -104,6 +104,17 @@ def test_run_mirror_on_s3_keeps_the_record_and_its_checkpoints_only(tmp_path, bu
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000006", "step-000008"]
     assert (run / "metrics.jsonl").read_text() == (other.local / "metrics.jsonl").read_text()
 
+    # a worker killed while it uploads (ASHA stopped its trial) leaves a checkpoint no record names:
+    # a node that takes the store's run directory skips it, and pruning removes it from the store
+    _run_dir(other.local, latest=10, best=6)
+    for name in ("model.safetensors", "trainer_state.pt"):  # the files, not yet the record
+        other._upload(f"checkpoints/step-000010/{name}")
+    fresh = RunMirror(tmp_path / "node-c" / "t1", remote)
+    assert fresh.sync_down()
+    assert sorted(p.name for p in (fresh.local / "checkpoints").iterdir()) == ["step-000006", "step-000008"]
+    assert fresh.prune() == ["step-000010"] and fresh.prune() == []
+    assert not any(rel.startswith("checkpoints/step-000010") for rel in fresh.remote_files())
+
 
 class RecordingMirror(RunMirror):
     """A run mirror that remembers the order of its uploads."""

@@ -302,6 +302,13 @@ class Mirror:
 RUN_OWNED_BY_WRITER = ("wandb", "wandb_run.json")
 
 
+def _named(record_text: str) -> set[str]:
+    """The checkpoints a record names (latest, best, a wsd run's stable)."""
+    import json
+
+    return {v for v in json.loads(record_text).values() if isinstance(v, str) and v.startswith("step-")}
+
+
 def _latest_step(record_text: Optional[str]) -> int:
     import json
 
@@ -324,7 +331,8 @@ class RunMirror(Mirror):
         backlog = set((read_journal(self.local) or {}).get("files") or ())
         local_step = _latest_step(local_record.read_text() if local_record.is_file() else None)
         try:
-            remote_step = _latest_step(self.read_text(RECORD))
+            record_text = self.read_text(RECORD)
+            remote_step = _latest_step(record_text)
             remote = self.remote_files() if remote_step >= 0 else {}
         except OSError as exc:
             if local_step < 0:
@@ -340,13 +348,35 @@ class RunMirror(Mirror):
                     self._known[rel] = (st.st_size, st.st_mtime_ns)
             return False
         (self.local / JOURNAL).unlink(missing_ok=True)  # the storage is ahead: this node's backlog is stale
-        self.pull(exclude=RUN_OWNED_BY_WRITER, overwrite=True, last=self.PUSH["last"])
-        stored = {rel.split("/")[1] for rel in remote if rel.startswith(CHECKPOINTS + "/")}
-        if (self.local / CHECKPOINTS).is_dir():  # this node's checkpoints the storage no longer keeps
+        named = _named(record_text or "{}")
+        unnamed = {rel.split("/")[1] for rel in remote if rel.startswith(CHECKPOINTS + "/")} - named
+        self.pull(exclude=(*RUN_OWNED_BY_WRITER, *(f"{CHECKPOINTS}/{name}" for name in unnamed)), overwrite=True,
+                  last=self.PUSH["last"])
+        if (self.local / CHECKPOINTS).is_dir():  # this node's checkpoints the record no longer names
             for path in (self.local / CHECKPOINTS).iterdir():
-                if path.name not in stored:
+                if path.name not in named:
                     shutil.rmtree(path, ignore_errors=True)
         return True
+
+    def prune(self) -> list[str]:
+        """Delete the stored checkpoints that the stored record does not name; returns their
+        names. A worker killed while it uploads (ASHA stops a trial, a node is lost) can leave one:
+        a checkpoint's files go before the record that names it. Called once no worker writes."""
+        text = self.read_text(RECORD)
+        if text is None:
+            return []
+        named = _named(text)
+        remote = self.remote_files(CHECKPOINTS)
+        stale = sorted({rel.split("/")[1] for rel in remote} - named)
+        try:
+            for rel in sorted(remote):
+                if rel.split("/")[1] in stale:
+                    self.fs.delete_file(f"{self.root}/{rel}")
+            for name in stale:
+                self.fs.delete_dir(f"{self.root}/{CHECKPOINTS}/{name}")
+        except OSError as exc:
+            raise StorageError(f"storage {self.remote}: cannot write: {exc}") from None
+        return stale
 
     # how the rank-0 worker pushes the run directory (reckoning_ray.core.uploads.Uploader takes them)
     PUSH = {"exclude": RUN_OWNED_BY_WRITER, "delete": (CHECKPOINTS,), "last": (RECORD, "summary.json")}
@@ -358,11 +388,9 @@ class RunMirror(Mirror):
         """The checkpoints the record names, and nothing of the others: a checkpoint written after
         the record was read goes with the next push, with the record that names it (a push that
         runs while the loop writes, as a backlog does, never leaves a checkpoint no record names)."""
-        import json
-
         if RECORD not in records:
             return files
-        named = {v for v in json.loads(records[RECORD]).values() if isinstance(v, str) and v.startswith("step-")}
+        named = _named(records[RECORD].decode())
         return {rel: st for rel, st in files.items()
                 if not rel.startswith(CHECKPOINTS + "/") or rel.split("/")[1] in named}
 

@@ -18,7 +18,7 @@ from reckoning_ray.core.config import (
     load_config,
 )
 from reckoning_ray.core.evaluate import evaluate_checkpoint
-from reckoning_ray.core.storage import StorageError, join, pull_checkpoint
+from reckoning_ray.core.storage import RunMirror, StorageError, join, pull_checkpoint
 from reckoning_ray.core.sweep_store import SweepStore, local_dir, sweep_store
 from reckoning_ray.on_ray.trials import cell_name, trial_config
 from reckoning_ray.tracking.sweeps import sweep_id_for
@@ -80,6 +80,8 @@ def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]],
     # CPUs: it is tested when `--resume` has finished it, not now.
     finished = getattr(results, "num_terminated", len(rows)) + getattr(results, "num_errors", 0) >= len(rows)
     if finished:
+        if store is not None:
+            prune_checkpoints(store, [r["trial"] for r in rows])
         tested = evaluate_trials(cfg, scored, root / "trials", store)
         record_trials(cfg, rows, root / "trials", tested, store)
     else:
@@ -99,6 +101,21 @@ def summarize(cfg: DictConfig, results: Any, space: dict[str, tuple[str, list]],
     if store is not None:
         store.push_sweep()
     return out
+
+
+def prune_checkpoints(store: SweepStore, trials: list[str]) -> None:
+    """Once every trial has ended: each trial's stored checkpoints are exactly those its stored
+    record names (``RunMirror.prune``); an upload cut short by a stopped trial leaves none behind."""
+    for trial in trials:
+        mirror = store.trial(trial)
+        try:
+            stale = RunMirror(mirror.local, mirror.remote).prune()
+        except StorageError as exc:
+            print(f"[storage] {exc}; trial {trial}'s stored checkpoints are left as they are", flush=True)
+            continue
+        if stale:
+            print(f"[storage] {trial}: removed stored checkpoint(s) {', '.join(stale)} that its record does not name "
+                  "(an upload cut short when the trial was stopped)", flush=True)
 
 
 def trial_row(cfg: DictConfig, result: Any, trials_dir: Path) -> dict[str, Any]:

@@ -169,8 +169,10 @@ def test_table_takes_status_and_rounds_from_tunes_record(tmp_path, capsys):
     table = {r["trial"]: (r["status"], r["rounds"]) for r in out["trials"]}
     assert table == {"t_00000": ("completed", 2), "t_00001": ("ASHA stop", 1)}
     for trial, (status, rounds) in table.items():
-        summary = read_offline_run_merged(trials / trial, trial)["summary"]
-        assert (summary["trial/status"], summary["trial/rounds"]) == (status, rounds)
+        run = read_offline_run_merged(trials / trial, trial)
+        assert (run["summary"]["trial/status"], run["summary"]["trial/rounds"]) == (status, rounds)
+        # every validation of metrics.jsonl reaches W&B by the sweep's end, the one Tune never saw too
+        assert [h["round"] for h in run["history"] if "val/answer_loss" in h] == [1, 2]
     # the validation Tune never saw is still the trial's best value (its best/ checkpoint)
     assert out["best_trial"] == "t_00001" and out["best_value"] == pytest.approx(0.2)
 

@@ -218,9 +218,10 @@ def evaluate_trial(cfg: DictConfig, trial_id: str, remote: Optional[str]) -> dic
 def record_trials(cfg: DictConfig, rows: list[dict[str, Any]], trials_dir: Path,
                   tested: dict[str, dict[str, float]], store: Optional[SweepStore] = None) -> None:
     """Write each trial's outcome into its W&B run: ``trial/status`` and ``trial/rounds`` (the
-    sweep table's columns) and, for the trials just tested, the test metrics (``record_test``:
-    also the trial's ``summary.json``). The run is resumed once per trial, from the driver, and
-    only when something changed (a resumed sweep's finished trials are left alone).
+    sweep table's columns), any validation of its metrics.jsonl that W&B has not got, and, for the
+    trials just tested, the test metrics (``record_test``: also the trial's ``summary.json``). The
+    run is resumed once per trial, from the driver, and only when something changed (a resumed
+    sweep's finished trials are left alone).
     """
 
     for row in rows:
@@ -231,9 +232,12 @@ def record_trials(cfg: DictConfig, rows: list[dict[str, Any]], trials_dir: Path,
         trial_cfg.train.run_name = trial
         writer = RunWriter(trial_cfg.tracking, run_dir, run_names(trial_cfg, trial_id=trial),
                            sweep_id=sweep_id_for(trials_dir.parent, trial_cfg.tracking))
-        if trial not in tested and writer.has_summary(outcome):
+        if trial not in tested and writer.has_summary(outcome) and not writer.missing_steps():
             continue  # a resumed sweep's finished trial: nothing changed
         with writer:
+            # validations W&B has not got (a trial that ended while the object store was away:
+            # its last rows reached this machine only with the pull above)
+            writer.backfill()
             writer.summary(outcome)
             if trial in tested:
                 record_test(run_dir, tested[trial], "best", writer=writer)

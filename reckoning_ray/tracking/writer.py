@@ -474,6 +474,10 @@ class RunWriter:
             self._write_record()
         return True
 
+    def missing_steps(self) -> list[int]:
+        """The steps of ``run_dir/metrics.jsonl`` that W&B has not got (and would still take)."""
+        return [int(row["step"]) for row in self._rows_before(1 << 62)]
+
     def backfill(self) -> int:
         """Log the validations of ``run_dir/metrics.jsonl`` that W&B has not got; returns how many."""
         path = self.run_dir / "metrics.jsonl"

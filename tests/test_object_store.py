@@ -120,8 +120,9 @@ def test_interrupted_sweep_resumes_from_the_bucket_alone(tmp_path: Path, monkeyp
         assert outage is not None, resumed[-4000:]
         assert proc.returncode == 0, resumed[-6000:]
         assert "best config:" in resumed and "test acc" in resumed
-        # the workers and the driver said the store was away, trained on, and said when it was back
-        assert "unreachable" in resumed and "answers again" in resumed, resumed[-6000:]
+        # the sweep said the store was away (a worker's upload, the driver's, or its final pull,
+        # whichever met the outage), and went on
+        assert "unreachable" in resumed, resumed[-6000:]
         assert "restart 1 of" not in resumed  # no training restarted for the store's sake
         for cache in (node_cache, tmp_path / "driver-cache-2"):
             shutil.rmtree(cache, ignore_errors=True)

@@ -115,11 +115,12 @@ class Uploader:
                 delay = min(delay * 2, self.max_delay_s)
                 continue
             delay = self.first_delay_s
+            # a journal left by this run or an earlier process (a resumed run's) lists nothing now
+            self.journal.unlink(missing_ok=True)
             if self.failing_since is not None:
                 self.log(f"[storage] {self.mirror.remote} answers again after {time.time() - self.failing_since:.0f}s;"
                          " the backlog is uploaded")
                 self.failing_since = None
-                (self.journal).unlink(missing_ok=True)
             with self._cond:
                 self._done = max(self._done, target)
                 self._cond.notify_all()

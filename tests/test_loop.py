@@ -279,11 +279,18 @@ def test_resume_skips_a_write_cut_short_and_refuses_a_damaged_latest(tmp_path, c
     partial = run_dir / CHECKPOINTS / "step-000003.tmp"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"\0" * 10)
+    # the validation's row went to metrics.jsonl before its checkpoint did (a node lost in between)
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    cut = dict(json.loads(rows[-1]), step=3, round=len(rows) + 1)
+    (run_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows) + json.dumps(cut) + "\n")
     capsys.readouterr()
     assert train_main(args + ["train.epochs=2"]) == 0  # continues from step 2 to step 4
     out = capsys.readouterr().out
     assert f"skipping {partial}: a checkpoint write cut short" in out and f"resumed from {latest}" in out
     assert not partial.exists() and read_record(run_dir)["latest"] == "step-000004"
+    assert "1 row(s) after step 2 dropped" in out
+    after = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in after] == list(range(1, len(after) + 1)) and after[-1]["step"] == 4  # each once
     # a truncated model in the latest checkpoint, and no older one that resumes: one line naming the file
     latest = run_dir / CHECKPOINTS / "step-000004"
     model = latest / "model.safetensors"

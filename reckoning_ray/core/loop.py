@@ -174,6 +174,31 @@ class Loop:
         self.rounds_heard = 0
         if self.hooks.resume_from is not None:
             self._resume(Path(self.hooks.resume_from))
+        if self.is_main:
+            self._drop_rows_after(self.progress.global_step)
+
+    def _drop_rows_after(self, step: int) -> None:
+        """Keep the rows of metrics.jsonl up to ``step``, where training goes on from. A process
+        lost between a validation's row and its checkpoint (a node that dies) leaves a row whose
+        step is redone; without this the redone validation would stand there twice."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                break  # a line cut by a killed writer ends what can be read
+            if int(row.get("step", -1)) <= step:
+                kept.append(line)
+        if len(kept) < len(lines):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
+            self.log(f"metrics.jsonl: {len(lines) - len(kept)} row(s) after step {step} dropped (written after the "
+                     "checkpoint this run goes on from; those validations are redone)")
 
     # -- logging ---------------------------------------------------------------------------
     def log(self, message: str) -> None:

@@ -476,21 +476,13 @@ class RunWriter:
 
     def missing_steps(self) -> list[int]:
         """The steps of ``run_dir/metrics.jsonl`` that W&B has not got (and would still take)."""
-        return [int(row["step"]) for row in self._rows_before(1 << 62)]
+        return [int(row["step"]) for row in self._rows_before(1 << 62)]  # every step after the last logged
 
     def backfill(self) -> int:
         """Log the validations of ``run_dir/metrics.jsonl`` that W&B has not got; returns how many."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
+        if not self.tracker.active:
             return 0
-        count = 0
-        for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    count += self.log(json.loads(line))
-                except ValueError:
-                    break  # a line cut by a killed writer ends what can be read
-        return count
+        return sum(self._log_step(row) for row in self._rows_before(1 << 62))
 
     def summary(self, values: Mapping[str, Any]) -> None:
         if not self.tracker.active:

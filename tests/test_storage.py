@@ -115,6 +115,23 @@ def test_run_mirror_on_s3_keeps_the_record_and_its_checkpoints_only(tmp_path, bu
     assert fresh.prune() == ["step-000010"] and fresh.prune() == []
     assert not any(rel.startswith("checkpoints/step-000010") for rel in fresh.remote_files())
 
+    # a push cut short (a kill, an outage) between deleting an old checkpoint's files and its
+    # directory leaves the directory's marker, which a download of the bucket makes an empty
+    # checkpoint directory of: the next push removes it, and so does pruning
+    def cut_short(name: str) -> None:
+        with other.fs.open_output_stream(f"{other.root}/checkpoints/{name}/model.safetensors") as f:
+            f.write(b"old")
+        other.fs.delete_file(f"{other.root}/checkpoints/{name}/model.safetensors")
+        assert f"checkpoints/{name}" in other.remote_listing()[1]
+
+    cut_short("step-000003")
+    other.sync_up()
+    assert "checkpoints/step-000003" not in other.remote_listing()[1]
+    cut_short("step-000005")
+    assert fresh.prune() == ["step-000005"]
+    assert sorted(d for d in fresh.remote_listing("checkpoints")[1]) == ["checkpoints/step-000006",
+                                                                         "checkpoints/step-000010"]
+
 
 class RecordingMirror(RunMirror):
     """A run mirror that remembers the order of its uploads."""

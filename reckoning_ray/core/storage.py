@@ -144,8 +144,10 @@ class Mirror:
             if rel not in but:
                 self._known[rel] = (st.st_size, st.st_mtime_ns)
 
-    def remote_files(self, under: str = "") -> dict[str, tuple[int, int]]:
-        """``{relative path: (size, mtime_ns)}`` of the remote files (under ``under``)."""
+    def remote_listing(self, under: str = "") -> tuple[dict[str, tuple[int, int]], set[str]]:
+        """The remote files (``{relative path: (size, mtime_ns)}``) and directories under ``under``.
+        A directory is listed without any file in it when an object store keeps its marker: it
+        makes one when the last file of a directory is deleted."""
         from pyarrow import fs
 
         base = "/".join(p for p in (self.root, under.strip("/")) if p)
@@ -154,8 +156,14 @@ class Mirror:
         except OSError as exc:
             raise StorageError(f"storage {self.remote}: cannot list {base}: {exc}") from None
         prefix = self.root + "/" if self.root else ""
-        return {info.path[len(prefix):]: (info.size, int(info.mtime_ns or 0)) for info in infos
-                if info.type == fs.FileType.File and info.path.startswith(prefix)}
+        infos = [info for info in infos if info.path.startswith(prefix)]
+        return ({info.path[len(prefix):]: (info.size, int(info.mtime_ns or 0)) for info in infos
+                 if info.type == fs.FileType.File},
+                {info.path[len(prefix):] for info in infos if info.type == fs.FileType.Directory})
+
+    def remote_files(self, under: str = "") -> dict[str, tuple[int, int]]:
+        """``{relative path: (size, mtime_ns)}`` of the remote files (under ``under``)."""
+        return self.remote_listing(under)[0]
 
     def check_access(self) -> None:
         """Write, read back and delete a small probe object under the remote root; StorageError
@@ -256,16 +264,19 @@ class Mirror:
                 if self._upload(rel, records[rel][0] if rel in records else None):
                     self._known[rel] = (files[rel].st_size, files[rel].st_mtime_ns)
             if delete:
-                remote = set(self.remote_files())
+                listed, folders = self.remote_listing()
+                remote = set(listed)
                 gone = {rel for rel in remote if _matches(rel, delete) and rel not in files and not _matches(rel, exclude)}
                 for rel in sorted(gone):
                     self.fs.delete_file(f"{self.root}/{rel}")
                     self._known.pop(rel, None)
-                # a directory left empty goes too (an object store keeps a marker of it otherwise)
+                # a directory left without files goes too (an object store keeps a marker of it
+                # otherwise), one left by an earlier push cut short after its files included
                 left = remote - gone
-                for folder in sorted({rel.rsplit("/", 1)[0] for rel in gone if "/" in rel}, key=len, reverse=True):
-                    if not any(rel.startswith(folder + "/") for rel in left):
-                        self.fs.delete_dir(f"{self.root}/{folder}")
+                empty = {folder for folder in folders if _matches(folder, delete) and not _matches(folder, exclude)
+                         and not any(rel.startswith(folder + "/") for rel in left)}
+                for folder in sorted(empty, key=len, reverse=True):
+                    self.fs.delete_dir(f"{self.root}/{folder}")
         except OSError as exc:
             raise StorageError(f"storage {self.remote}: cannot write: {exc}") from None
         return len(changed)
@@ -366,13 +377,12 @@ class RunMirror(Mirror):
         if text is None:
             return []
         named = _named(text)
-        remote = self.remote_files(CHECKPOINTS)
-        stale = sorted({rel.split("/")[1] for rel in remote} - named)
+        files, folders = self.remote_listing(CHECKPOINTS)
+        # a directory without files counts: a push cut short between deleting a checkpoint's files
+        # and its directory leaves the directory's marker
+        stale = sorted({rel.split("/")[1] for rel in (*files, *folders) if rel.count("/") >= 1} - named)
         try:
-            for rel in sorted(remote):
-                if rel.split("/")[1] in stale:
-                    self.fs.delete_file(f"{self.root}/{rel}")
-            for name in stale:
+            for name in stale:  # the directory and everything in it
                 self.fs.delete_dir(f"{self.root}/{CHECKPOINTS}/{name}")
         except OSError as exc:
             raise StorageError(f"storage {self.remote}: cannot write: {exc}") from None

@@ -13,7 +13,7 @@ import torch
 from conftest import CodeOnUnpickle
 from reckoning_ray.core.checkpoint import checkpoint_path
 from reckoning_ray.core.config import group, load_config, save_config
-from reckoning_ray.core.loop import Hooks, Loop, allreduce_gradients, global_step_tasks, shard
+from reckoning_ray.core.loop import Hooks, Loop, allreduce_gradients, global_step_tasks, shard, worker_tasks
 from reckoning_ray.core.plan import validation_points
 from reckoning_ray.core.runs import prepare
 
@@ -156,10 +156,38 @@ def test_recall_is_absent_without_the_multi_task_target_and_present_with_it(tmp_
 
 def test_the_global_batch_is_split_by_the_workers(tmp_path):
     # batch_size x grad_accum tasks per step whatever the worker count; each worker takes its share
+    # of the step, in chunks of at most batch_size tasks
     cfg = load_config(None, SMALL + ["train.batch_size=4", "train.grad_accum=2", "resources.num_workers=2"])
     micro = global_step_tasks(list(range(16)), 0, cfg.train)
     assert micro == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert [shard(m, r, 2) for m in micro for r in range(2)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert worker_tasks(micro, 0, 1, 4) == micro
+    assert [worker_tasks(micro, r, 2, 4) for r in range(2)] == [[[0, 1, 2, 3]], [[4, 5, 6, 7]]]
+    assert [worker_tasks(micro, r, 3, 4) for r in range(3)] == [[[0, 1, 2]], [[3, 4, 5]], [[6, 7]]]
+    assert worker_tasks([[0, 1]], 2, 3, 4) == []  # a worker the step has no task for
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_the_meta_gradient_of_any_worker_count_is_the_one_workers(tmp_path, workers):
+    # 2 x 2 = 4 tasks per step (the paper's batch): 3 workers take 2, 1 and 1 tasks. The workers'
+    # gradients, summed as the all-reduce sums them, are the one-worker gradient of the same step
+    # (dropout off: its masks are drawn per worker), weights and learned inner rates alike. Clipping
+    # acts on the summed gradient, after the all-reduce: off here, where each part is taken alone.
+    overrides = ["train.batch_size=2", "train.grad_accum=2", "model.dropout=0.0", "outer.clip=0"]
+
+    def step_gradients(rank: int, world: int) -> dict[str, torch.Tensor]:
+        loop = make_loop(tmp_path, overrides, name=f"w{world}-r{rank}")
+        loop.hooks.rank, loop.hooks.world_size = rank, world
+        loop.optimizer.step = lambda: None  # keep the weights: the gradient is what is compared
+        loop._train_step(list(range(len(loop.train_records))), 0)
+        return {str(i): p.grad.clone() for i, p in enumerate(loop.method.meta_parameters())}
+
+    one = step_gradients(0, 1)
+    parts = [step_gradients(r, workers) for r in range(workers)]
+    assert any(float(g.abs().sum()) > 0 for g in one.values())
+    for name, grad in one.items():
+        summed = sum(part[name] for part in parts)
+        torch.testing.assert_close(summed, grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 # -- the progress bar --------------------------------------------------------------------------------

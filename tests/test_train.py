@@ -124,10 +124,15 @@ def test_cli_help_and_bad_override():
     assert main(["embedded", "train.epochs=0"]) == 2
 
 
-def test_a_batch_the_workers_cannot_split_is_a_config_error(capsys):
-    assert main(["train.batch_size=3", "resources.num_workers=2"]) == 2
+def test_more_workers_than_a_step_has_tasks_is_a_config_error(capsys):
+    # 3 tasks per step split over 2 workers is fine (one takes 2, tests/test_loop.py); 4 workers are not
+    assert main(["train.batch_size=3", "train.grad_accum=1", "resources.num_workers=4"]) == 2
     err = capsys.readouterr().err
-    assert "train.batch_size=3 is invalid" in err and "resources.num_workers=2" in err
+    assert "resources.num_workers=4 is invalid" in err and "3 tasks of an optimizer step" in err
+    assert main(["train.batch_size=2", "train.grad_accum=2", "resources.max_workers=5"]) == 2
+    assert "resources.max_workers=5 is invalid" in capsys.readouterr().err
+    assert main(["resources.num_workers=2", "resources.max_workers=1"]) == 2
+    assert "resources.max_workers=1 is invalid: an elastic run grows from" in capsys.readouterr().err
 
 
 def test_bad_override_fails_before_any_work(capsys):

@@ -153,10 +153,14 @@ def validate(cfg: DictConfig) -> None:
     for name, check in GROUP_CHECKS.items():
         check(cfg[name])
     c = cfg
-    _check(c.train.batch_size % max(c.resources.num_workers, 1) == 0, "train.batch_size", c.train.batch_size,
-           f"the batch is global (tasks per optimizer step = train.batch_size x train.grad_accum, whatever "
-           f"the number of workers) and resources.num_workers={c.resources.num_workers} workers split each "
-           f"micro-batch: choose a batch size divisible by {c.resources.num_workers} or another worker count")
+    per_step = c.train.batch_size * c.train.grad_accum
+    for key in ("num_workers", "max_workers"):
+        _check(c.resources[key] <= per_step, f"resources.{key}", c.resources[key],
+               f"is more than the {per_step} tasks of an optimizer step (train.batch_size x train.grad_accum, "
+               f"global whatever the worker count): a worker beyond them would have no task; lower it to {per_step}")
+    _check(c.resources.max_workers == 0 or c.resources.max_workers >= c.resources.num_workers, "resources.max_workers",
+           c.resources.max_workers, f"an elastic run grows from resources.num_workers={c.resources.num_workers} up "
+           "to resources.max_workers: make it at least that, or 0 for a fixed worker count")
     if c.tune.extend:
         _check(c.outer.schedule == "wsd", "tune.extend", True,
                f"extends trials from the start of their cooldown, which needs outer.schedule=wsd (it is "

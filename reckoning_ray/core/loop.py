@@ -6,10 +6,13 @@ Batches and reduction. The batch is a global quantity: one optimizer step consum
 ``train.batch_size * train.grad_accum`` tasks (the *global step*) whatever the number of workers, so
 adding workers changes the speed, never the experiment. Every epoch is a seeded permutation of the
 training tasks cut into global steps of ``grad_accum`` micro-batches of ``batch_size`` tasks; worker
-``r`` of ``n`` takes its own contiguous share of each micro-batch (``batch_size / n`` tasks; the
-config check requires ``n`` to divide ``batch_size``). The outer loss is summed over tasks and scaled by ``1 / tasks in the global
-step``, the gradients are SUM-all-reduced, so any number of workers computes the gradient of the
-same global mean loss (an uneven last step simply gives some workers fewer or no tasks).
+``r`` of ``n`` takes its own contiguous share of the global step's tasks (:func:`worker_tasks`),
+in chunks of at most ``batch_size`` tasks. The outer loss is summed over tasks and scaled by
+``1 / tasks in the global step``, the gradients are SUM-all-reduced, so any number of workers
+computes the gradient of the same global mean loss: a worker count that does not divide the step
+gives some workers one task more than others, each task weighing the same, and a worker with no
+task adds zeros. The worker count may change when a run resumes (an elastic run); the data order
+and the learning-rate schedule do not depend on it. Each validation's row records it (``workers``).
 """
 
 from __future__ import annotations
@@ -88,6 +91,14 @@ def global_step_tasks(order: list[int], step: int, train: TrainConfig) -> list[l
     per_step = per_micro * train.grad_accum
     chunk = order[step * per_step : (step + 1) * per_step]
     return [chunk[i : i + per_micro] for i in range(0, len(chunk), per_micro)]
+
+
+def worker_tasks(micro_batches: list[list[int]], rank: int, world_size: int, chunk: int) -> list[list[int]]:
+    """Worker ``rank``'s share of a global step (its micro-batches' tasks in order, contiguous and
+    near-equal, :func:`shard`), cut into chunks of at most ``chunk`` tasks (the memory of one
+    micro-batch). With one worker these are the step's micro-batches."""
+    share = shard([t for micro in micro_batches for t in micro], rank, world_size)
+    return [share[i : i + chunk] for i in range(0, len(share), max(int(chunk), 1))]
 
 
 def allreduce_gradients(params: list[torch.Tensor], all_reduce: Callable[[torch.Tensor], None],
@@ -275,10 +286,7 @@ class Loop:
         self.method.train()
         self.optimizer.zero_grad(set_to_none=False)
         loss_sum, n_local = 0.0, 0
-        for micro in micro_batches:
-            mine = shard(micro, hooks.rank, hooks.world_size)
-            if not mine:
-                continue
+        for mine in worker_tasks(micro_batches, hooks.rank, hooks.world_size, self.train.batch_size):
             batch = self.encoder.collate([self.train_records[i] for i in mine]).to(hooks.device)
             out = self.method.forward_backward(batch, loss_scale=1.0 / n_global)
             loss_sum += float(out["loss"])
@@ -313,7 +321,7 @@ class Loop:
         metrics.update(train_stats)
         metrics.update(self.method.stats())
         metrics.update({"epoch": epoch_float, "step": p.global_step, "round": p.validations,
-                        "val/seconds": time.time() - t0})
+                        "val/seconds": time.time() - t0, "workers": self.hooks.world_size})
         value = metrics[self.train.metric]
         improved = _better(value, p.best_metric, self.mode)
         if improved:
@@ -488,4 +496,5 @@ __all__ = [
     "shard",
     "steps_per_epoch",
     "validation_points",
+    "worker_tasks",
 ]

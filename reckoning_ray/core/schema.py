@@ -391,8 +391,8 @@ class TrainConfig:
     batch_size: int = doc(
         2,
         "Tasks per micro-batch, global: an optimizer step consumes train.batch_size x train.grad_accum "
-        "tasks whatever resources.num_workers is (the workers split each micro-batch, so num_workers "
-        "must divide batch_size).")
+        "tasks whatever resources.num_workers is (the workers split each optimizer step's tasks, evenly or "
+        "with one task more for some; each task weighs the same).")
     grad_accum: int = doc(2, "Micro-batches accumulated per optimizer step (global, as train.batch_size).")
     epochs: int = doc(6, "Passes over the training tasks.")
     validations_per_epoch: int = doc(2, "Validation rounds per epoch, evenly spaced (paper: 2, middle and end).")
@@ -434,6 +434,13 @@ class ResourcesConfig:
         1,
         "Ray Train workers (data-parallel). 0: no Ray at all, the same loop in this process (a debugger, "
         "a notebook); resources.use_gpu then picks the first CUDA device.")
+    max_workers: int = doc(
+        0,
+        "Elastic runs: a run (every sweep trial) starts with the workers that are free, at least "
+        "resources.num_workers, grows up to resources.max_workers onto workers that stopped or finished "
+        "trials free, and shrinks instead of failing when a node is lost. It resizes only right after a "
+        "validation's checkpoint, so a resize redoes no step (a lost node: the steps since the last "
+        "validation). At most train.batch_size x train.grad_accum. 0: resources.num_workers (fixed).")
     use_gpu: bool = doc(False, "Train on GPUs (each worker asks for resources.gpus_per_worker).")
     cpus_per_worker: float = doc(1.0, "CPUs each worker asks Ray for.")
     gpus_per_worker: float = doc(1.0, "GPUs each worker asks Ray for, with resources.use_gpu=true.")

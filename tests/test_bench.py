@@ -163,3 +163,28 @@ def test_flop_count_is_the_same_work_for_the_batched_and_the_plain_engine(bileve
     [case] = bilevel_step.cases(args)
     flops = bilevel_step.count_flops(case, args)
     assert flops["fused"] == flops["reference"] > 0
+
+
+def test_elastic_replay_fills_the_tail_and_the_agreement_refuses_another_asha_decision():
+    elastic_sweep = load_bench("elastic_sweep")
+    # 8 trials two at a time; the last to start runs alone to round 12 (the embedded sweep's shape)
+    rounds = [2, 6, 2, 2, 6, 2, 2, 12]
+    fixed = elastic_sweep.replay(rounds, 2, 2, 1, 1, 1800.0, 90.0, 0.9)
+    grown = elastic_sweep.replay(rounds, 2, 2, 1, 2, 1800.0, 90.0, 0.9)
+    assert fixed["resizes"] == 0 and grown["resizes"] == 1
+    assert grown["idle"] < 0.1 < fixed["idle"] and grown["wall_s"] < fixed["wall_s"]
+
+    def run(rounds, status, metric, workers):
+        groups = [{"workers": k, "rounds": 1} for k in workers]
+        return {"trials": {"t": {"config": {"outer.lr": 0.01}, "rounds": rounds, "status": status, "metric": metric,
+                                 "groups": groups, "best": min(metric), "workers": None}},
+                "best_config": {"outer.lr": 0.01}}
+
+    base = run(3, "completed", [1.0, 0.5, 0.4], [1, 1, 1])
+    # the round trained on 2 workers within the tolerance, the later ones only shown
+    ok, rows = elastic_sweep.agreement(base, run(3, "completed", [1.0, 0.5 * (1 + 1e-6), 0.3], [1, 2, 2]), 1e-3)
+    assert ok == [] and rows[0][2] == 2
+    problems, _ = elastic_sweep.agreement(base, run(2, "ASHA stop", [1.0, 0.5], [1, 1]), 1e-3)
+    assert problems and "ASHA decided 3 rounds (completed) fixed, 2 (ASHA stop) elastic" in problems[0]
+    problems, _ = elastic_sweep.agreement(base, run(3, "completed", [1.0, 0.6, 0.4], [1, 2, 2]), 1e-3)
+    assert problems and "round 2" in problems[0]

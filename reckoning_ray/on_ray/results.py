@@ -17,6 +17,7 @@ from reckoning_ray.core.checkpoint import checkpoint_path
 from reckoning_ray.core.config import (
     load_config,
 )
+from reckoning_ray.core.elastic import history_text
 from reckoning_ray.core.evaluate import evaluate_checkpoint
 from reckoning_ray.core.storage import RunMirror, StorageError, join, pull_checkpoint
 from reckoning_ray.core.sweep_store import SweepStore, local_dir, sweep_store
@@ -133,20 +134,22 @@ def trial_row(cfg: DictConfig, result: Any, trials_dir: Path) -> dict[str, Any]:
     status, rounds = trial_outcome(tune_last, bool(result.error), cfg.tune.max_rounds,
                                    "curve" if cfg.tune.scheduler == "curve" else "ASHA", bool(cfg.tune.extend))
     params = dict(result.config)
+    workers = history_text(history["workers"].tolist()) if "workers" in history else ""
     return {"trial": trial_id, "best": best, "rounds": rounds, "status": status,
-            "label_accuracy": float(history["val/label_accuracy"].max()), **params,
+            "label_accuracy": float(history["val/label_accuracy"].max()), "workers": workers or None, **params,
             "_config": result.config}
 
 
 def trial_table(rows: list[dict[str, Any]], keys: list[str], metric: str) -> str:
-    """The sweep table: a trial a line, its sampled ``keys``, best value, accuracies and status."""
-    header = ["trial", *keys, metric, "best val acc", "test acc", "test recall", "rounds", "status"]
+    """The sweep table: a trial a line, its sampled ``keys``, best value, accuracies, status and
+    worker counts (``1x2 2x6``: 2 validation rounds with 1 worker, then 6 with 2)."""
+    header = ["trial", *keys, metric, "best val acc", "test acc", "test recall", "rounds", "status", "workers"]
     lines = [header]
     for r in rows:
         test = r.get("test") or {}
         lines.append([r["trial"], *[_fmt(cell_name(r.get(k))) for k in keys], _fmt(r["best"]),
                       _fmt(r.get("label_accuracy")), _fmt(test.get("test/label_accuracy")),
-                      _fmt(test.get("test/recall")), str(r["rounds"]), r["status"]])
+                      _fmt(test.get("test/recall")), str(r["rounds"]), r["status"], _fmt(r.get("workers"))])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines)
 

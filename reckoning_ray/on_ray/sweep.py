@@ -16,11 +16,13 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from reckoning_ray.core.config import load_config, save_config
+from reckoning_ray.core.elastic import elastic_bounds
 from reckoning_ray.core.errors import ConfigError
 from reckoning_ray.core.spaces import load_space
 from reckoning_ray.core.storage import StorageError, is_uri, join
 from reckoning_ray.core.sweep_store import SWEEP_RESULTS, local_dir, sweep_dir, sweep_store
 from reckoning_ray.on_ray.callbacks import TrackingCallback
+from reckoning_ray.on_ray.elastic import ElasticCallback, pool_name, worker_pool
 from reckoning_ray.on_ray.report import publish_report
 from reckoning_ray.on_ray.results import summarize
 from reckoning_ray.on_ray.schedulers import build_trial_scheduler
@@ -79,6 +81,8 @@ def placement(cfg: DictConfig, space: dict[str, tuple[str, list]]) -> tuple[list
 
 
 def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: bool = False):
+    """The sweep's Tuner, and with elastic trials (``resources.max_workers``) the handle of their
+    worker pool (:mod:`.elastic`), which lives as long as the handle does (else None)."""
     from ray import tune
 
     root = sweep_dir(cfg)
@@ -94,7 +98,20 @@ def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: boo
         "trials_remote": join(root, "trials") if is_uri(root) else None,
         "node_types": node_types,
         "board": board_name(cfg),
+        # elastic trials (resources.max_workers): the sweep's worker pool, which the driver holds
+        "pool": None,
     }
+    callbacks, pool = [TrackingCallback(setup["base"], root)], None
+    if elastic_bounds(cfg) is not None:
+        setup["pool"] = pool_name("sweep", cfg.tune.name)
+        # heavy: imported here to keep torch off this module's import
+        from reckoning_ray.on_ray.trainer import worker_resources
+
+        pool = worker_pool(setup["pool"], worker_resources(cfg, node_types[0] if node_types else ""), concurrent)
+        callbacks.append(ElasticCallback(setup["pool"]))
+        print(f"elastic trials: each starts with at least resources.num_workers={cfg.resources.num_workers} "
+              f"worker(s) and grows up to resources.max_workers={cfg.resources.max_workers} onto the workers "
+              "other trials free, after a validation")
     # the trial function only drives its TorchTrainer: it needs memory but no CPU of its own, so
     # the CPUs go to the training workers (Ray rejects a request with no resource at all)
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
@@ -102,7 +119,7 @@ def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: boo
     if resume:
         if not tune.Tuner.can_restore(root):
             raise ConfigError(f"--resume: no sweep to resume at {root} (tune.storage_path / tune.name)")
-        return tune.Tuner.restore(root, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(root, trainable=trainable, resume_unfinished=True, resume_errored=True), pool
     param_space = to_tune_space(space)
     scheduler = build_trial_scheduler(cfg, root)
     return tune.Tuner(
@@ -112,8 +129,8 @@ def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: boo
                                     num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrent,
                                     trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname),
         run_config=tune.RunConfig(name=cfg.tune.name, storage_path=root.rsplit("/", 1)[0],
-                                  callbacks=[TrackingCallback(setup["base"], root)]),
-    )
+                                  callbacks=callbacks),
+    ), pool
 
 
 def start_wandb_sweep(cfg: DictConfig, space: dict[str, tuple[str, list]], fresh: bool) -> Optional[str]:
@@ -175,9 +192,9 @@ def run(cfg: DictConfig, resume: bool = False, space: Optional[dict[str, tuple[s
     # actor lives as long as this handle does
     board = promotion_board(board_name(cfg), create=True) if cfg.tune.extend else None
     t0 = time.time()
-    tuner = build_tuner(cfg, space, resume=resume)
+    tuner, pool = build_tuner(cfg, space, resume=resume)
     results = tuner.fit()
-    del board
+    del board, pool
     out = summarize(cfg, results, space, store)
     print("\n" + out["table"])
     print(f"\nbest trial {out['best_trial']}: {cfg.tune.metric} = {out['best_value']:.4f}"

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from reckoning_ray.core.checkpoint import read_record
 from reckoning_ray.core.config import flatten, from_container, group, node_type_for
+from reckoning_ray.core.elastic import append_event, elastic_bounds
 from reckoning_ray.core.errors import ConfigError, InputError
 from reckoning_ray.core.evaluate import evaluate_best
 from reckoning_ray.core.plan import planned_validations, steps_per_epoch
@@ -95,12 +96,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     mirror = node_run_dir(run_dir, config["storage"], ctx) if config.get("storage") else None
     uploads = Uploader(mirror, log=lambda m: print(m, flush=True), **RunMirror.PUSH) \
         if mirror is not None and rank == 0 else None
+    elastic = config.get("elastic")
+    if rank == 0:
+        append_event(run_dir, "launch", world, t=config.get("launched_at"))
 
     def report(metrics: dict[str, Any]) -> None:
         if uploads is not None:
             # this validation's metrics and checkpoint, stored before anyone hears of them while the
             # store answers; while it does not, uploaded in the background when it does again
             uploads.flush(while_answering=True)
+        if rank == 0:
+            append_event(run_dir, "round", world, round=metrics.get("round"), step=metrics.get("step"))
         # An extended wsd run repeats the rounds after its cooldown's start; Tune and W&B heard of
         # them already and take increasing rounds only (metrics.jsonl has the repeated ones).
         if int(metrics.get("round") or 0) <= loop.rounds_heard:
@@ -108,6 +114,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # the validation rounds a full run makes: Tune's trial status reads it
         metrics = dict(metrics, rounds_planned=planned[0])
         ray.train.report({k: v for k, v in metrics.items() if v is not None})
+        if elastic and not (metrics.get("stopped_early") or int(metrics["step"]) >= loop.total_steps):
+            resize_after_validation(elastic, rank, world, int(metrics["step"]))
 
     def all_reduce(t: torch.Tensor) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -116,11 +124,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   report=report, log=lambda m: print(m, flush=True), on_step=fault_injection(rank))
     loop = build_loop(cfg, run_dir, hooks)
     planned.append(planned_validations(len(loop.train_records), loop.train))
+    if rank == 0:
+        append_event(run_dir, "ready", world, step=loop.progress.global_step)
     if loop.finished and loop.history:
         # resumed after the run had finished: report its last result again, so that a host
         # that lost it (a Tune trial restored from an interrupted sweep) still sees it
         report(dict(loop.history[-1], replayed=True))
-    summary = loop.fit()
+    try:
+        summary = loop.fit()
+    except Resize as resize:
+        # this validation's checkpoint is written (and stored, below): the run goes on from it
+        # with the new worker count, started by fit()
+        if rank == 0:
+            append_event(run_dir, "end", world, why=f"resize to {resize.workers}", step=resize.step)
+        if uploads is not None:
+            uploads.close(float(cfg.tune.storage_wait_s))
+        return
+    if rank == 0:
+        append_event(run_dir, "end", world, why="done", step=loop.progress.global_step)
     if config.get("test", True):
         values = summary_values(summary)
         if rank == 0:
@@ -129,6 +150,47 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         uploads.close(float(cfg.tune.storage_wait_s))
     if config.get("test", True):
         ray.train.report({"final": 1, "summary": values if rank == 0 else {}})
+
+
+class Resize(Exception):
+    """Ends an elastic run's worker group right after a validation's checkpoint: the run goes on
+    from it with ``workers`` workers."""
+
+    def __init__(self, workers: int, step: int) -> None:
+        super().__init__(f"resize to {workers} workers after step {step}")
+        self.workers, self.step = workers, step
+
+
+def resize_after_validation(elastic: dict[str, Any], rank: int, world: int, step: int) -> None:
+    """Rank 0 asks the run's worker pool for the count to go on with and tells every rank; a new
+    count raises :class:`Resize` on all of them (the group ends; ``fit`` starts the next)."""
+    import torch
+    import torch.distributed as dist
+
+    # heavy: imported here to keep ray off this module's import
+    from reckoning_ray.on_ray.elastic import placeable, worker_pool
+
+    count = torch.full((1,), world, dtype=torch.int64)
+    if rank == 0:
+        try:
+            pool = worker_pool(elastic["pool"])
+            wanted = int(pool.resize(elastic["run"], world, int(elastic["least"]), int(elastic["most"])))
+            if wanted > world:  # grow only by the workers that can be placed now besides this group's
+                wanted = world + placeable(wanted - world, 0, elastic["per_worker"], timeout_s=5.0, log=lambda m: None)
+                if wanted == world:
+                    pool.keep(elastic["run"], world)
+            count[0] = wanted
+        except Exception as exc:  # the pool's driver is away: training goes on as it is
+            print(f"{elastic['run']}: the worker pool {elastic['pool']} did not answer ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:200]}); going on with {world} worker(s)", flush=True)
+    if world > 1:
+        dist.broadcast(count, src=0)
+    if int(count[0]) != world:
+        if rank == 0:
+            print(f"{elastic['run']}: {'growing' if int(count[0]) > world else 'shrinking'} from {world} to "
+                  f"{int(count[0])} worker(s) after the validation at step {step} (its checkpoint is where the "
+                  "run goes on)", flush=True)
+        raise Resize(int(count[0]), step)
 
 
 def quiet_worker_logs() -> None:
@@ -198,10 +260,8 @@ def fault_injection(rank: int) -> Optional[Callable[[int], None]]:
 
 # -- the driver ------------------------------------------------------------------------------------
 
-def scaling_config(cfg: DictConfig, node_type: Optional[str] = None):
-    """Workers and what each asks for; ``node_type`` overrides the config's (placement checks)."""
-    from ray.train import ScalingConfig
-
+def worker_resources(cfg: DictConfig, node_type: Optional[str] = None) -> dict[str, float]:
+    """What each worker asks Ray for; ``node_type`` overrides the config's (placement checks)."""
     res = cfg.resources
     per_worker: dict[str, float] = {"CPU": float(res.cpus_per_worker)}
     if res.use_gpu:
@@ -209,7 +269,16 @@ def scaling_config(cfg: DictConfig, node_type: Optional[str] = None):
     node = node_type_for(cfg) if node_type is None else node_type
     if node:
         per_worker[node] = float(res.gpus_per_worker) if res.use_gpu else 1.0
-    return ScalingConfig(num_workers=int(res.num_workers), use_gpu=bool(res.use_gpu), resources_per_worker=per_worker)
+    return per_worker
+
+
+def scaling_config(cfg: DictConfig, node_type: Optional[str] = None, workers: Optional[int] = None):
+    """``workers`` workers (default ``resources.num_workers``) and what each asks for."""
+    from ray.train import ScalingConfig
+
+    res = cfg.resources
+    return ScalingConfig(num_workers=int(workers or res.num_workers), use_gpu=bool(res.use_gpu),
+                         resources_per_worker=worker_resources(cfg, node_type))
 
 
 def check_placement(cfg: DictConfig) -> str:
@@ -280,7 +349,8 @@ def autoscaler_node_resources() -> list[dict[str, float]]:
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = None,
                   node_type: Optional[str] = None, storage_path: Optional[str] = None, test: bool = True,
-                  mirror_to: Optional[str] = None):
+                  mirror_to: Optional[str] = None, workers: Optional[int] = None,
+                  elastic: Optional[dict[str, Any]] = None):
     """A ``TorchTrainer`` for one training run named ``run_dir.name``.
 
     The run's files (metrics, checkpoints and their record) are written by rank 0 into
@@ -290,7 +360,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = No
     trial: Tune's report callback). ``test``: rank 0 evaluates the best checkpoint on the test
     split at the end and all ranks report once more (``{"final": 1, "summary": ...}``); a Tune
     sweep evaluates its trials after the sweep instead (ASHA may stop a trial before its end).
+    ``workers``: this worker group's size (default ``resources.num_workers``); ``elastic``: the
+    run's worker pool (``{"pool", "run", "least", "most"}``), asked after every validation.
     """
+    import time
+
     from ray.train import FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -304,9 +378,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = No
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True), "run_dir": str(run_dir),
-                           "test": test, "storage": mirror_to},
+                           "test": test, "storage": mirror_to, "elastic": elastic, "launched_at": time.time()},
         torch_config=TorchConfig(backend="nccl" if cfg.resources.use_gpu else "gloo"),
-        scaling_config=scaling_config(cfg, node_type),
+        scaling_config=scaling_config(cfg, node_type, workers),
         run_config=RunConfig(
             name=run_dir.name,
             storage_path=storage_path or str(run_dir.parent),
@@ -320,27 +394,56 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Optional[list] = No
     )
 
 
-def fit(cfg: DictConfig, run_dir: Path, **trainer_args: Any) -> None:
+def fit(cfg: DictConfig, run_dir: Path, pool: Optional[str] = None, **trainer_args: Any) -> None:
     """Fit the run's ``TorchTrainer`` (:func:`build_trainer` with ``trainer_args``). A worker that
     raised an input error (:class:`InputError`) ends it at once with that error as a
     ``ConfigError``; a crash (a killed worker, a lost node) is retried from the run's latest
-    checkpoint, up to ``resources.max_failures`` times."""
+    checkpoint, up to ``resources.max_failures`` times.
+
+    An elastic run (:func:`elastic_bounds`) takes its worker count from the worker pool ``pool``
+    (a sweep's; by default one of its own, :mod:`reckoning_ray.on_ray.elastic`): at its start, after
+    a resize its workers decided right after a validation (the group ended there; the next starts
+    from that checkpoint), and after a crash (the workers left: a lost node shrinks the run)."""
     from ray.train import TrainingFailedError
 
-    failures = 0
-    while True:
-        try:
-            build_trainer(cfg, run_dir, **trainer_args).fit()
-            return
-        except TrainingFailedError as exc:
-            cause = input_error(exc)
-            if cause is not None:
-                raise ConfigError(f"{type(cause).__name__}: {cause}") from None
-            failures += 1
-            if failures > int(cfg.resources.max_failures):
-                raise
-            print(f"training failed ({str(exc).strip().splitlines()[-1][:200]}); restart {failures} of "
-                  f"resources.max_failures={cfg.resources.max_failures} from the latest checkpoint", flush=True)
+    # heavy: imported here to keep ray off this module's import
+    from reckoning_ray.on_ray.elastic import placeable, pool_name, worker_pool
+
+    bounds = elastic_bounds(cfg)
+    elastic, client = None, None
+    if bounds is not None:
+        name = pool or pool_name("run", run_dir.name)
+        client = worker_pool(name, worker_resources(cfg, trainer_args.get("node_type")), 1) if pool is None \
+            else worker_pool(name)
+        elastic = {"pool": name, "run": run_dir.name, "least": bounds[0], "most": bounds[1],
+                   "per_worker": worker_resources(cfg, trainer_args.get("node_type"))}
+    failures, workers = 0, None
+    try:
+        while True:
+            if client is not None:
+                workers = int(client.start(run_dir.name, *bounds))
+                if workers > bounds[0]:  # as many as can be placed now (a node just lost is still listed)
+                    workers = client.hold(run_dir.name, placeable(
+                        workers, bounds[0], worker_resources(cfg, trainer_args.get("node_type")),
+                        log=lambda m: print(f"{run_dir.name}: {m}", flush=True)))
+            try:
+                build_trainer(cfg, run_dir, workers=workers, elastic=elastic, **trainer_args).fit()
+                if client is None or client.next_start(run_dir.name) is None:
+                    return
+                continue  # resized: the next group starts from the validation's checkpoint
+            except TrainingFailedError as exc:
+                cause = input_error(exc)
+                if cause is not None:
+                    raise ConfigError(f"{type(cause).__name__}: {cause}") from None
+                failures += 1
+                if failures > int(cfg.resources.max_failures):
+                    raise
+                print(f"training failed ({str(exc).strip().splitlines()[-1][:200]}); restart {failures} of "
+                      f"resources.max_failures={cfg.resources.max_failures} from the latest checkpoint"
+                      + (" with the workers there are now" if client is not None else ""), flush=True)
+    finally:
+        if client is not None:
+            client.release(run_dir.name)
 
 
 def free_ports(n: int) -> list[int]:

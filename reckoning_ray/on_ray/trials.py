@@ -27,6 +27,7 @@ from reckoning_ray.core.plan import (
 )
 from reckoning_ray.core.storage import Mirror, StorageError, join
 from reckoning_ray.core.sweep_store import local_dir
+from reckoning_ray.on_ray.actors import on_this_node
 
 
 def to_tune_space(space: dict[str, tuple[str, list]]) -> dict[str, Any]:
@@ -104,7 +105,7 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
             set_length(cfg, int(record["planned_steps"]), train_tasks)
     while True:
         # W&B is written by the sweep's driver (TrackingCallback), which outlives the trial
-        fit(cfg, run_dir, callbacks=[TuneReportCallback()], node_type=node,
+        fit(cfg, run_dir, pool=config.get("pool"), callbacks=[TuneReportCallback()], node_type=node,
             storage_path=config["ray_train_storage"], test=False, mirror_to=remote)
         steps = promoted_length(cfg, trial_id, run_dir, remote, train_tasks, config["board"]) \
             if cfg.tune.extend else None
@@ -202,7 +203,8 @@ def promotion_board(name: str, create: bool = False) -> _BoardClient:
     import ray
 
     if create:
-        actor = ray.remote(num_cpus=0)(PromotionBoard).options(name=name, get_if_exists=True).remote()
+        actor = ray.remote(num_cpus=0)(PromotionBoard).options(name=name, get_if_exists=True,
+                                                               **on_this_node()).remote()
     else:
         actor = ray.get_actor(name)
     return _BoardClient(actor)

@@ -372,8 +372,9 @@ class RunWriter:
     """
 
     RECORD = "wandb_run.json"
-    # the keys of a validation's metrics that go to W&B besides the "<group>/<name>" metrics
-    KEYS = ("epoch", "step", "round", "stopped_early")
+    # the keys of a validation's metrics that go to W&B besides the "<group>/<name>" metrics (workers: the
+    # worker count that trained the round, which W&B charts by step)
+    KEYS = ("epoch", "step", "round", "stopped_early", "workers")
 
     def __init__(self, cfg_tracking: Any, run_dir: str | os.PathLike, names: RunNames,
                  config: Optional[Mapping[str, Any]] = None, sweep_id: Optional[str] = None,

@@ -114,31 +114,33 @@ def worker_pool(name: str, per_worker: Optional[dict[str, float]] = None, concur
 
 
 class ElasticCallback(Callback):
-    """Tells the sweep's pool how many trials wait to start, and which trials ended (finished,
-    stopped by the scheduler, failed): their workers go to the others."""
+    """Tells the sweep's pools (one per node type) how many trials wait to start, and which
+    trials ended (finished, stopped by the scheduler, failed): their workers go to the others."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
         self._pending: Optional[int] = None
         self._ended: set[str] = set()
 
-    def _pool(self) -> Any:
+    def _pools(self) -> list[Any]:
         import ray
 
-        return ray.get_actor(self.name)
+        return [ray.get_actor(name) for name in self.names]
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         pending = sum(1 for t in trials if t.status == "PENDING")
         if pending != self._pending:
             self._pending = pending
-            self._pool().set_pending.remote(pending)
+            for pool in self._pools():
+                pool.set_pending.remote(pending)
         for trial in trials:
             if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in self._ended:
                 self._release(trial)
 
     def _release(self, trial: Any) -> None:
         self._ended.add(trial.trial_id)
-        self._pool().release.remote(trial.trial_id)
+        for pool in self._pools():
+            pool.release.remote(trial.trial_id)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ended.discard(trial.trial_id)  # a trial started again (a resumed sweep)

@@ -81,8 +81,9 @@ def placement(cfg: DictConfig, space: dict[str, tuple[str, list]]) -> tuple[list
 
 
 def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: bool = False):
-    """The sweep's Tuner, and with elastic trials (``resources.max_workers``) the handle of their
-    worker pool (:mod:`.elastic`), which lives as long as the handle does (else None)."""
+    """The sweep's Tuner, and with elastic trials (``resources.max_workers``) the handles of their
+    worker pools (:mod:`.elastic`; one per node type the trials ask for, counting that type's
+    places), which live as long as the handles do (else None)."""
     from ray import tune
 
     root = sweep_dir(cfg)
@@ -98,7 +99,8 @@ def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: boo
         "trials_remote": join(root, "trials") if is_uri(root) else None,
         "node_types": node_types,
         "board": board_name(cfg),
-        # elastic trials (resources.max_workers): the sweep's worker pool, which the driver holds
+        # elastic trials (resources.max_workers): the sweep's worker pools (<name>/<node type>),
+        # which the driver holds
         "pool": None,
     }
     callbacks, pool = [TrackingCallback(setup["base"], root)], None
@@ -107,8 +109,9 @@ def build_tuner(cfg: DictConfig, space: dict[str, tuple[str, list]], resume: boo
         # heavy: imported here to keep torch off this module's import
         from reckoning_ray.on_ray.trainer import worker_resources
 
-        pool = worker_pool(setup["pool"], worker_resources(cfg, node_types[0] if node_types else ""), concurrent)
-        callbacks.append(ElasticCallback(setup["pool"]))
+        names = {node: f"{setup['pool']}/{node}" for node in sorted({"", *node_types})}  # "": any node
+        pool = [worker_pool(name, worker_resources(cfg, node), concurrent) for node, name in names.items()]
+        callbacks.append(ElasticCallback(list(names.values())))
         print(f"elastic trials: each starts with at least resources.num_workers={cfg.resources.num_workers} "
               f"worker(s) and grows up to resources.max_workers={cfg.resources.max_workers} onto the workers "
               "other trials free, after a validation")

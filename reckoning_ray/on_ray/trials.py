@@ -105,7 +105,8 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
             set_length(cfg, int(record["planned_steps"]), train_tasks)
     while True:
         # W&B is written by the sweep's driver (TrackingCallback), which outlives the trial
-        fit(cfg, run_dir, pool=config.get("pool"), callbacks=[TuneReportCallback()], node_type=node,
+        pool = f"{config['pool']}/{node}" if config.get("pool") else None  # the pool of its node type
+        fit(cfg, run_dir, pool=pool, callbacks=[TuneReportCallback()], node_type=node,
             storage_path=config["ray_train_storage"], test=False, mirror_to=remote)
         steps = promoted_length(cfg, trial_id, run_dir, remote, train_tasks, config["board"]) \
             if cfg.tune.extend else None

@@ -197,7 +197,7 @@ def replay(rounds: list[int], places: int, concurrency: int, least: int, most: i
             pool.release(trial)
             running[trial] = {"left": left, "workers": 0, "next": None, "phase": "waiting"}
             return
-        pool.held[trial] = k
+        pool.hold(trial, k)
         running[trial] = {"left": left, "workers": k, "next": now + startup_s, "phase": "starting"}
         startup += k * startup_s
 
@@ -228,8 +228,7 @@ def replay(rounds: list[int], places: int, concurrency: int, least: int, most: i
         k = pool.resize(trial, r["workers"], least, most)
         if k != r["workers"]:
             resizes += 1
-            pool.restart.pop(trial, None)
-            launch(trial, r["left"])
+            launch(trial, r["left"])  # the next group starts with the count decided (pool.start)
         else:
             r["next"] = now + round_s / (1 + (r["workers"] - 1) * efficiency)
     return {"wall_s": now, "busy_share": busy / (places * now), "startup_share": startup / (places * now),

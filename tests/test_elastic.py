@@ -80,3 +80,13 @@ def test_the_record_of_worker_groups_gives_the_timeline_and_the_steps_redone(tmp
         (1, 30.0, 1, "resize to 2"), (2, 28.0, 1, None), (1, 21.0, 1, "done")]
     assert steps_redone(groups) == 4  # 8 reached, resumed from 4; the resize redid none
     assert history_text([1, 2, 2, None, 1]) == "1x1 2x2 1x1" and history_text([]) == ""
+
+
+def test_a_count_that_could_not_be_placed_replaces_the_decided_one():
+    pool = WorkerPool(slots=4)
+    assert pool.start("a", 1, 4) == 4
+    assert pool.start("b", 1, 4) == 1
+    pool.release("b")
+    assert pool.resize("a", 2, 1, 4) == 4 and pool.next_start("a") == 4
+    assert pool.hold("a", 2) == 2 and pool.next_start("a") is None  # 2 more could not be placed
+    assert pool.held == {"a": 2}

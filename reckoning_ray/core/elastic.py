@@ -117,7 +117,7 @@ class WorkerPool:
         if run in self.restart:  # as far as it is still there (a node may have gone since)
             count = max(int(least), min(self.restart.pop(run), self._free_for(run)))
         else:
-            self.held[run] = int(least)
+            self.held[run] = int(least)  # running now: no longer one of the trials about to start
             count = max(int(least), min(self.shares()[run], self._free_for(run)))
         self.held[run] = count
         return count
@@ -139,13 +139,21 @@ class WorkerPool:
         self.held[run] = count
         return count
 
+    def hold(self, run: str, count: int) -> int:
+        """``run``'s group has ``count`` workers after all (fewer could be placed than decided);
+        a resize decided for it and not made is dropped."""
+        self.restart.pop(run, None)
+        self.held[run] = int(count)
+        return int(count)
+
+    def next_start(self, run: str) -> Optional[int]:
+        """The count a resize decided for ``run``'s next group (None: no resize)."""
+        return self.restart.get(run)
+
     def release(self, run: str) -> None:
         """``run`` ended (finished, stopped, failed): its workers are free."""
         for table in (self.held, self.bounds, self.restart):
             table.pop(run, None)
-
-    def state(self) -> dict[str, Any]:
-        return {"slots": self.slots, "pending": self.pending, "held": dict(self.held)}
 
 
 # -- what each worker group did ----------------------------------------------------------------------

@@ -51,20 +51,6 @@ class ClusterPool(WorkerPool):
         self._count()
         return super().resize(run, current, least, most)
 
-    def hold(self, run: str, count: int) -> int:
-        """``run``'s next group starts with ``count`` workers after all (fewer could be placed)."""
-        self.held[run] = int(count)
-        return int(count)
-
-    def keep(self, run: str, count: int) -> None:
-        """A resize decided for ``run`` is not made after all (its workers could not be placed)."""
-        self.restart.pop(run, None)
-        self.held[run] = int(count)
-
-    def next_start(self, run: str) -> Optional[int]:
-        """The count a resize decided for ``run``'s next group (None: no resize; the run ended)."""
-        return self.restart.get(run)
-
 
 def placeable(count: int, least: int, per_worker: dict[str, float], timeout_s: float = 10.0,
               log: Any = print) -> int:

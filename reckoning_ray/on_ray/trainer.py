@@ -178,7 +178,7 @@ def resize_after_validation(elastic: dict[str, Any], rank: int, world: int, step
             if wanted > world:  # grow only by the workers that can be placed now besides this group's
                 wanted = world + placeable(wanted - world, 0, elastic["per_worker"], timeout_s=5.0, log=lambda m: None)
                 if wanted == world:
-                    pool.keep(elastic["run"], world)
+                    pool.hold(elastic["run"], world)
             count[0] = wanted
         except Exception as exc:  # the pool's driver is away: training goes on as it is
             print(f"{elastic['run']}: the worker pool {elastic['pool']} did not answer ({type(exc).__name__}: "
@@ -412,11 +412,9 @@ def fit(cfg: DictConfig, run_dir: Path, pool: Optional[str] = None, **trainer_ar
     bounds = elastic_bounds(cfg)
     elastic, client = None, None
     if bounds is not None:
-        name = pool or pool_name("run", run_dir.name)
-        client = worker_pool(name, worker_resources(cfg, trainer_args.get("node_type")), 1) if pool is None \
-            else worker_pool(name)
-        elastic = {"pool": name, "run": run_dir.name, "least": bounds[0], "most": bounds[1],
-                   "per_worker": worker_resources(cfg, trainer_args.get("node_type"))}
+        name, per_worker = pool or pool_name("run", run_dir.name), worker_resources(cfg, trainer_args.get("node_type"))
+        client = worker_pool(name, per_worker, 1) if pool is None else worker_pool(name)
+        elastic = {"pool": name, "run": run_dir.name, "least": bounds[0], "most": bounds[1], "per_worker": per_worker}
     failures, workers = 0, None
     try:
         while True:
@@ -424,8 +422,7 @@ def fit(cfg: DictConfig, run_dir: Path, pool: Optional[str] = None, **trainer_ar
                 workers = int(client.start(run_dir.name, *bounds))
                 if workers > bounds[0]:  # as many as can be placed now (a node just lost is still listed)
                     workers = client.hold(run_dir.name, placeable(
-                        workers, bounds[0], worker_resources(cfg, trainer_args.get("node_type")),
-                        log=lambda m: print(f"{run_dir.name}: {m}", flush=True)))
+                        workers, bounds[0], per_worker, log=lambda m: print(f"{run_dir.name}: {m}", flush=True)))
             try:
                 build_trainer(cfg, run_dir, workers=workers, elastic=elastic, **trainer_args).fit()
                 if client is None or client.next_start(run_dir.name) is None:
